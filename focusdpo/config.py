@@ -1,0 +1,194 @@
+"""Typed configuration: one dataclass per concern, parsed from YAML + CLI by TRL's ``TrlParser``.
+
+Every string option is validated when the dataclass is built, before any model loads, and errors
+name the field, the bad value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+
+import yaml
+from transformers import TrainingArguments
+
+FAMILIES = ("sd", "sdxl", "flux2", "flux_kontext")
+REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+NAN_POLICIES = ("stop", "skip")
+DATASET_FORMATS = ("auto", "pairs", "jsonl", "pickapic")
+PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and the fix."""
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def check_positive(name: str, value, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
+
+
+@dataclass
+class ModelConfig:
+    """Which generator to post-train and how its LoRA is built."""
+
+    family: str = field(default="sd", metadata={"help": f"Backbone family: {', '.join(FAMILIES)}."})
+    pretrained_path: str | None = field(default=None, metadata={
+        "help": "Local diffusers pipeline directory. Empty: build a tiny random generator in-process."})
+    reference_mode: str = field(default="disable_adapters", metadata={
+        "help": f"Reference model: {', '.join(REFERENCE_MODES)}."})
+    personalization_lora: str | None = field(default=None, metadata={
+        "help": "Existing LoRA (dir or .safetensors) used as the frozen reference for frozen_adapter."})
+    lora_rank: int = field(default=8, metadata={"help": "Rank of the DPO LoRA; 0 trains all weights."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)."})
+    lora_target_modules: list[str] = field(default_factory=list, metadata={
+        "help": "Module names for the DPO LoRA; empty uses the family's default attention projections."})
+    tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny in-process generator."})
+
+    def __post_init__(self):
+        check_choice("family", self.family, FAMILIES)
+        check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
+        if self.reference_mode == "frozen_adapter" and not self.personalization_lora:
+            raise ConfigError("reference_mode='frozen_adapter' needs personalization_lora: the path of "
+                              "the LoRA that the reference keeps")
+        if self.reference_mode == "frozen_copy" and self.lora_rank > 0:
+            raise ConfigError("reference_mode='frozen_copy' is for full fine-tuning: set lora_rank: 0, or "
+                              "use reference_mode: disable_adapters with a LoRA")
+        if self.reference_mode != "frozen_copy" and self.lora_rank <= 0:
+            raise ConfigError(f"lora_rank={self.lora_rank} trains all weights: use reference_mode: frozen_copy")
+
+
+@dataclass
+class DataConfig:
+    """Where the preference pairs come from and how images are prepared."""
+
+    dataset: str = field(default="toy", metadata={
+        "help": "Pair dataset: a datasets dir, a folder with pairs.jsonl, a Pick-a-Pic parquet/dir, "
+                "or 'toy' for pairs the project generates itself."})
+    dataset_format: str = field(default="auto", metadata={"help": f"One of: {', '.join(DATASET_FORMATS)}."})
+    resolution: int = field(default=32, metadata={"help": "Training resolution in pixels (square)."})
+    toy_num_pairs: int = field(default=32, metadata={"help": "Number of generated pairs when dataset='toy'."})
+    max_references: int = field(default=6, metadata={"help": "Most reference subjects per pair."})
+
+    def __post_init__(self):
+        check_choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        if self.resolution < 8 or self.resolution % 8:
+            raise ConfigError(f"resolution={self.resolution} must be a positive multiple of 8")
+
+
+@dataclass
+class LossConfig:
+    """The Diffusion-DPO objective."""
+
+    beta: float = field(default=5000.0, metadata={
+        "help": "DPO β on the Diffusion-DPO scale (inside = −½·β·Δ); ≈5000 for SD ε-prediction."})
+    loss_type: str = field(default="sigmoid", metadata={"help": f"One of: {', '.join(LOSS_TYPES)}."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "Label-noise rate ε for sigmoid (cDPO) and robust losses, in [0, 0.5)."})
+    nan_policy: str = field(default="stop", metadata={
+        "help": "On a NaN/inf loss: 'stop' (save the last good state and raise) or 'skip' the batch."})
+
+    def __post_init__(self):
+        check_positive("beta", self.beta)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+
+@dataclass
+class FocusConfig:
+    """Focus weights W(q, u) (DESIGN.md, "The focus method"). λ_s = λ_d = 0 is vanilla DPO."""
+
+    lambda_structure: float = field(default=0.0, metadata={"help": "λ_s: weight of the correspondence term."})
+    lambda_detail: float = field(default=0.0, metadata={"help": "λ_d: weight of the complexity term."})
+    dino_model: str = field(default="vit_small_patch14_dinov2", metadata={"help": "timm DINOv2 model name."})
+    dino_weights: str | None = field(default=None, metadata={
+        "help": "Local DINOv2 weights file; empty uses random weights (tests only) unless online."})
+    dino_image_size: int = field(default=224, metadata={"help": "DINOv2 input size (multiple of 14)."})
+    top_n: int = field(default=4, metadata={"help": "Top-n reference patches averaged per target patch."})
+    subject_threshold: float = field(default=0.5, metadata={"help": "Similarity at which S(q) = 0.5."})
+    subject_temperature: float = field(default=0.1, metadata={"help": "Softness of S(q) around the threshold."})
+    confidence_scale: float = field(default=0.1, metadata={
+        "help": "Best-vs-second margin that counts as full confidence (K ≥ 2)."})
+    entropy_bins: int = field(default=32, metadata={"help": "Histogram bins of the local entropy."})
+    entropy_sigma: float = field(default=1.0, metadata={"help": "Gaussian blur σ (pixels) before entropy."})
+    schedule_center: float = field(default=0.5, metadata={"help": "Noise level u where g(u) = 0.5."})
+    schedule_width: float = field(default=0.1, metadata={"help": "Width of the smooth step g(u)."})
+    reference_complexity: bool = field(default=True, metadata={"help": "Scale weights by α_k per reference."})
+    pair_alignment: str = field(default="auto", metadata={
+        "help": f"{', '.join(PAIR_ALIGNMENTS)}: 'auto' treats pairs with a prior mask as spatially aligned."})
+
+    def __post_init__(self):
+        check_positive("lambda_structure", self.lambda_structure, allow_zero=True)
+        check_positive("lambda_detail", self.lambda_detail, allow_zero=True)
+        check_positive("subject_temperature", self.subject_temperature)
+        check_positive("confidence_scale", self.confidence_scale)
+        check_positive("schedule_width", self.schedule_width)
+        check_choice("pair_alignment", self.pair_alignment, PAIR_ALIGNMENTS)
+        if self.dino_image_size % 14:
+            raise ConfigError(f"dino_image_size={self.dino_image_size} must be a multiple of 14")
+
+    @property
+    def enabled(self) -> bool:
+        return self.lambda_structure > 0 or self.lambda_detail > 0
+
+
+@dataclass
+class FocusDPOConfig(TrainingArguments):
+    """Training loop settings: transformers' TrainingArguments with defaults for diffusion DPO."""
+
+    output_dir: str = field(default="runs/focusdpo", metadata={"help": "Where checkpoints and the LoRA go."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Pairs per device and step."})
+    max_steps: int = field(default=30, metadata={"help": "Optimizer steps."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns (needed)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    sample_every_run: bool = field(default=True, metadata={
+        "help": "Write samples_before_after.png (base vs trained) at the end of training."})
+    num_sample_prompts: int = field(default=3, metadata={"help": "Prompts in the before/after PNG."})
+    sample_steps: int = field(default=8, metadata={"help": "Denoising steps for the before/after samples."})
+
+
+CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)
+
+
+def check_config_keys(path: str) -> dict:
+    """Read a YAML recipe and reject unknown keys with a suggestion, before any parsing or loading."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a YAML mapping of field: value")
+    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)} | {"env"}
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else "; see `focusdpo train --help` for the fields"
+            raise ConfigError(f"unknown config key {key!r} in {path}{hint}")
+    return data
+
+
+def parse_config(argv: list[str] | None = None):
+    """Parse ``--config recipe.yaml`` plus CLI overrides into the five config dataclasses."""
+    from trl import TrlParser
+
+    argv = list(argv or [])
+    if "--config" in argv:
+        check_config_keys(argv[argv.index("--config") + 1])
+    return TrlParser(CONFIG_CLASSES).parse_args_and_config(argv)

@@ -1,0 +1,242 @@
+"""Focus weights W(q, u) of focus-weighted Diffusion-DPO (DESIGN.md, "The focus method").
+
+Everything that does not depend on the timestep is computed once per pair by
+:func:`static_focus_maps`, as two channels on the loss (latent) grid, for both targets stacked
+``[winners; losers]``:
+
+* channel 0, structure: ``conf · α_a · Δ``
+* channel 1, detail:    ``conf · α_a · D · S``
+
+Each training step then only runs :func:`focus_weights`:
+``W = 1 + λ_s·g(u)·structure + λ_d·(1 − g(u))·detail``, rescaled to mean 1 per image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from focusdpo.config import FocusConfig
+from focusdpo.correspondence import assign_subjects, confidence, masks_to_grid, similarity_maps
+from focusdpo.features import patch_features
+
+GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma
+
+
+def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)``, radius 3σ; σ = 0 is a no-op.
+
+    Edges are replicated (reflect padding fails on images smaller than the kernel).
+    """
+    if sigma <= 0:
+        return images
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).repeat(images.shape[1], 1, 1, 1)  # (C, 1, 1, k), depthwise
+    pad = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(pad, kernel, groups=images.shape[1])
+    return F.conv2d(out, kernel.transpose(-1, -2), groups=images.shape[1])
+
+
+def complexity_map(images: torch.Tensor, grid: tuple[int, int], bins: int = 32, sigma: float = 1.0) -> torch.Tensor:
+    """Information density D(q): local Shannon entropy per cell of the ``(h, w)`` grid.
+
+    Args:
+        images: ``(B, 3, H, W)`` float in [0, 1]; ``H >= h`` and ``W >= w``.
+        grid: ``(h, w)``; cell ``(i, j)`` holds the pixels with ``y·h // H == i`` and ``x·w // W == j``.
+
+    Returns:
+        ``(B, h, w)`` float32 in [0, 1]: entropy of the ``bins``-bin grey-level histogram of the
+        blurred image in each cell, divided by ``log(bins)``.
+    """
+    B, _, H, W = images.shape
+    h, w = grid
+    if H < h or W < w:
+        raise ValueError(f"image of {H}x{W} px has fewer pixels than the {h}x{w} grid has cells")
+    gray = (images.float() * images.new_tensor(GRAY, dtype=torch.float32).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    # The blur removes pixel noise (JPEG, sensor) so that entropy reflects texture, not grain.
+    level = (gaussian_blur(gray, sigma)[:, 0] * bins).long().clamp(0, bins - 1)  # (B, H, W)
+    rows = torch.arange(H, device=images.device) * h // H
+    cols = torch.arange(W, device=images.device) * w // W
+    cell = rows[:, None] * w + cols[None, :]  # (H, W) index of each pixel's cell
+    index = (cell * bins + level).flatten(1)
+    counts = torch.zeros(B, h * w * bins, device=images.device).scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    p = counts.view(B, h * w, bins)
+    p = p / p.sum(-1, keepdim=True)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # 0·log 0 = 0
+    return (entropy / math.log(bins)).clamp(0, 1).view(B, h, w)
+
+
+def reference_complexity(ref_images: torch.Tensor, ref_masks: torch.Tensor | None, bins: int = 32,
+                         sigma: float = 1.0, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Per-reference complexity α_k: mean entropy over the reference's foreground, mean 1 over K.
+
+    Args:
+        ref_images: ``(B, K, 3, H, W)`` in [0, 1].
+        ref_masks: ``(B, K, hm, wm)`` masks of any resolution (pooled to the entropy grid), or ``None``.
+        grid: entropy cells; default the mask's grid, else 14-px cells (the DINOv2 patch).
+
+    Returns:
+        ``(B, K)``; all ones when every reference is flat (nothing to tell them apart).
+    """
+    B, K, _, H, W = ref_images.shape
+    if grid is None:
+        grid = tuple(ref_masks.shape[-2:]) if ref_masks is not None else (max(1, H // 14), max(1, W // 14))
+    ent = complexity_map(ref_images.flatten(0, 1), grid, bins, sigma).view(B, K, *grid)
+    fg = torch.ones_like(ent) if ref_masks is None else masks_to_grid(ref_masks, grid).float()
+    mean = (ent * fg).flatten(2).sum(-1) / fg.flatten(2).sum(-1).clamp_min(1)
+    norm = mean.mean(dim=1, keepdim=True)
+    return torch.where(norm > 0, mean / norm.clamp_min(1e-12), torch.ones_like(mean))
+
+
+def subject_map(sims: torch.Tensor, threshold: float, temperature: float) -> torch.Tensor:
+    """Soft subject-ness S(q) = sigmoid((max_k s_k − threshold) / temperature): ``(B, K, h, w)`` -> ``(B, h, w)``."""
+    return torch.sigmoid((sims.amax(dim=1) - threshold) / temperature)
+
+
+def misalignment_map(sims_w: torch.Tensor, sims_l: torch.Tensor, assignment: torch.Tensor,
+                     prior_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Δ(q) = max(prior, relu(s^w_a − s^l_a)) for spatially aligned pairs.
+
+    Args:
+        sims_w, sims_l: ``(B, K, h, w)`` scores of winner and loser; assignment: ``(B, h, w)`` long.
+        prior_mask: ``(B, h, w)`` in [0, 1] (e.g. the disrupted region), or ``None``.
+
+    Returns:
+        ``(B, h, w)``: where the loser matches its assigned reference worse than the winner does.
+    """
+    a = assignment[:, None]
+    delta = (sims_w.gather(1, a) - sims_l.gather(1, a))[:, 0].relu()
+    return delta if prior_mask is None else torch.maximum(prior_mask.to(delta.dtype), delta)
+
+
+def _resize(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(N, h, w)`` -> ``(N, *grid)``: area when shrinking (averages), bilinear when growing (smooth)."""
+    if tuple(maps.shape[-2:]) == tuple(grid):
+        return maps
+    shrink = grid[0] <= maps.shape[-2] and grid[1] <= maps.shape[-1]
+    mode = dict(mode="area") if shrink else dict(mode="bilinear", align_corners=False)
+    return F.interpolate(maps[:, None].float(), size=tuple(grid), **mode)[:, 0]
+
+
+def _alignment(aligned, prior_mask, batch: int, mode: str, device) -> torch.Tensor:
+    """``(B,)`` bool: which pairs use the misalignment map. 'auto' adds pairs with a non-empty prior."""
+    if mode != "auto":
+        return torch.full((batch,), mode == "aligned", device=device)
+    flags = torch.as_tensor(aligned, device=device).bool().expand(batch)
+    if prior_mask is not None:
+        flags = flags | (prior_mask.flatten(1) > 0).any(1)
+    return flags
+
+
+def focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_images, grid,
+                cfg: FocusConfig, prior_mask=None, aligned: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
+    """All static maps of a batch of pairs, on the loss grid, for inspection and PNG panels.
+
+    Args:
+        feats_w, feats_l: ``(B, C, hd, wd)`` DINOv2 features of winners and losers.
+        ref_feats: ``(B, K, C, hr, wr)``; ref_masks: ``(B, K, hr, wr)`` bool or ``None``.
+        images_w, images_l: ``(B, 3, H, W)`` in [0, 1]; ref_images: ``(B, K, 3, Hr, Wr)``.
+        grid: the loss grid ``(h, w)`` (latent positions, after any patchify).
+        prior_mask: ``(B, hp, wp)`` in [0, 1] of any resolution, or ``None``.
+        aligned: bool or ``(B,)`` bool: spatially aligned pairs (see ``cfg.pair_alignment``).
+
+    Returns:
+        dict of ``[w; l]``-stacked tensors: ``static`` ``(2B, 2, h, w)``; ``assignment`` (long,
+        nearest), ``confidence``, ``subject``, ``complexity``, ``delta`` each ``(2B, h, w)``.
+    """
+    B = feats_w.shape[0]
+    dino_grid = tuple(feats_w.shape[-2:])
+    sims = torch.cat([similarity_maps(f, ref_feats, ref_masks, cfg.top_n) for f in (feats_w, feats_l)])
+    assign = assign_subjects(sims)  # (2B, hd, wd)
+    conf = confidence(sims, cfg.confidence_scale)
+    subject = subject_map(sims, cfg.subject_threshold, cfg.subject_temperature)
+    alpha = torch.ones(B, ref_feats.shape[1], device=sims.device)
+    if cfg.reference_complexity:
+        alpha = reference_complexity(ref_images, ref_masks, cfg.entropy_bins, cfg.entropy_sigma,
+                                     grid=tuple(ref_feats.shape[-2:]))
+    alpha_a = alpha.repeat(2, 1).gather(1, assign.flatten(1)).view_as(conf)
+    # Aligned pairs share one Δ (where the loser fails the winner's reference); others use S.
+    prior = None if prior_mask is None else _resize(prior_mask.float(), dino_grid)
+    delta_aligned = misalignment_map(sims[:B], sims[B:], assign[:B], prior).repeat(2, 1, 1)
+    is_aligned = _alignment(aligned, prior_mask, B, cfg.pair_alignment, sims.device).repeat(2)
+    delta = torch.where(is_aligned[:, None, None], delta_aligned, subject)
+    complexity = complexity_map(torch.cat([images_w, images_l]), grid, cfg.entropy_bins, cfg.entropy_sigma)
+    gain = _resize(conf * alpha_a, grid)
+    static = torch.stack([gain * _resize(delta, grid), gain * complexity * _resize(subject, grid)], dim=1)
+    nearest = F.interpolate(assign[:, None].float(), size=tuple(grid), mode="nearest")[:, 0].long()
+    return dict(static=static, assignment=nearest, confidence=_resize(conf, grid), subject=_resize(subject, grid),
+                complexity=complexity, delta=_resize(delta, grid))
+
+
+def static_focus_maps(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_images, grid,
+                      cfg: FocusConfig, prior_mask=None, aligned: bool | torch.Tensor = False) -> torch.Tensor:
+    """The timestep-free focus maps ``(2B, 2, h, w)``, ``[w; l]``: channel 0 ``conf·α_a·Δ``
+    (structure), channel 1 ``conf·α_a·D·S`` (detail). Arguments as in :func:`focus_parts`."""
+    return focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_images, grid,
+                       cfg, prior_mask, aligned)["static"]
+
+
+def compute_static_maps(dino_model, winners, losers, references, ref_masks, grid, cfg: FocusConfig,
+                        prior_mask=None, aligned: bool | torch.Tensor = False, parts: bool = False):
+    """DINOv2 features + :func:`static_focus_maps` from images.
+
+    Args:
+        winners, losers: ``(B, 3, H, W)`` in [0, 1]; references: ``(B, K, 3, Hr, Wr)``, K >= 1.
+        ref_masks: ``(B, K, Hr, Wr)`` pixel masks of the subjects, or ``None``.
+        parts: return the :func:`focus_parts` dict instead of the ``(2B, 2, h, w)`` tensor.
+    """
+    if references.ndim != 5 or references.shape[1] == 0:
+        raise ValueError(f"references must be (B, K, 3, H, W) with K >= 1, got {tuple(references.shape)}: "
+                         "focus maps need at least one reference subject (use λ_s = λ_d = 0 without references)")
+    B, K = references.shape[:2]
+    feats = patch_features(dino_model, torch.cat([winners, losers]), cfg.dino_image_size)
+    ref_feats = patch_features(dino_model, references.flatten(0, 1), cfg.dino_image_size).unflatten(0, (B, K))
+    if ref_masks is not None:
+        expected = (B, K, *references.shape[-2:])
+        if tuple(ref_masks.shape) != expected:
+            raise ValueError(f"ref_masks must be (B, K, H, W) = {expected} like the reference images, "
+                             f"got {tuple(ref_masks.shape)}")
+        ref_masks = masks_to_grid(ref_masks, tuple(ref_feats.shape[-2:]))
+    out = focus_parts(feats[:B], feats[B:], ref_feats, ref_masks, winners, losers, references, grid,
+                      cfg, prior_mask, aligned)
+    return out if parts else out["static"]
+
+
+def schedule(u, center: float, width: float) -> torch.Tensor:
+    """g(u) = sigmoid((u − center) / width); u in [0, 1] is the noise level (1 = pure noise)."""
+    return torch.sigmoid((torch.as_tensor(u, dtype=torch.float32) - center) / width)
+
+
+def focus_weights(static: torch.Tensor, u, lambda_structure: float, lambda_detail: float,
+                  center: float = 0.5, width: float = 0.1) -> torch.Tensor:
+    """Per-step focus weights.
+
+    Args:
+        static: ``(N, 2, h, w)`` maps from :func:`static_focus_maps`.
+        u: ``(N,)`` or scalar noise level in [0, 1] (1 = pure noise).
+
+    Returns:
+        ``(N, h, w)`` float32 ``W = 1 + λ_s·g(u)·structure + λ_d·(1 − g(u))·detail`` divided by its
+        per-image mean (so β keeps its meaning). λ_s = λ_d = 0 gives exactly ones (vanilla DPO).
+    """
+    if lambda_structure == 0 and lambda_detail == 0:
+        # Bit-exact ones even if a cached map holds NaN: the loss must equal vanilla Diffusion-DPO.
+        return torch.ones(static.shape[0], *static.shape[2:], device=static.device)
+    g = schedule(u, center, width).to(static.device).reshape(-1, 1, 1)
+    weights = 1 + lambda_structure * g * static[:, 0].float() + lambda_detail * (1 - g) * static[:, 1].float()
+    return weights / weights.mean(dim=(1, 2), keepdim=True)
+
+
+def check_cached_grid(static: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Fail early when cached static maps ``(N, 2, h, w)`` do not sit on the backbone's loss grid."""
+    if static.ndim != 4 or static.shape[1] != 2:
+        raise ValueError(f"cached focus maps must be (N, 2, h, w), got {tuple(static.shape)}: "
+                         "re-run `focusdpo focus` to rebuild the cache")
+    if tuple(static.shape[-2:]) != tuple(grid):
+        raise ValueError(f"cached focus maps are on a {static.shape[-2]}x{static.shape[-1]} grid but this backbone's "
+                         f"loss grid at this resolution is {grid[0]}x{grid[1]}: re-run `focusdpo focus` with the "
+                         "training resolution and model family (or drop the cached maps)")

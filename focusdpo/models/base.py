@@ -1,0 +1,116 @@
+"""The interface every backbone adapter implements, shared by ε/v-prediction UNets and flow transformers.
+
+An adapter owns a diffusers pipeline (VAE, text stack, scheduler) and its trainable denoiser. Training
+asks it for two things: :meth:`Backbone.prepare` turns a ``[w; l]`` batch into model inputs with shared
+noise and timestep per pair, and :meth:`Backbone.predict` runs a denoiser (policy or reference) on
+them. Predictions and targets live on the *loss grid* ``(N, C, h, w)``, which is also where focus
+weights live: the latent grid for UNets, the packed token grid for transformers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class DenoiseInputs:
+    """One prepared ``[w; l]`` batch (``N = 2B`` rows)."""
+
+    model_kwargs: dict = field(repr=False)  # everything the denoiser call needs, family-specific
+    target: torch.Tensor  # (N, C, h, w) regression target on the loss grid
+    noise_level: torch.Tensor  # (N,) u in [0, 1], 1 = pure noise; drives the focus schedule
+
+
+class Backbone(ABC):
+    """A model family: builds inputs, runs the denoiser, reads and writes its LoRA in diffusers format."""
+
+    family: str
+    denoiser_name: str  # "unet" or "transformer": the pipeline attribute and LoRA key prefix
+    default_lora_targets: tuple[str, ...]
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @abstractmethod
+    def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
+        """Encode images and prompts of a collated batch; draw shared noise and timestep per pair."""
+
+    @abstractmethod
+    def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
+        """Run ``denoiser`` on prepared inputs; returns ``(N, C, h, w)`` like ``inputs.target``."""
+
+    @abstractmethod
+    def loss_grid(self, resolution: int) -> tuple[int, int]:
+        """``(h, w)`` of the loss grid for square images of ``resolution`` pixels."""
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "Backbone":
+        """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts."""
+        for name, module in self.pipeline.components.items():
+            if isinstance(module, torch.nn.Module):
+                module.to(device, dtype=dtype if name != self.denoiser_name else None)
+        return self
+
+    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+
+    def save_lora(self, out_dir: str | Path, adapter_name: str = "default") -> None:
+        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(self.lora_state_dict(adapter_name))
+        type(self.pipeline).save_lora_weights(str(out_dir), **{f"{self.denoiser_name}_lora_layers": layers},
+                                              safe_serialization=True)
+
+    def read_lora(self, path: str | Path) -> dict[str, torch.Tensor]:
+        """A diffusers-format LoRA (folder or .safetensors) as a peft state dict for the denoiser.
+
+        Keys that name no module of the denoiser raise, listing the first mismatches: a LoRA made for
+        another model would otherwise load silently as a no-op.
+        """
+        path = Path(path)
+        file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no LoRA file at {file}; expected a .safetensors file or a folder "
+                                    f"holding {LORA_WEIGHTS_NAME}")
+        prefix = f"{self.denoiser_name}."
+        state = convert_unet_state_dict_to_peft(
+            {k.removeprefix(prefix): v for k, v in load_file(str(file)).items()})
+        modules = dict(self.denoiser.named_modules())
+        unknown = [k for k in state if k.split(".lora_")[0].replace(".base_layer", "") not in modules]
+        if unknown:
+            raise ValueError(f"LoRA {file} does not fit this {self.family} {self.denoiser_name}: {len(unknown)} of "
+                             f"{len(state)} keys name no module, e.g. {unknown[:3]}. Is it a LoRA for another model?")
+        return state
+
+    def add_lora_adapter(self, path: str | Path, adapter_name: str) -> None:
+        """Attach an existing LoRA as a new adapter (e.g. the personalization LoRA a reference keeps)."""
+        self.denoiser.load_lora_adapter(self.read_lora(path), adapter_name=adapter_name, prefix=None)
+
+    def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
+        """Load a diffusers-format LoRA file into an existing adapter (resume); mismatches raise."""
+        state = self.read_lora(path)
+        result = set_peft_model_state_dict(self.denoiser, state, adapter_name)
+        missing = [k for k in result.missing_keys if "lora" in k and f".{adapter_name}." in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(f"LoRA {path} does not match the model's adapter {adapter_name!r}: "
+                             f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
+
+    def sample(self, prompts: list[str], resolution: int, steps: int, seed: int) -> list:
+        """Generate PIL images with the pipeline as it is (adapters as currently enabled)."""
+        generator = torch.Generator().manual_seed(seed)
+        out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                            generator=generator, output_type="pil")
+        return out.images

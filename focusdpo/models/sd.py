@@ -1,0 +1,100 @@
+"""SD 1.x/2.x (ε or v-prediction) and SDXL (two text encoders, added time ids) on a UNet.
+
+Built on the pipeline's own helpers: ``encode_prompt`` for text, ``_get_add_time_ids`` for SDXL
+micro-conditioning, the scheduler's ``add_noise``/``get_velocity`` for the forward process.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+
+from .base import Backbone, DenoiseInputs
+
+
+def repeat_pairs(x: torch.Tensor) -> torch.Tensor:
+    """``(B, ...)`` → ``(2B, ...)`` as ``[x; x]``: winner and loser share noise, timestep and prompt."""
+    return torch.cat([x, x], dim=0)
+
+
+class StableDiffusionBackbone(Backbone):
+    """Stable Diffusion 1.x/2.x with a ``UNet2DConditionModel``."""
+
+    family = "sd"
+    denoiser_name = "unet"
+    default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __init__(self, pipeline):
+        super().__init__(pipeline)
+        # Training noise comes from a DDPM scheduler with the checkpoint's own betas and parameterisation.
+        self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported; "
+                             "focusdpo trains 'epsilon' and 'v_prediction' UNets")
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.vae.device
+
+    def loss_grid(self, resolution: int) -> tuple[int, int]:
+        side = resolution // self.pipeline.vae_scale_factor
+        return side, side
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [-1, 1] → scaled latents ``(N, C, H/f, W/f)`` (float32)."""
+        vae = self.pipeline.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
+        latents = dist.mean + dist.std * noise  # = dist.sample(), drawn from our CPU generator
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
+        """Prompt conditioning for ``[w; l]`` (``resolution`` is used by SDXL's size ids)."""
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": repeat_pairs(embeds)}
+
+    def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
+        latents = batch.get("latents")
+        if latents is None:
+            latents = self.encode_images(batch["pixel_values"], generator)
+        latents = latents.to(self.device, torch.float32)
+        pairs = latents.shape[0] // 2
+        resolution = latents.shape[-1] * self.pipeline.vae_scale_factor
+        noise = repeat_pairs(torch.randn((pairs, *latents.shape[1:]), generator=generator)).to(latents)
+        num_train = self.noise_scheduler.config.num_train_timesteps
+        t = repeat_pairs(torch.randint(0, num_train, (pairs,), generator=generator)).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        kwargs = {"sample": noisy, "timestep": t, **self.encode_prompts(batch["prompts"], resolution)}
+        return DenoiseInputs(kwargs, target, noise_level=t.float() / (num_train - 1))
+
+    def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
+        kwargs = dict(inputs.model_kwargs)
+        sample = kwargs.pop("sample").to(denoiser.dtype)
+        cond = {k: v.to(denoiser.dtype) if v.is_floating_point() else v for k, v in
+                kwargs.pop("added_cond_kwargs", {}).items()}
+        hidden = kwargs.pop("encoder_hidden_states").to(denoiser.dtype)
+        extra = {"added_cond_kwargs": cond} if cond else {}
+        return denoiser(sample, kwargs["timestep"], encoder_hidden_states=hidden, return_dict=False, **extra)[0]
+
+
+class StableDiffusionXLBackbone(StableDiffusionBackbone):
+    """SDXL: two text encoders (pooled embeddings from the second) and added size/crop time ids."""
+
+    family = "sdxl"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+        size = (resolution, resolution)
+        projection_dim = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                                   text_encoder_projection_dim=projection_dim)
+        time_ids = time_ids.to(self.device).repeat(2 * len(prompts), 1)
+        return {"encoder_hidden_states": repeat_pairs(embeds),
+                "added_cond_kwargs": {"text_embeds": repeat_pairs(pooled), "time_ids": time_ids}}

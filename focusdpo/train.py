@@ -1,0 +1,320 @@
+"""Focus-weighted Diffusion-DPO training on the transformers Trainer.
+
+``accelerate launch -m focusdpo.train --config recipes/tiny_cpu.yaml [--field value ...]``
+
+The Trainer owns the loop: gradient accumulation, mixed precision, DDP/FSDP/DeepSpeed through
+accelerate, checkpoints and resume, logging integrations. This module adds what diffusion DPO needs:
+the ``[w; l]`` loss with a frozen reference, focus weights, TRL-named metrics gathered over processes,
+LoRA files in diffusers format, atomic checkpoints and a NaN guard.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, parse_config
+from .data import PairCollator, load_pairs
+from .losses import diffusion_dpo_loss, dpo_inside, weighted_error
+from .models import Backbone, DenoiseInputs, load_backbone
+from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
+
+TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN/inf; the message names the step, the pairs and the saved last good state."""
+
+
+class PolicyModel(torch.nn.Module):
+    """What the Trainer trains and wraps (DDP/FSDP): the denoiser, called on prepared inputs.
+
+    A plain module without ``.config``: Trainer integrations read ``model.config`` as a transformers
+    config, which diffusers models do not have.
+    """
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.denoiser = backbone.denoiser
+        self.backbone = [backbone]  # a list: keep the frozen pipeline out of this module's parameters
+
+    def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
+        return self.backbone[0].predict(self.denoiser, inputs)
+
+
+def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
+    """Freeze the base, attach the personalization LoRA (frozen) if any, and add the trainable DPO LoRA."""
+    from peft import LoraConfig
+
+    denoiser = backbone.denoiser
+    if cfg.lora_rank <= 0:  # full fine-tune with a frozen copy as reference
+        denoiser.requires_grad_(True)
+        return
+    denoiser.requires_grad_(False)
+    if cfg.reference_mode == "frozen_adapter":
+        load_personalization_lora(backbone, cfg.personalization_lora)
+    targets = cfg.lora_target_modules or list(backbone.default_lora_targets)
+    denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=targets), adapter_name=DPO_ADAPTER)
+    active = [PERSONAL_ADAPTER, DPO_ADAPTER] if cfg.reference_mode == "frozen_adapter" else [DPO_ADAPTER]
+    denoiser.set_adapters(active)
+    for name, param in denoiser.named_parameters():  # set_adapters made every active adapter trainable
+        param.requires_grad_(f".{DPO_ADAPTER}." in name)
+
+
+def load_personalization_lora(backbone: Backbone, path: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "
+                                ".safetensors file of the LoRA the reference should keep")
+    backbone.add_lora_adapter(path, PERSONAL_ADAPTER)
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Append every log line to ``metrics.jsonl`` as it happens, so a crash loses nothing logged."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class FocusDPOTrainer(Trainer):
+    """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
+
+    def __init__(self, backbone: Backbone, args: FocusDPOConfig, train_dataset, model_config: ModelConfig,
+                 loss_config: LossConfig, focus_config: FocusConfig | None = None,
+                 data_config: DataConfig | None = None, callbacks=None):
+        self.backbone, self.model_config, self.loss_config = backbone, model_config, loss_config
+        self.focus_config = focus_config or FocusConfig()
+        data_config = data_config or DataConfig()
+        add_dpo_lora(backbone, model_config)
+        if args.gradient_checkpointing:  # diffusers models have their own switch; the Trainer's would fail
+            backbone.denoiser.enable_gradient_checkpointing()
+            args.gradient_checkpointing = False
+        self.frozen_copy = None
+        if model_config.reference_mode == "frozen_copy":
+            self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+        super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
+                         data_collator=PairCollator(data_config.resolution, data_config.max_references),
+                         callbacks=[MetricsFileCallback(), *(callbacks or [])])
+        backbone.to(self.args.device, self.frozen_dtype())
+        if self.frozen_copy is not None:
+            self.frozen_copy.to(self.args.device)
+        self.focus_mapper = None
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def frozen_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
+
+    # ---- the loss -------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        generator = torch.Generator().manual_seed(self.batch_seed(inputs["pair_ids"]))
+        prepared = self.backbone.prepare(inputs, generator)
+        pred = model(prepared)
+        with reference_model(self.model_config.reference_mode, self.backbone.denoiser, self.frozen_copy) as ref:
+            ref_pred = self.backbone.predict(ref, prepared)
+        weights = self.focus_weights(inputs, prepared)
+        policy_err = weighted_error(pred, prepared.target, weights)
+        ref_err = weighted_error(ref_pred, prepared.target, weights)
+        cfg = self.loss_config
+        loss, metrics = diffusion_dpo_loss(policy_err, ref_err, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        loss = self.guard_non_finite(loss, model, inputs["pair_ids"])
+        inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
+        self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
+        return (loss, pred) if return_outputs else loss
+
+    def batch_seed(self, pair_ids: list[str]) -> int:
+        """Noise and timesteps depend only on (seed, step, pairs): resume replays them exactly."""
+        key = f"{self.args.seed}|{self.state.global_step}|{'|'.join(map(str, pair_ids))}"
+        return zlib.crc32(key.encode())
+
+    def focus_weights(self, inputs: dict, prepared: DenoiseInputs) -> torch.Tensor | None:
+        """``(2B, h, w)`` focus weights W(q, u), or None (uniform: vanilla Diffusion-DPO)."""
+        if not self.focus_config.enabled:
+            return None
+        from .focus import focus_weights
+
+        static = self.static_focus_maps(inputs, prepared.target.shape[-2:])
+        cfg = self.focus_config
+        return focus_weights(static.to(prepared.target.device), prepared.noise_level, cfg.lambda_structure,
+                             cfg.lambda_detail, cfg.schedule_center, cfg.schedule_width)
+
+    def static_focus_maps(self, inputs: dict, grid) -> torch.Tensor:
+        from .focus import check_cached_grid
+        from .mapper import FocusMapper  # noqa: F401
+
+        if "focus_maps" in inputs:
+            check_cached_grid(inputs["focus_maps"], tuple(grid))
+            return inputs["focus_maps"].float()
+        if self.focus_mapper is None:
+            self.focus_mapper = FocusMapper(self.focus_config, device=self.args.device)
+        return self.focus_mapper.batch_maps(inputs, tuple(grid))
+
+    def guard_non_finite(self, loss: torch.Tensor, model, pair_ids: list[str]) -> torch.Tensor:
+        """Agree across processes whether the loss is finite; then stop (saving state) or skip."""
+        bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
+        if bad.item() == 0:
+            return loss
+        step = self.state.global_step
+        if self.loss_config.nan_policy == "skip":
+            print(f"[focusdpo] non-finite loss at step {step} (pairs {pair_ids}); batch skipped", file=sys.stderr)
+            return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        self._save_checkpoint(model, trial=None)  # the weights are still those of the last good step
+        saved = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step} on process {self.args.process_index} (pairs {pair_ids}). "
+            f"The last good state is saved in {saved}; resume from it with --resume_from_checkpoint {saved}, "
+            "after lowering the learning rate or beta, or set nan_policy: skip")
+
+    # ---- metrics --------------------------------------------------------------------------------
+    def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
+        """Average metrics over processes (one collective) and keep them until the next log."""
+        if weights is not None:
+            metrics.update(focus_summary(weights))
+        names = list(metrics)
+        bucket = (noise_level.float() * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1)
+        sums = torch.zeros(TIMESTEP_BUCKETS, device=inside.device).index_add_(0, bucket, inside)
+        counts = torch.bincount(bucket, minlength=TIMESTEP_BUCKETS).float()
+        local = torch.cat([torch.stack([metrics[n].float() for n in names]).to(inside.device), sums, counts])
+        total = self.accelerator.reduce(local, reduction="sum")
+        world = self.accelerator.num_processes
+        for name, value in zip(names, total[: len(names)].tolist()):
+            self._metrics[name].append(value / world)
+        self._metrics["_bucket_sums"].append(total[len(names):-TIMESTEP_BUCKETS].tolist())
+        self._metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:].tolist())
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if self._metrics and "loss" in logs:  # training logs only
+            sums = torch.tensor(self._metrics.pop("_bucket_sums")).sum(0)
+            counts = torch.tensor(self._metrics.pop("_bucket_counts")).sum(0)
+            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
+            for i in range(TIMESTEP_BUCKETS):
+                if counts[i] > 0:
+                    lo, hi = i / TIMESTEP_BUCKETS, (i + 1) / TIMESTEP_BUCKETS
+                    logs[f"rewards/margins_u{lo:.2f}-{hi:.2f}"] = (sums[i] / counts[i]).item()
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ---- saving and resuming --------------------------------------------------------------------
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the DPO LoRA in diffusers format (or the full denoiser for a full fine-tune)."""
+        output_dir = output_dir or self.args.output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        if self.model_config.lora_rank > 0:
+            self.backbone.save_lora(output_dir, DPO_ADAPTER)
+        else:
+            self.backbone.denoiser.save_pretrained(Path(output_dir) / self.backbone.denoiser_name)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.model_config.lora_rank > 0:
+            self.backbone.load_lora(resume_from_checkpoint, DPO_ADAPTER)
+        else:
+            loaded = type(self.backbone.denoiser).from_pretrained(
+                Path(resume_from_checkpoint) / self.backbone.denoiser_name)
+            self.backbone.denoiser.load_state_dict(loaded.state_dict())
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into a staging folder and rename it: a crash never leaves half a checkpoint."""
+        run_dir = self.args.output_dir
+        staging = os.path.join(run_dir, ".staging")
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = run_dir
+        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit)
+        self.accelerator.wait_for_everyone()
+
+
+def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``focus/mean|max|entropy`` of ``(N, h, w)`` weights; entropy is normalised (1 = uniform)."""
+    flat = weights.detach().float().flatten(1)
+    p = flat / flat.sum(1, keepdim=True).clamp_min(1e-12)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(flat.shape[1])
+    return {"focus/mean": flat.mean(), "focus/max": flat.amax(1).mean(), "focus/entropy": entropy.mean()}
+
+
+def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
+                  focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
+    """Load pairs first (cheap, fails early on bad data), then the model, then the trainer."""
+    dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
+                         seed=train_cfg.seed)
+    backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed)
+    return FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
+
+
+def save_before_after(trainer: FocusDPOTrainer, prompts: list[str], path: Path, resolution: int) -> None:
+    """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
+    from PIL import Image
+
+    cfg, backbone = trainer.model_config, trainer.backbone
+    steps, seed = trainer.args.sample_steps, trainer.args.seed
+    backbone.denoiser.eval()
+    with reference_model(cfg.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
+        setattr(backbone.pipeline, backbone.denoiser_name, ref)
+        before = backbone.sample(prompts, resolution, steps, seed)
+        setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
+    with torch.no_grad():
+        after = backbone.sample(prompts, resolution, steps, seed)
+    grid = Image.new("RGB", (resolution * len(prompts), resolution * 2), "white")
+    for i, (b, a) in enumerate(zip(before, after)):
+        grid.paste(b, (i * resolution, 0))
+        grid.paste(a, (i * resolution, resolution))
+    grid.save(path)
+
+
+def write_resolved_config(path: Path, configs) -> None:
+    """The full configuration the run used (every field, defaults included), as YAML."""
+    import dataclasses
+
+    import yaml
+
+    merged = {}
+    for cfg in configs:
+        for f in dataclasses.fields(cfg):
+            if f.init:
+                # via JSON: enums become their string value, other objects their str()
+                merged[f.name] = json.loads(json.dumps(getattr(cfg, f.name), default=str))
+    path.write_text(yaml.safe_dump(merged, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> FocusDPOTrainer:
+    """Parse config, train, and write the LoRA, resolved config, metrics and before/after samples."""
+    configs = parse_config(sys.argv[1:] if argv is None else argv)
+    train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg = configs
+    trainer = build_trainer(train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg)
+    out = Path(train_cfg.output_dir)
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(out / "config.yaml", configs)
+    resume = train_cfg.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume in ("latest", "true", "True") else resume)
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero() and train_cfg.sample_every_run:
+        prompts = list(trainer.train_dataset[: train_cfg.num_sample_prompts]["prompt"])
+        save_before_after(trainer, prompts, out / "samples_before_after.png", data_cfg.resolution)
+        print(f"[focusdpo] LoRA, config.yaml, metrics.jsonl and samples_before_after.png are in {out}")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

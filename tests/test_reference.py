@@ -1,0 +1,101 @@
+"""Reference modes: the reference is bit-identical through training and restored after exceptions."""
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from focusdpo.config import ModelConfig
+from focusdpo.models import load_backbone
+from focusdpo.reference import disabled_adapters, frozen_adapter, reference_model
+from focusdpo.train import add_dpo_lora
+
+
+def unet_inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 32, generator=g)
+
+
+def run(module):
+    x, t, text = unet_inputs()
+    return module(x, t, text).sample
+
+
+def train_steps(unet, steps=3):
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    for _ in range(steps):
+        run(unet).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def lora_backbone(mode="disable_adapters", personalization=None):
+    backbone = load_backbone("sd")
+    add_dpo_lora(backbone, ModelConfig(reference_mode=mode, personalization_lora=personalization, lora_rank=4))
+    return backbone
+
+
+def test_disable_adapters_reference_is_the_base_and_stays_bit_identical():
+    backbone = lora_backbone()
+    unet = backbone.denoiser
+    with torch.no_grad():
+        with disabled_adapters(unet) as ref:
+            before = run(ref)
+    base = load_backbone("sd").denoiser
+    assert torch.equal(before, run(base))
+    train_steps(unet)
+    with disabled_adapters(unet) as ref:
+        after = run(ref)
+    assert torch.equal(before, after)
+    assert not torch.equal(run(unet), after)  # the policy moved, the reference did not
+
+
+def test_adapters_and_trainable_flags_restored_after_an_exception():
+    unet = lora_backbone().denoiser
+    train_steps(unet, 1)
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    policy = run(unet)
+    with pytest.raises(RuntimeError, match="boom"):
+        with reference_model("disable_adapters", unet):
+            raise RuntimeError("boom")
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+    assert torch.equal(run(unet), policy)
+
+
+def make_personalization_lora(path):
+    """A 'released' personalization LoRA: a trained-looking adapter saved in diffusers format."""
+    backbone = load_backbone("sd")
+    backbone.denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"],
+                                             init_lora_weights=False))  # B != 0: changes outputs
+    backbone.save_lora(path)
+    return backbone
+
+
+def test_frozen_adapter_reference_is_base_plus_personalization(tmp_path):
+    personal = make_personalization_lora(tmp_path)
+    expected = run(personal.denoiser)
+    backbone = lora_backbone("frozen_adapter", str(tmp_path))
+    unet = backbone.denoiser
+    trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+    assert trainable and all(".dpo." in n for n in trainable)
+    with frozen_adapter(unet) as ref:
+        before = run(ref)
+    torch.testing.assert_close(before, expected, rtol=0, atol=1e-6)
+    train_steps(unet)
+    with frozen_adapter(unet) as ref:
+        assert torch.equal(run(ref), before)
+    assert [n for n, p in unet.named_parameters() if p.requires_grad] == trainable
+
+
+def test_frozen_copy_reference_for_full_fine_tuning():
+    from focusdpo.reference import frozen_copy_reference
+    import copy
+
+    unet = load_backbone("sd").denoiser
+    frozen = copy.deepcopy(unet).requires_grad_(False)
+    with frozen_copy_reference(unet, frozen) as ref:
+        before = run(ref)
+    train_steps(unet, 1)
+    with frozen_copy_reference(unet, frozen) as ref:
+        assert torch.equal(run(ref), before)
+    assert not torch.equal(run(unet), before)

@@ -1,0 +1,112 @@
+"""End-to-end behaviour of the trainer on the tiny SD generator (CPU, seconds per run)."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from focusdpo.config import parse_config
+from focusdpo.models.tiny import tiny_sd_pipeline
+from focusdpo.train import NonFiniteLossError, build_trainer, main
+
+from conftest import REPO
+
+
+def tiny_argv(out, *extra):
+    return ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "4",
+            "--toy_num_pairs", "8", "--save_steps", "2", "--logging_steps", "1", "--sample_steps", "2", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_embedded_default_writes_lora_config_metrics_and_samples(tmp_path):
+    main(tiny_argv(tmp_path))
+    for name in ("pytorch_lora_weights.safetensors", "config.yaml", "metrics.jsonl", "samples_before_after.png"):
+        assert (tmp_path / name).is_file(), name
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (tmp_path / ".staging").exists()
+    logs = [m for m in read_metrics(tmp_path) if "loss" in m]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # fresh LoRA: policy == reference
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "mse/policy_w",
+                 "mse/policy_l", "mse/ref_w", "mse/ref_l"):
+        assert name in logs[0], name
+    assert any(k.startswith("rewards/margins_u") for k in logs[0])
+
+
+def test_saved_lora_loads_into_the_base_pipeline(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--sample_every_run", "false"))
+    unet = trainer.backbone.denoiser.eval()
+    pipe = tiny_sd_pipeline(seed=0)  # the same base weights the run started from
+    x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 7, 32)
+    base = pipe.unet(x, t, text).sample
+    pipe.load_lora_weights(str(tmp_path))
+    with torch.no_grad():
+        loaded, trained = pipe.unet(x, t, text).sample, unet(x, t, text).sample
+    assert not torch.allclose(base, trained)  # the LoRA learned something
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
+
+
+class CrashAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+
+def losses(out):
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def test_resume_after_a_kill_continues_the_loss_trajectory(tmp_path):
+    argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    main(tiny_argv(full, *argv))
+    trainer = build_trainer(*parse_config(tiny_argv(killed, *argv)), callbacks=[CrashAt(4)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (killed / "checkpoint-3" / "optimizer.pt").is_file()
+    main(tiny_argv(killed, *argv, "--resume_from_checkpoint", str(killed / "checkpoint-3")))
+    expected, got = losses(full), losses(killed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), step
+
+
+class PoisonBetaAt(TrainerCallback):
+    """Make the loss NaN from ``step`` on, without touching the weights."""
+
+    def __init__(self, trainer, step):
+        self.trainer, self.step = trainer, step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.trainer.loss_config.beta = float("nan")
+
+
+def test_nan_loss_stops_with_step_pairs_and_last_good_checkpoint(tmp_path):
+    trainer = build_trainer(*parse_config(tiny_argv(tmp_path, "--save_steps", "100")))
+    trainer.add_callback(PoisonBetaAt(trainer, 3))
+    with pytest.raises(NonFiniteLossError, match=r"at step 3 .*pairs \['toy-") as err:
+        trainer.train()
+    assert "resume_from_checkpoint" in str(err.value)
+    saved = tmp_path / "checkpoint-3" / "pytorch_lora_weights.safetensors"
+    assert saved.is_file()
+    lora = {k: v.clone() for k, v in trainer.backbone.lora_state_dict("dpo").items()}
+    trainer.backbone.load_lora(saved.parent, "dpo")  # the checkpoint holds the weights of step 3
+    for key, value in trainer.backbone.lora_state_dict("dpo").items():
+        assert torch.equal(value, lora[key]) and torch.isfinite(value).all()
+
+
+def test_nan_loss_skip_policy_keeps_training_without_learning_from_it(tmp_path):
+    trainer = build_trainer(*parse_config(tiny_argv(tmp_path, "--nan_policy", "skip", "--learning_rate", "0",
+                                                    "--save_steps", "100")))
+    trainer.add_callback(PoisonBetaAt(trainer, 2))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
