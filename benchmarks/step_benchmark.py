@@ -1,0 +1,143 @@
+"""Step time and peak memory of training variants, side by side in one run, on the tiny generator.
+
+    python benchmarks/step_benchmark.py [--steps 20] [--batch 2] [--resolution 32]
+
+Variants (each in its own process, so peak memory is its own):
+  sft          supervised fine-tuning on the winners only (LoRA)
+  dpo_copy     vanilla Diffusion-DPO with a separate frozen reference copy (the original recipe)
+  dpo_disable  ours, W ≡ 1: the reference is the base with LoRA adapters disabled (no copy)
+  focus_cached ours with focus weights from cached static maps (λ_s = λ_d = 1)
+Ratios are against dpo_copy. Peak memory: CUDA max allocated on GPU, peak RSS (VmHWM, reset after
+setup) on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("sft", "dpo_copy", "dpo_disable", "focus_cached")
+
+
+def peak_reset() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_mib() -> float:
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    status = open("/proc/self/status").read()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def make_trainer(variant: str, args, out: str):
+    import torch
+    from transformers import TrainerCallback
+
+    from focusdpo.config import parse_config
+    from focusdpo.losses import weighted_error
+    from focusdpo.models import load_backbone
+    from focusdpo.train import FocusDPOTrainer, build_trainer
+
+    argv = ["--output_dir", out, "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
+            "--resolution", str(args.resolution), "--per_device_train_batch_size", str(args.batch),
+            "--toy_num_pairs", str(4 * args.batch * (args.steps + args.warmup)), "--sample_every_run", "false",
+            "--logging_steps", "100000", "--lora_rank", "4", "--lora_alpha", "4"]
+    if variant == "focus_cached":
+        argv += ["--lambda_structure", "1", "--lambda_detail", "1", "--dataset", args.cached_pairs]
+    configs = parse_config(argv)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], None
+
+        def on_step_begin(self, a, state, control, **kw):
+            if state.global_step == args.warmup:
+                peak_reset()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if state.global_step > args.warmup:
+                self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
+    trainer = build_trainer(*configs, callbacks=[timer])
+    if variant == "dpo_copy":
+        trainer.frozen_copy = load_backbone("sd").denoiser.requires_grad_(False).to(trainer.args.device)
+        trainer.model_config.reference_mode = "frozen_copy"
+    if variant == "sft":
+        def sft_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            generator = torch.Generator().manual_seed(trainer.batch_seed(inputs["pair_ids"]))
+            prepared = trainer.backbone.prepare(inputs, generator)
+            pred = model(prepared)
+            return weighted_error(pred, prepared.target)[: len(pred) // 2].mean()  # winners only
+        trainer.compute_loss = sft_loss
+    assert isinstance(trainer, FocusDPOTrainer)
+    return trainer, timer
+
+
+def run_variant(variant: str, args) -> dict:
+    import torch
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        trainer, timer = make_trainer(variant, args, out)
+        trainer.train()
+    times = sorted(timer.times)
+    return {"variant": variant, "step_s": times[len(times) // 2], "peak_mib": peak_mib()}
+
+
+def cache_pairs(args, folder: str) -> str:
+    from focusdpo.config import FocusConfig
+    from focusdpo.data import load_pairs
+    from focusdpo.mapper import precompute_focus_maps
+
+    pairs = load_pairs("toy", toy_num_pairs=4 * args.batch * (args.steps + args.warmup), resolution=args.resolution)
+    cached = precompute_focus_maps(pairs, FocusConfig(lambda_structure=1, lambda_detail=1), family="sd",
+                                   resolution=args.resolution, dino_overrides={"depth": 2})
+    cached.save_to_disk(folder)
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one child process
+    parser.add_argument("--cached_pairs", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cached = cache_pairs(args, os.path.join(tmp, "cached"))
+        for variant in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", variant, "--cached_pairs", cached,
+                   *[f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "resolution")]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = next(r for r in rows if r["variant"] == "dpo_copy")
+    print(f"{'variant':<14}{'step (ms)':>11}{'x dpo_copy':>12}{'peak MiB':>10}{'x dpo_copy':>12}")
+    for r in rows:
+        print(f"{r['variant']:<14}{1000 * r['step_s']:>11.1f}{r['step_s'] / base['step_s']:>12.2f}"
+              f"{r['peak_mib']:>10.0f}{r['peak_mib'] / base['peak_mib']:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
