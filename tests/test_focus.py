@@ -1,0 +1,247 @@
+"""Focus maps and weights: hand-computed values for the pure functions, a tiny random DINOv2 for the
+image-to-maps plumbing, real DreamBench photos for the complexity map."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from focusdpo.config import FocusConfig
+from focusdpo.features import load_dino
+from focusdpo.focus import (check_cached_grid, complexity_map, compute_static_maps, focus_parts, focus_weights,
+                            gaussian_blur, misalignment_map, reference_complexity, schedule, static_focus_maps,
+                            subject_map)
+
+LOG32 = math.log(32)
+
+
+def entropy_image():
+    """8x8 grey image, 2x2 cells of 4x4 px: flat | two values | four values | two values 1:3."""
+    image = torch.zeros(8, 8)
+    image[0:4, 4:8] = torch.tensor([0.1, 0.6]).repeat_interleave(8).view(4, 4)
+    image[4:8, 0:4] = torch.tensor([0.0, 0.3, 0.6, 0.9]).repeat_interleave(4).view(4, 4)
+    image[4:8, 4:8] = 0.5
+    image[4, 4:8] = 0.9
+    return image.expand(1, 3, 8, 8)
+
+
+def test_complexity_entropy_by_hand():
+    d = complexity_map(entropy_image(), (2, 2), bins=32, sigma=0)
+    p = torch.tensor([0.25, 0.75])
+    expected = torch.tensor([[[0.0, math.log(2) / LOG32], [math.log(4) / LOG32, -(p * p.log()).sum() / LOG32]]])
+    torch.testing.assert_close(d, expected)
+    assert math.isclose(math.log(2) / LOG32, 0.2)
+
+
+def test_complexity_cells_follow_h_then_w_and_cover_uneven_sizes():
+    image = torch.zeros(1, 3, 10, 7)
+    image[..., 0:5, 4:7:2] = 1.0  # texture only in cell (row 0, col 1) of a 2x2 grid on 10x7 px
+    d = complexity_map(image, (2, 2), sigma=0)[0]
+    assert d[0, 1] > 0 and d[0, 0] == 0 and d[1].abs().sum() == 0
+
+
+def test_complexity_rejects_more_cells_than_pixels():
+    with pytest.raises(ValueError, match="fewer pixels"):
+        complexity_map(torch.rand(1, 3, 8, 8), (16, 16))
+
+
+def test_gaussian_blur_keeps_constants_and_mass():
+    flat = torch.full((1, 1, 9, 9), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, 1.5), flat)
+    dot = torch.zeros(1, 1, 21, 21)
+    dot[..., 10, 10] = 1
+    blurred = gaussian_blur(dot, 1.0)
+    assert math.isclose(blurred.sum().item(), 1.0, rel_tol=1e-5) and blurred[..., 10, 10] < 0.2
+
+
+def photo(path, size=256):
+    image = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+
+
+def test_complexity_textured_above_flat_on_real_photos(dreambench):
+    paths = sorted(dreambench.glob("*/00.jpg"))
+    assert len(paths) >= 4
+    images = torch.stack([photo(p) for p in paths])
+    d = complexity_map(images, (32, 32))
+    # Independent texture measure: mean squared finite difference per 8x8 cell.
+    gray = images.mean(1)
+    energy = F.pad((gray.diff(dim=1) ** 2)[:, :, :-1] + (gray.diff(dim=2) ** 2)[:, :-1], (0, 1, 0, 1))
+    energy = F.avg_pool2d(energy[:, None], 8)[:, 0]
+    for i, path in enumerate(paths):
+        low, high = energy[i].flatten().quantile(torch.tensor([0.25, 0.75]))
+        flat, textured = d[i][energy[i] <= low].mean(), d[i][energy[i] >= high].mean()
+        assert textured > flat + 0.2, path.parent.name
+    assert d.min() >= 0 and d.max() <= 1
+
+
+def test_reference_complexity_by_hand():
+    image = entropy_image()[0]
+    refs = torch.stack([image[:, 0:4, 4:8], image[:, 4:8, 0:4]])[None]  # two values | four values
+    alpha = reference_complexity(refs, None, bins=32, sigma=0, grid=(1, 1))
+    torch.testing.assert_close(alpha, torch.tensor([[2 / 3, 4 / 3]]))  # 0.2 and 0.4, over their mean 0.3
+    # The mask keeps only the flat half of reference 1: its foreground entropy is 0.
+    masks = torch.ones(1, 2, 2, 1)
+    masks[0, 1, 0] = 0
+    half = torch.cat([refs[:, :1], torch.cat([torch.zeros(1, 1, 3, 2, 4), refs[:, 1:, :, 2:]], dim=3)], dim=1)
+    torch.testing.assert_close(reference_complexity(half, masks, bins=32, sigma=0), torch.tensor([[2.0, 0.0]]))
+    flat = torch.zeros(2, 3, 3, 8, 8)
+    assert torch.equal(reference_complexity(flat, None, sigma=0, grid=(2, 2)), torch.ones(2, 3))
+
+
+def test_subject_and_misalignment_maps_by_hand():
+    sims = torch.tensor([[0.6, 0.2], [0.1, 0.5]]).T.reshape(1, 2, 1, 2)  # max 0.6, 0.5
+    torch.testing.assert_close(subject_map(sims, 0.5, 0.1), torch.sigmoid(torch.tensor([[[1.0, 0.0]]])))
+    sims_l = torch.tensor([[0.2, 0.2], [0.1, 0.9]]).T.reshape(1, 2, 1, 2)
+    assignment = torch.tensor([[[0, 1]]])
+    torch.testing.assert_close(misalignment_map(sims, sims_l, assignment), torch.tensor([[[0.4, 0.0]]]))
+    prior = torch.tensor([[[0.0, 0.7]]])
+    torch.testing.assert_close(misalignment_map(sims, sims_l, assignment, prior), torch.tensor([[[0.4, 0.7]]]))
+
+
+def box_features(box, grid=(16, 16)):
+    """Target features equal to the single reference feature e0 inside `box`, e1 elsewhere."""
+    feats = torch.zeros(1, 4, *grid)
+    feats[:, 1] = 1
+    feats[:, :, box] = torch.tensor([1.0, 0, 0, 0])[:, None]
+    return feats
+
+
+def test_static_maps_land_on_latent_grids():
+    # Subject at DINO patch rows 3..6, columns 9..11 (non-square, x != y); K = 1, unaligned: Δ = S.
+    box = torch.zeros(16, 16, dtype=torch.bool)
+    box[3:7, 9:12] = True
+    feats = box_features(box)
+    refs = torch.zeros(1, 1, 4, 2, 2)
+    refs[:, :, 0] = 1
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cfg = FocusConfig()
+    for side in (64, 32, 8):
+        static = static_focus_maps(feats, feats, refs, None, images, images, images[:, None], (side, side), cfg)
+        assert static.shape == (2, 2, side, side) and static.dtype == torch.float32
+        scale = side // 16 if side >= 16 else None
+        if scale:  # bilinear upsampling: the 0.5 level falls exactly on the scaled box edges
+            expected = box.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+            assert torch.equal(static[0, 0] > 0.5, expected)
+        else:  # area downsampling: the box's 2x2 cells hold the mass
+            assert static[0, 0].argmax().item() == 2 * 8 + 5
+
+
+def test_identical_winner_and_loser_give_zero_structure_on_aligned_pairs():
+    box = torch.zeros(16, 16, dtype=torch.bool)
+    box[2:9, 5:10] = True
+    feats = box_features(box)
+    refs = torch.zeros(1, 1, 4, 2, 2)
+    refs[:, :, 0] = 1
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    args = (feats, feats, refs, None, images, images, images[:, None], (32, 32), FocusConfig())
+    aligned = static_focus_maps(*args, aligned=True)
+    assert torch.equal(aligned[:, 0], torch.zeros(2, 32, 32))
+    unaligned = static_focus_maps(*args, aligned=False)  # Δ = S there, not zero
+    assert unaligned[:, 0].amax() > 0.9
+    assert torch.equal(aligned[:, 1], unaligned[:, 1])  # the detail channel does not depend on alignment
+    # pair_alignment='auto' makes a pair with a prior mask aligned: Δ = prior where s^w = s^l.
+    prior = torch.zeros(1, 32, 32)
+    prior[:, 4:12, 12:20] = 1
+    with_prior = static_focus_maps(*args, prior_mask=prior)
+    parts = focus_parts(*args, prior_mask=prior)
+    torch.testing.assert_close(with_prior[0, 0], parts["confidence"][0] * F.interpolate(
+        F.adaptive_avg_pool2d(prior[None], (16, 16)), size=(32, 32), mode="bilinear")[0, 0])
+
+
+def test_aligned_pairs_use_the_winner_loser_gap():
+    refs = torch.zeros(1, 1, 4, 2, 2)
+    refs[:, :, 0] = 1
+    winner = box_features(torch.ones(16, 16, dtype=torch.bool))  # matches everywhere
+    box = torch.zeros(16, 16, dtype=torch.bool)
+    box[0:8, 0:16] = True
+    loser = box_features(box)  # fails the reference in the bottom half
+    images = torch.zeros(1, 3, 16, 16)
+    static = static_focus_maps(winner, loser, refs, None, images, images, images[:, None], (16, 16),
+                               FocusConfig(), aligned=torch.tensor([True]))
+    # Winner: conf 1, Δ = 1 - 0 in the bottom half. Loser: conf = its best sim (0 there) → 0.
+    assert torch.equal(static[0, 0], (~box).float())
+    assert torch.equal(static[1, 0], torch.zeros(16, 16))
+
+
+def test_schedule_by_hand():
+    torch.testing.assert_close(schedule(0.5, 0.5, 0.1), torch.tensor(0.5))
+    torch.testing.assert_close(schedule(torch.tensor([0.6, 0.3]), 0.5, 0.1),
+                               torch.tensor([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(2))]))
+
+
+def test_focus_weights_by_hand():
+    static = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # (1, 2, 1, 2): structure left, detail right
+    # u = center: g = 1/2 -> W = [1 + 2·½, 1 + 4·½] = [2, 3] -> / 2.5
+    w = focus_weights(static, torch.tensor([0.5]), lambda_structure=2.0, lambda_detail=4.0, center=0.5, width=0.1)
+    torch.testing.assert_close(w, torch.tensor([[[0.8, 1.2]]]))
+    # High noise: g ≈ 1, structure dominates.
+    hi = focus_weights(static, 1.0, 2.0, 4.0, center=0.5, width=0.01)
+    torch.testing.assert_close(hi, torch.tensor([[[1.5, 0.5]]]))
+
+
+def test_focus_weights_zero_lambdas_are_exactly_ones():
+    static = torch.rand(4, 2, 8, 8)
+    static[0, 0, 0, 0] = float("nan")
+    w = focus_weights(static, torch.rand(4), 0.0, 0.0)
+    assert torch.equal(w, torch.ones(4, 8, 8))
+
+
+def test_focus_weights_mean_one_per_image():
+    static = torch.rand(6, 2, 16, 16, generator=torch.Generator().manual_seed(0)) * 3
+    w = focus_weights(static, torch.linspace(0, 1, 6), 1.5, 0.7)
+    assert w.shape == (6, 16, 16) and (w > 0).all()
+    torch.testing.assert_close(w.mean(dim=(1, 2)), torch.ones(6), atol=1e-6, rtol=0)
+
+
+def test_mismatched_cached_grid_says_how_to_fix():
+    check_cached_grid(torch.zeros(4, 2, 32, 32), (32, 32))
+    with pytest.raises(ValueError, match=r"64x64 grid.*32x32.*focusdpo focus"):
+        check_cached_grid(torch.zeros(4, 2, 64, 64), (32, 32))
+
+
+# ---- images to maps through a tiny random DINOv2 ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dino():
+    torch.manual_seed(0)
+    return load_dino(image_size=28, depth=2, embed_dim=96, num_heads=2, init_values=1.0)
+
+
+@pytest.mark.parametrize("k", range(1, 7))
+def test_compute_static_maps_one_to_six_references(tiny_dino, k):
+    g = torch.Generator().manual_seed(k)
+    winners, losers = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
+    refs = torch.rand(2, k, 3, 28, 42, generator=g)
+    masks = torch.ones(2, k, 28, 42)
+    cfg = FocusConfig(dino_image_size=28)
+    static = compute_static_maps(tiny_dino, winners, losers, refs, masks, (4, 4), cfg)
+    assert static.shape == (4, 2, 4, 4) and torch.isfinite(static).all() and (static >= 0).all()
+    parts = compute_static_maps(tiny_dino, winners, losers, refs, None, (4, 4), cfg, parts=True)
+    assert parts["assignment"].max() < k and parts["assignment"].shape == (4, 4, 4)
+
+
+def test_compute_static_maps_rejects_zero_references(tiny_dino):
+    images = torch.rand(1, 3, 28, 28)
+    with pytest.raises(ValueError, match="K >= 1"):
+        compute_static_maps(tiny_dino, images, images, torch.zeros(1, 0, 3, 28, 28), None, (4, 4), FocusConfig())
+
+
+def test_compute_static_maps_rejects_bad_masks(tiny_dino):
+    images, refs = torch.rand(1, 3, 28, 28), torch.rand(1, 2, 3, 28, 28)
+    cfg = FocusConfig(dino_image_size=28)
+    with pytest.raises(ValueError, match=r"\(1, 2, 28, 28\).*got \(1, 2, 14, 14\)"):
+        compute_static_maps(tiny_dino, images, images, refs, torch.ones(1, 2, 14, 14), (4, 4), cfg)
+    outside = torch.ones(1, 2, 28, 28)
+    outside[0, 1] = 0  # the subject's mask lies entirely outside the image
+    with pytest.raises(ValueError, match=r"\[\[0, 1\]\] is empty"):
+        compute_static_maps(tiny_dino, images, images, refs, outside, (4, 4), cfg)
+
+
+def test_compute_static_maps_rejects_images_smaller_than_a_patch(tiny_dino):
+    small = torch.rand(1, 3, 10, 10)
+    with pytest.raises(ValueError, match="smaller than one DINOv2 patch"):
+        compute_static_maps(tiny_dino, small, small, torch.rand(1, 1, 3, 28, 28), None, (4, 4), FocusConfig())
