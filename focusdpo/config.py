@@ -114,6 +114,11 @@ class FocusConfig:
     dino_model: str = field(default="vit_small_patch14_dinov2", metadata={"help": "timm DINOv2 model name."})
     dino_weights: str | None = field(default=None, metadata={
         "help": "Local DINOv2 weights file; empty uses random weights (tests only) unless online."})
+    dino_random_weights: bool = field(default=False, metadata={
+        "help": "Allow random DINOv2 weights when dino_weights is empty (toy runs and tests: the maps then "
+                "carry no semantics, only the prior mask and complexity)."})
+    dino_depth: int = field(default=0, metadata={
+        "help": "Use only the first N DINOv2 blocks (0 = all): intermediate features, or a fast toy extractor."})
     dino_image_size: int = field(default=224, metadata={"help": "DINOv2 input size (multiple of 14)."})
     top_n: int = field(default=4, metadata={"help": "Top-n reference patches averaged per target patch."})
     subject_threshold: float = field(default=0.5, metadata={"help": "Similarity at which S(q) = 0.5."})

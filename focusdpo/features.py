@@ -47,7 +47,7 @@ def load_dino(model_name: str = "vit_small_patch14_dinov2", weights: str | os.Pa
                 f"{model_name} checkpoint (.safetensors/.pth), or leave it empty for random weights (tests only)")
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     elif pretrained:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
             raise RuntimeError(f"pretrained {model_name} needs the Hugging Face hub, but HF_HUB_OFFLINE is set: "
                                "set dino_weights (FocusConfig) to a local weights file instead")
         kwargs.update(pretrained=True)

@@ -63,7 +63,8 @@ def complexity_map(images: torch.Tensor, grid: tuple[int, int], bins: int = 32, 
     cols = torch.arange(W, device=images.device) * w // W
     cell = rows[:, None] * w + cols[None, :]  # (H, W) index of each pixel's cell
     index = (cell * bins + level).flatten(1)
-    counts = torch.zeros(B, h * w * bins, device=images.device).scatter_add_(1, index, torch.ones_like(index, dtype=torch.float32))
+    ones = torch.ones_like(index, dtype=torch.float32)
+    counts = torch.zeros(B, h * w * bins, device=images.device).scatter_add_(1, index, ones)
     p = counts.view(B, h * w, bins)
     p = p / p.sum(-1, keepdim=True)
     entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # 0·log 0 = 0
@@ -165,8 +166,9 @@ def focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_
     is_aligned = _alignment(aligned, prior_mask, B, cfg.pair_alignment, sims.device).repeat(2)
     delta = torch.where(is_aligned[:, None, None], delta_aligned, subject)
     complexity = complexity_map(torch.cat([images_w, images_l]), grid, cfg.entropy_bins, cfg.entropy_sigma)
-    gain = _resize(conf * alpha_a, grid)
-    static = torch.stack([gain * _resize(delta, grid), gain * complexity * _resize(subject, grid)], dim=1)
+    # Products on the DINO grid, one resize each: resizing factors separately would blur edges twice.
+    gain = conf * alpha_a
+    static = torch.stack([_resize(gain * delta, grid), _resize(gain * subject, grid) * complexity], dim=1)
     nearest = F.interpolate(assign[:, None].float(), size=tuple(grid), mode="nearest")[:, 0].long()
     return dict(static=static, assignment=nearest, confidence=_resize(conf, grid), subject=_resize(subject, grid),
                 complexity=complexity, delta=_resize(delta, grid))

@@ -152,10 +152,11 @@ class FocusDPOTrainer(Trainer):
 
     def static_focus_maps(self, inputs: dict, grid) -> torch.Tensor:
         from .focus import check_cached_grid
-        from .mapper import FocusMapper  # noqa: F401
+        from .mapper import FocusMapper, check_cache_key
 
         if "focus_maps" in inputs:
             check_cached_grid(inputs["focus_maps"], tuple(grid))
+            check_cache_key(inputs["focus_key"], self.focus_config, tuple(grid))
             return inputs["focus_maps"].float()
         if self.focus_mapper is None:
             self.focus_mapper = FocusMapper(self.focus_config, device=self.args.device)
@@ -264,22 +265,33 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
 
 def save_before_after(trainer: FocusDPOTrainer, prompts: list[str], path: Path, resolution: int) -> None:
     """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
-    from PIL import Image
-
     cfg, backbone = trainer.model_config, trainer.backbone
     steps, seed = trainer.args.sample_steps, trainer.args.seed
     backbone.denoiser.eval()
     with reference_model(cfg.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
         setattr(backbone.pipeline, backbone.denoiser_name, ref)
-        before = backbone.sample(prompts, resolution, steps, seed)
-        setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
+        try:
+            before = backbone.sample(prompts, resolution, steps, seed)
+        finally:
+            setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
     with torch.no_grad():
         after = backbone.sample(prompts, resolution, steps, seed)
-    grid = Image.new("RGB", (resolution * len(prompts), resolution * 2), "white")
-    for i, (b, a) in enumerate(zip(before, after)):
-        grid.paste(b, (i * resolution, 0))
-        grid.paste(a, (i * resolution, resolution))
-    grid.save(path)
+    image_grid([before, after], ["reference", "trained"]).save(path)
+
+
+def image_grid(rows: list[list], labels: list[str], min_cell: int = 128):
+    """Rows of PIL images, upscaled (nearest) to at least ``min_cell`` px, each row labelled on the left."""
+    from PIL import Image, ImageDraw
+
+    cell = max(min_cell, rows[0][0].width)
+    label_w = 80
+    grid = Image.new("RGB", (label_w + cell * len(rows[0]), cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((6, r * cell + cell // 2), label, fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    return grid
 
 
 def write_resolved_config(path: Path, configs) -> None:
@@ -312,7 +324,13 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
     if trainer.is_world_process_zero() and train_cfg.sample_every_run:
         prompts = list(trainer.train_dataset[: train_cfg.num_sample_prompts]["prompt"])
         save_before_after(trainer, prompts, out / "samples_before_after.png", data_cfg.resolution)
-        print(f"[focusdpo] LoRA, config.yaml, metrics.jsonl and samples_before_after.png are in {out}")
+        if trainer.focus_mapper is not None:  # maps made on the fly: show what the loss focused on
+            from .mapper import save_focus_panels
+
+            rows = [trainer.train_dataset[i] for i in range(train_cfg.num_sample_prompts)]
+            grid = trainer.backbone.loss_grid(data_cfg.resolution)
+            save_focus_panels(rows, trainer.focus_mapper, grid, data_cfg.resolution, out / "focus")
+        print(f"[focusdpo] LoRA, config.yaml, metrics.jsonl and PNGs (samples, focus maps) are in {out}")
     return trainer
 
 

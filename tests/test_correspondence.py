@@ -30,7 +30,8 @@ def test_similarity_maps_top_n_mean_by_hand():
     torch.testing.assert_close(s2, torch.tensor([(1 + r) / 2, (1 + r) / 2]).view(1, 1, 1, 2))
     # Mask keeps patches 0 and 1: target e1 sees cosines 0 and r.
     mask = torch.tensor([True, True, False]).view(1, 1, 1, 3)
-    torch.testing.assert_close(similarity_maps(target, refs, mask, top_n=2)[0, 0, 0], torch.tensor([(1 + r) / 2, r / 2]))
+    masked = similarity_maps(target, refs, mask, top_n=2)[0, 0, 0]
+    torch.testing.assert_close(masked, torch.tensor([(1 + r) / 2, r / 2]))
     # Fewer masked patches than top_n: use the one there is.
     only_first = torch.tensor([True, False, False]).view(1, 1, 1, 3)
     torch.testing.assert_close(similarity_maps(target, refs, only_first, top_n=4)[0, 0, 0], torch.tensor([1.0, 0.0]))

@@ -79,15 +79,17 @@ def test_complexity_textured_above_flat_on_real_photos(dreambench):
 
 
 def test_reference_complexity_by_hand():
-    image = entropy_image()[0]
-    refs = torch.stack([image[:, 0:4, 4:8], image[:, 4:8, 0:4]])[None]  # two values | four values
-    alpha = reference_complexity(refs, None, bins=32, sigma=0, grid=(1, 1))
-    torch.testing.assert_close(alpha, torch.tensor([[2 / 3, 4 / 3]]))  # 0.2 and 0.4, over their mean 0.3
-    # The mask keeps only the flat half of reference 1: its foreground entropy is 0.
-    masks = torch.ones(1, 2, 2, 1)
-    masks[0, 1, 0] = 0
-    half = torch.cat([refs[:, :1], torch.cat([torch.zeros(1, 1, 3, 2, 4), refs[:, 1:, :, 2:]], dim=3)], dim=1)
-    torch.testing.assert_close(reference_complexity(half, masks, bins=32, sigma=0), torch.tensor([[2.0, 0.0]]))
+    # Two 8x4 references on a 2x1 grid of 4x4 cells: A = two values on top, flat below (0.2, 0);
+    # B = flat on top, four values below (0, 0.4).
+    refs = torch.zeros(1, 2, 3, 8, 4)
+    refs[0, 0, :, 0:4] = torch.tensor([0.1, 0.6, 0.1, 0.6])
+    refs[0, 1, :, 4:8] = torch.tensor([0.0, 0.3, 0.6, 0.9])
+    alpha = reference_complexity(refs, None, bins=32, sigma=0, grid=(2, 1))
+    torch.testing.assert_close(alpha, torch.tensor([[2 / 3, 4 / 3]]))  # means 0.1, 0.2 over their mean 0.15
+    top_only = torch.zeros(1, 2, 8, 4)
+    top_only[..., 0:4, :] = 1  # pixel masks, pooled to the 2x1 grid given by `grid`
+    alpha = reference_complexity(refs, top_only, bins=32, sigma=0, grid=(2, 1))
+    torch.testing.assert_close(alpha, torch.tensor([[2.0, 0.0]]))  # foreground means 0.2, 0
     flat = torch.zeros(2, 3, 3, 8, 8)
     assert torch.equal(reference_complexity(flat, None, sigma=0, grid=(2, 2)), torch.ones(2, 3))
 
@@ -123,9 +125,10 @@ def test_static_maps_land_on_latent_grids():
         static = static_focus_maps(feats, feats, refs, None, images, images, images[:, None], (side, side), cfg)
         assert static.shape == (2, 2, side, side) and static.dtype == torch.float32
         scale = side // 16 if side >= 16 else None
-        if scale:  # bilinear upsampling: the 0.5 level falls exactly on the scaled box edges
+        if scale:  # bilinear upsampling: the 0.5 level of the row/column profiles is the scaled box edge
             expected = box.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-            assert torch.equal(static[0, 0] > 0.5, expected)
+            assert torch.equal(static[0, 0].amax(1) > 0.5, expected.any(1))
+            assert torch.equal(static[0, 0].amax(0) > 0.5, expected.any(0))
         else:  # area downsampling: the box's 2x2 cells hold the mass
             assert static[0, 0].argmax().item() == 2 * 8 + 5
 
@@ -146,10 +149,12 @@ def test_identical_winner_and_loser_give_zero_structure_on_aligned_pairs():
     # pair_alignment='auto' makes a pair with a prior mask aligned: Δ = prior where s^w = s^l.
     prior = torch.zeros(1, 32, 32)
     prior[:, 4:12, 12:20] = 1
-    with_prior = static_focus_maps(*args, prior_mask=prior)
-    parts = focus_parts(*args, prior_mask=prior)
-    torch.testing.assert_close(with_prior[0, 0], parts["confidence"][0] * F.interpolate(
-        F.adaptive_avg_pool2d(prior[None], (16, 16)), size=(32, 32), mode="bilinear")[0, 0])
+    with_prior = focus_parts(*args, prior_mask=prior)
+    prior_on_dino_grid = F.adaptive_avg_pool2d(prior[None], (16, 16))[0]  # K = 1: conf = best sim = box
+    expected = F.interpolate((box * prior_on_dino_grid)[None], size=(32, 32), mode="bilinear")[0]
+    torch.testing.assert_close(with_prior["static"][:, 0], expected.expand(2, 32, 32))
+    torch.testing.assert_close(with_prior["delta"][0], F.interpolate(prior_on_dino_grid[None], size=(32, 32),
+                                                                     mode="bilinear")[0, 0])
 
 
 def test_aligned_pairs_use_the_winner_loser_gap():

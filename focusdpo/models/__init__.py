@@ -23,8 +23,20 @@ def _sdxl():
     return StableDiffusionXLBackbone, StableDiffusionXLPipeline, tiny_sdxl_pipeline
 
 
+def _flux2():
+    from .flux import Flux2, Flux2Backbone
+    from .tiny_flux import tiny_flux2_pipeline
+    return Flux2Backbone, Flux2, tiny_flux2_pipeline
+
+
+def _flux_kontext():
+    from .flux import Flux, FluxKontextBackbone
+    from .tiny_flux import tiny_flux_kontext_pipeline
+    return FluxKontextBackbone, Flux, tiny_flux_kontext_pipeline
+
+
 # family -> loader of (adapter class, pipeline class, tiny pipeline builder); imported lazily.
-FAMILY_LOADERS = {"sd": _sd, "sdxl": _sdxl}
+FAMILY_LOADERS = {"sd": _sd, "sdxl": _sdxl, "flux2": _flux2, "flux_kontext": _flux_kontext}
 
 
 def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: int = 0) -> Backbone:
@@ -42,6 +54,21 @@ def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: in
     return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True))
 
 
+# Loss-grid cells per VAE latent cell side: transformers pack 2x2 latents into one token.
+PATCHIFY = {"sd": 1, "sdxl": 1, "flux2": 2, "flux_kontext": 2}
+
+
+def loss_grid(family: str, pretrained_path: str | None, resolution: int) -> tuple[int, int]:
+    """The loss grid ``(h, w)`` of a family at ``resolution`` px, read from the VAE config (no weights load)."""
+    if not pretrained_path:
+        return load_backbone(family).loss_grid(resolution)
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.load_config(str(Path(pretrained_path) / "vae"))
+    side = resolution // (2 ** (len(vae["block_out_channels"]) - 1)) // PATCHIFY[family]
+    return side, side
+
+
 def check_family(path: Path, family: str, pipeline_cls) -> None:
     """Refuse a checkpoint of another family before loading gigabytes of weights."""
     import json
@@ -53,4 +80,4 @@ def check_family(path: Path, family: str, pipeline_cls) -> None:
                          "set `family` to match the checkpoint")
 
 
-__all__ = ["Backbone", "DenoiseInputs", "load_backbone"]
+__all__ = ["Backbone", "DenoiseInputs", "load_backbone", "loss_grid"]

@@ -1,0 +1,181 @@
+"""The DINO correspondence mapper: static focus maps for batches of pairs, a cache, and PNG panels.
+
+Static maps (everything but the timestep schedule) are computed once per pair, by
+:func:`focusdpo.focus.compute_static_maps` on DINOv2 features, either on the fly by the trainer or
+ahead of time by ``focusdpo focus`` into the pair dataset (float16, keyed by extractor + config +
+grid so a stale cache is refused, never silently reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Array4D, Dataset
+from tqdm.auto import tqdm
+
+from .config import ConfigError, FocusConfig, parse_config
+from .data import PairCollator, PairDataError, load_pairs
+from .features import load_dino
+from .focus import compute_static_maps, focus_weights
+
+# FocusConfig fields that shape the static maps; λ and the schedule act per step and are not cached.
+STATIC_FIELDS = ("dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
+                 "subject_threshold", "subject_temperature", "confidence_scale", "entropy_bins", "entropy_sigma",
+                 "reference_complexity", "pair_alignment")
+
+
+def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int]) -> str:
+    """A readable key naming the extractor, the grid and a hash of every static-map setting."""
+    settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.dino_model}@{cfg.dino_image_size}/grid{grid[0]}x{grid[1]}/{digest}"
+
+
+class FocusMapper:
+    """Holds the DINOv2 extractor and turns collated batches into static focus maps."""
+
+    def __init__(self, cfg: FocusConfig, device=None):
+        if not cfg.dino_weights and not cfg.dino_random_weights:
+            raise ConfigError("focus weights need DINOv2 features: set dino_weights to a local weights file, or "
+                              "dino_random_weights: true for toy runs (maps then carry no semantics)")
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):  # random weights are seeded: a cache matches a live run
+            torch.manual_seed(0)
+            self.model = load_dino(cfg.dino_model, cfg.dino_weights, cfg.dino_image_size, device=device)
+        if cfg.dino_depth:
+            self.model.blocks = self.model.blocks[: cfg.dino_depth]
+        self.device = device
+
+    def batch_maps(self, batch: dict, grid: tuple[int, int], parts: bool = False):
+        """Static maps ``(2B, 2, h, w)`` (``[w; l]``) for a batch from :class:`~focusdpo.data.PairCollator`.
+
+        Pairs are grouped by reference count K so each group runs DINOv2 in one batched call.
+        With ``parts`` returns the per-pair dicts of :func:`focusdpo.focus.focus_parts` instead.
+        """
+        pairs = len(batch["pair_ids"])
+        images = (batch["pixel_values"].float().to(self.device) + 1) / 2
+        for i, refs in enumerate(batch["references"]):
+            if len(refs) == 0:
+                raise PairDataError(f"pair {batch['pair_ids'][i]} has no references: focus weights need at least "
+                                    "one (add references, or set lambda_structure and lambda_detail to 0)")
+        results: list = [None] * pairs
+        for count in sorted({len(r) for r in batch["references"]}):
+            index = [i for i, r in enumerate(batch["references"]) if len(r) == count]
+            out = self.group_maps(batch, images, index, grid, parts)
+            for j, i in enumerate(index):
+                results[i] = {k: v[j::len(index)] for k, v in out.items()} if parts else out[j::len(index)]
+        if parts:
+            return results
+        stacked = torch.stack(results)  # (B, 2, 2, h, w): per pair, [w, l]
+        return torch.cat([stacked[:, 0], stacked[:, 1]])
+
+    def group_maps(self, batch: dict, images: torch.Tensor, index: list[int], grid, parts: bool):
+        pairs = len(batch["pair_ids"])
+        refs = torch.stack([batch["references"][i] for i in index]).float().to(self.device)
+        masks = [batch["reference_masks"][i] for i in index]
+        priors = [batch["prior_mask"][i] for i in index]
+        # A pair without masks treats each whole reference as its subject; without a prior, none.
+        masks = torch.stack([m if m is not None else torch.ones(r.shape[0], *r.shape[-2:])
+                             for m, r in zip(masks, refs)]).to(self.device)
+        side = images.shape[-2:]
+        prior = torch.stack([p if p is not None else torch.zeros(side) for p in priors]).to(self.device)
+        with torch.no_grad():
+            return compute_static_maps(self.model, images[index], images[[pairs + i for i in index]], refs, masks,
+                                       grid, self.cfg, prior_mask=prior, parts=parts)
+
+
+def precompute_focus_maps(pairs: Dataset, cfg: FocusConfig, grid: tuple[int, int], resolution: int,
+                          batch_size: int = 8, device=None) -> Dataset:
+    """Add ``focus_maps`` (float16 ``(2, 2, h, w)`` per pair) and ``focus_key`` columns to ``pairs``."""
+    mapper = FocusMapper(cfg, device)
+    collate = PairCollator(resolution)
+    maps = []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="focus maps", unit="batch"):
+        rows = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
+        out = mapper.batch_maps(collate(rows), grid).cpu()
+        count = len(rows)
+        maps.extend(torch.stack([out[:count], out[count:]], dim=1).half().numpy())
+    for column in ("focus_maps", "focus_key"):
+        if column in pairs.column_names:
+            pairs = pairs.remove_columns(column)
+    pairs = pairs.add_column("focus_maps", [m.tolist() for m in maps],
+                             feature=Array4D(shape=(2, 2, *grid), dtype="float16"))
+    return pairs.add_column("focus_key", [focus_cache_key(cfg, grid)] * len(pairs))
+
+
+def check_cache_key(key: str, cfg: FocusConfig, grid: tuple[int, int]) -> None:
+    expected = focus_cache_key(cfg, grid)
+    if key != expected:
+        raise ValueError(f"cached focus maps were made as {key!r} but this run needs {expected!r} (extractor, "
+                         "grid or focus settings changed): re-run `focusdpo focus` with this recipe")
+
+
+def recipe_and_options(argv: list[str], prog: str, description: str, options):
+    """Split ``argv`` into this command's own options and the recipe fields (``--config`` + overrides)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for args, kwargs in options:
+        parser.add_argument(*args, **kwargs)
+    own, rest = parser.parse_known_args(argv)
+    return own, parse_config(rest)
+
+
+def resolve_grid(model_cfg, resolution: int) -> tuple[int, int]:
+    from .models import loss_grid
+    return loss_grid(model_cfg.family, model_cfg.pretrained_path, resolution)
+
+
+def precompute_main(argv: list[str]) -> None:
+    """``focusdpo focus --out DIR --config recipe.yaml``: write the recipe's pairs with cached maps."""
+    own, configs = recipe_and_options(argv, "focusdpo focus", "Precompute static focus maps into a pair dataset.", [
+        (("--out",), dict(required=True, help="Folder for the dataset with cached maps (save_to_disk).")),
+        (("--batch_size",), dict(type=int, default=8, help="Pairs per DINOv2 batch.")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
+    ])
+    _, model_cfg, data_cfg, _, focus_cfg = configs
+    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    grid = resolve_grid(model_cfg, data_cfg.resolution)
+    cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device)
+    cached.save_to_disk(own.out)
+    print(f"[focusdpo] {len(cached)} pairs with focus maps on a {grid[0]}x{grid[1]} grid written to {own.out}; "
+          f"train on them with `dataset: {own.out}`")
+
+
+def save_focus_panels(rows: list[dict], mapper: FocusMapper, grid: tuple[int, int], resolution: int, out: Path,
+                      noise_levels=(0.9, 0.5, 0.1)) -> list[Path]:
+    """One PNG per pair: images, references, assignment, confidence, complexity and W at ``noise_levels``."""
+    from .visualize import save_focus_panel
+
+    cfg = mapper.cfg
+    batch = PairCollator(resolution)(rows)
+    images = (batch["pixel_values"] + 1) / 2
+    lambdas = (cfg.lambda_structure or 1.0, cfg.lambda_detail or 1.0)  # show W even for a λ = 0 recipe
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, part in enumerate(mapper.batch_maps(batch, grid, parts=True)):
+        by_u = {u: focus_weights(part["static"][:1], torch.tensor([u]), *lambdas, cfg.schedule_center,
+                                 cfg.schedule_width)[0] for u in noise_levels}
+        paths.append(save_focus_panel(out / f"{rows[i]['pair_id']}.png", images[i], images[len(rows) + i],
+                                      batch["references"][i], part["assignment"][0], part["confidence"][0],
+                                      part["complexity"][0], by_u))
+    return paths
+
+
+def inspect_main(argv: list[str]) -> None:
+    """``focusdpo inspect --out DIR --config recipe.yaml``: one PNG panel per pair."""
+    own, configs = recipe_and_options(argv, "focusdpo inspect", "Write focus-map PNG panels for a few pairs.", [
+        (("--out",), dict(required=True, help="Folder for the PNG panels.")),
+        (("--num_pairs",), dict(type=int, default=4, help="How many pairs to draw.")),
+        (("--noise_levels",), dict(type=float, nargs="+", default=[0.9, 0.5, 0.1], help="u values for W panels.")),
+    ])
+    _, model_cfg, data_cfg, _, focus_cfg = configs
+    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    rows = [pairs[i] for i in range(min(own.num_pairs, len(pairs)))]
+    grid = resolve_grid(model_cfg, data_cfg.resolution)
+    paths = save_focus_panels(rows, FocusMapper(focus_cfg), grid, data_cfg.resolution, Path(own.out),
+                              own.noise_levels)
+    print(f"[focusdpo] {len(paths)} focus panels written to {own.out}")

@@ -1,0 +1,486 @@
+"""Flow-matching transformers with in-context reference tokens: FLUX.2 (dev / [klein]) and FLUX.1 Kontext.
+
+Both adapters follow the pipelines' own helpers (``_encode_vae_image``, ``_pack_latents``, the position-id
+builders, ``encode_prompt``) and differ only in how latents are packed and how reference tokens are addressed.
+
+Forward process (rectified flow, as FLUX is trained): ``x_t = (1 − σ)·x0 + σ·ε``, target ``ε − x0``. σ is drawn
+per pair from a density over [0, 1] (``uniform``, ``logit_normal``, ``mode``; diffusers'
+``compute_density_for_timestep_sampling``) and then shifted like the pipeline's scheduler shifts its inference
+sigmas: the resolution-dependent shift (``calculate_shift`` + ``scheduler.time_shift``) when the scheduler has
+``use_dynamic_shifting``, its static ``shift`` otherwise, or ``flow_shift`` when given. The transformer gets σ
+itself as ``timestep`` (it multiplies by 1000 inside) and ``noise_level = σ``.
+
+Tokens: ``[target (L); reference 1 (l); …; reference K (l)]``. Every reference shares the target's timestep
+modulation and is noise-free. The prediction is the first ``L`` tokens, unpacked to the packed token grid
+``(N, C_packed, h, w)``, which is the loss grid where focus weights live; reference tokens never reach the loss.
+
+Batch rules (the transformers read one set of position ids for the whole batch):
+
+- every reference in a batch must have one size (or set ``reference_size`` to resize them all);
+- samples may have different reference counts K: by default they are padded to the batch's largest K and the
+  padded tokens are masked out of attention (exactly the unpadded result); ``mixed_reference_counts="error"``
+  refuses such batches instead (bucket batches by K upstream);
+- K = 0 for the whole batch runs the transformer on the target tokens alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from .base import Backbone, DenoiseInputs
+from .sd import repeat_pairs
+
+FLOW_DENSITIES = ("uniform", "logit_normal", "mode")
+REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
+MIXED_REFERENCE_COUNTS = ("pad", "error")
+DENSITY_ALIASES = {"uniform": "none"}  # diffusers' name for uniform u
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def fit_square(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic, antialiased) and centre-crop to ``size × size``."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    out = F.interpolate(images.float(), size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return out[..., top:top + size, left:left + size].clamp(0, 1).to(images.dtype)
+
+
+class FlowMatchingBackbone(Backbone):
+    """Shared flow-matching DPO plumbing; subclasses supply packing, position ids and text conditioning."""
+
+    denoiser_name = "transformer"
+    transformer_class: str  # the diffusers transformer class this family expects
+    right_family: str  # what to tell users whose checkpoint is of the other family
+    lora_suffixes: tuple[str, ...]
+
+    def __init__(self, pipeline, *, flow_density: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                 mode_scale: float = 1.29, flow_shift: float | None = None, guidance_scale: float | None = None,
+                 max_references: int = 6, reference_size: int | None = None,
+                 mixed_reference_counts: str = "pad", max_sequence_length: int = 512):
+        super().__init__(pipeline)
+        found = type(pipeline.transformer).__name__
+        if found != self.transformer_class:
+            raise ValueError(f"family={self.family!r} expects a {self.transformer_class}, but this pipeline "
+                             f"({type(pipeline).__name__}) has a {found}; {self.right_family}")
+        for name, module in pipeline.components.items():  # frozen encoders: no dropout (T5 has 0.1 in train mode)
+            if isinstance(module, torch.nn.Module) and name != self.denoiser_name:
+                module.eval()
+        _check_choice("flow_density", flow_density, FLOW_DENSITIES)
+        _check_choice("mixed_reference_counts", mixed_reference_counts, MIXED_REFERENCE_COUNTS)
+        if logit_std <= 0:
+            raise ValueError(f"logit_std={logit_std} must be > 0")
+        if flow_shift is not None and flow_shift <= 0:
+            raise ValueError(f"flow_shift={flow_shift} must be > 0 (1.0 = no shift), or None for the scheduler's")
+        if max_references < 0:
+            raise ValueError(f"max_references={max_references} must be >= 0")
+        if reference_size is not None and reference_size % self.pack_factor:
+            raise ValueError(f"reference_size={reference_size} must be a multiple of {self.pack_factor} "
+                             "(VAE downsampling × 2×2 packing)")
+        self.flow_density, self.logit_mean, self.logit_std, self.mode_scale = flow_density, logit_mean, logit_std, \
+            mode_scale
+        self.flow_shift = flow_shift
+        if guidance_scale is None:  # the value the pipeline samples with
+            guidance_scale = inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default
+        self.guidance_scale = float(guidance_scale)
+        self.max_references = max_references
+        self.reference_size = reference_size
+        self.mixed_reference_counts = mixed_reference_counts
+        self.max_sequence_length = max_sequence_length
+
+    # ---- geometry -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def pack_factor(self) -> int:
+        """Pixels per token side: VAE downsampling × 2×2 patch packing."""
+        return self.pipeline.vae_scale_factor * 2
+
+    def loss_grid(self, resolution: int) -> tuple[int, int]:
+        side = resolution // self.pack_factor
+        return side, side
+
+    @property
+    def default_lora_targets(self) -> tuple[str, ...]:
+        return self.lora_suffixes
+
+    # ---- family hooks ---------------------------------------------------------------------------
+    def encode_grid(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``(M, 3, H, W)`` in [-1, 1] → normalised packed latents on the token grid ``(M, C_packed, h, w)``."""
+        raise NotImplementedError
+
+    def pack(self, grid: torch.Tensor) -> torch.Tensor:
+        """``(M, C, h, w)`` → tokens ``(M, h·w, C)`` in the pipeline's token order."""
+        raise NotImplementedError
+
+    def unpack(self, tokens: torch.Tensor, ids: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Target tokens ``(N, h·w, C)`` → grid ``(N, C, h, w)``."""
+        raise NotImplementedError
+
+    def target_ids(self, h: int, w: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_ids(self, sizes: list[tuple[int, int]], h: int, w: int) -> torch.Tensor:
+        """Position ids ``(Σ l_k, D)`` of K references with token grids ``sizes`` after an ``h × w`` target."""
+        raise NotImplementedError
+
+    def encode_text(self, batch: dict, pairs: int) -> dict:
+        """Per-pair text conditioning as transformer kwargs (not yet repeated over ``[w; l]``)."""
+        raise NotImplementedError
+
+    # ---- preparing a batch ----------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
+        grid = batch.get("latents")
+        if grid is None:
+            pixels = batch["pixel_values"]
+            self.check_image_size(pixels.shape[-2:], "pixel_values")
+            grid = self.encode_grid(pixels, generator)
+        grid = grid.to(self.device, torch.float32)
+        pairs, (h, w) = grid.shape[0] // 2, grid.shape[-2:]
+        refs, ref_keep, ref_ids = self.reference_tokens(batch, pairs, h, w, generator)
+
+        noise = repeat_pairs(torch.randn((pairs, *grid.shape[1:]), generator=generator)).to(grid)
+        sigma = repeat_pairs(self.sample_sigmas(pairs, h * w, generator)).to(grid)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * grid + s * noise
+        target = noise - grid
+
+        text = {k: repeat_pairs(v) if k in self.per_sample_text_keys else v
+                for k, v in self.encode_text(batch, pairs).items()}
+        ids = self.target_ids(h, w).to(self.device)
+        kwargs = {"tokens": self.pack(noisy), "timestep": sigma, "grid_size": (h, w), "target_ids": ids, **text}
+        if refs is not None:
+            kwargs["references"] = repeat_pairs(refs)
+            ids = torch.cat([ids, ref_ids.to(ids)], dim=0)
+            if not bool(ref_keep.all()):  # padded references: mask their keys out of every attention
+                text_len = text["encoder_hidden_states"].shape[1]
+                keep = torch.ones(pairs, text_len + h * w + refs.shape[1], dtype=torch.bool, device=self.device)
+                keep[:, text_len + h * w:] = ref_keep
+                kwargs["attention_mask"] = repeat_pairs(keep)[:, None, None, :]
+        kwargs["img_ids"] = ids
+        if self.denoiser.config.get("guidance_embeds", False):
+            kwargs["guidance"] = torch.full((2 * pairs,), self.guidance_scale, device=self.device)
+        return DenoiseInputs(kwargs, target, noise_level=sigma)
+
+    per_sample_text_keys = ("encoder_hidden_states", "pooled_projections")
+
+    def check_image_size(self, size, what: str) -> None:
+        if size[0] % self.pack_factor or size[1] % self.pack_factor:
+            raise ValueError(f"{what} are {size[0]}x{size[1]} px; FLUX needs sides divisible by {self.pack_factor} "
+                             "(VAE downsampling × 2×2 packing): choose another resolution")
+
+    def sample_sigmas(self, pairs: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """σ per pair: ``u`` from the density, then the scheduler's shift for ``seq_len`` target tokens."""
+        u = compute_density_for_timestep_sampling(DENSITY_ALIASES.get(self.flow_density, self.flow_density), pairs,
+                                                  self.logit_mean, self.logit_std, self.mode_scale,
+                                                  generator=generator)
+        return self.shift_sigmas(u.clamp(0.0, 1.0), seq_len)
+
+    def shift_sigmas(self, sigma: torch.Tensor, seq_len: int) -> torch.Tensor:
+        scheduler = self.pipeline.scheduler
+        config = scheduler.config
+        if self.flow_shift is None and config.get("use_dynamic_shifting", False):
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+            return scheduler.time_shift(mu, 1.0, sigma)
+        shift = self.flow_shift if self.flow_shift is not None else config.get("shift", 1.0)
+        return shift * sigma / (1 + (shift - 1) * sigma)
+
+    def reference_tokens(self, batch: dict, pairs: int, h: int, w: int, generator: torch.Generator):
+        """Per-sample reference tokens ``(B, K·l, C)``, which of them are real ``(B, K·l)``, and their ids.
+
+        All references of the batch are encoded in one VAE call. Returns ``(None, None, None)`` when no sample
+        has a reference.
+        """
+        references = batch.get("references")
+        if references is None:
+            return None, None, None
+        if len(references) != pairs:
+            raise ValueError(f"batch has {pairs} pairs but {len(references)} reference lists")
+        pair_ids = batch.get("pair_ids") or [str(i) for i in range(pairs)]
+        counts = [int(r.shape[0]) for r in references]
+        k_max = max(counts, default=0)
+        if k_max > self.max_references:
+            worst = pair_ids[counts.index(k_max)]
+            raise ValueError(f"pair {worst} has {k_max} references but {self.family} supports at most "
+                             f"{self.max_references} here (max_references); drop references or raise the limit")
+        if k_max == 0:
+            return None, None, None
+        if len(set(counts)) > 1 and self.mixed_reference_counts == "error":
+            raise ValueError(f"pairs in one batch have different reference counts {dict(zip(pair_ids, counts))}; "
+                             "batch pairs with the same K (bucket by K, or per_device_train_batch_size: 1), or "
+                             "set mixed_reference_counts: pad")
+        images = [r for r in references if r.shape[0]]
+        if self.reference_size is not None:
+            images = [fit_square(r, self.reference_size) for r in images]
+        sizes = sorted({tuple(r.shape[-2:]) for r in images})
+        if len(sizes) > 1:
+            raise ValueError(f"references in one batch have different sizes {sizes}; FLUX shares one set of "
+                             "position ids per batch: set reference_size to resize them all")
+        self.check_image_size(sizes[0], "references")
+        latents = self.encode_grid(torch.cat(images).to(self.device) * 2 - 1, generator)  # one VAE call
+        tokens = self.pack(latents)  # (ΣK, l, C)
+        per_ref = tokens.shape[1]
+        out = tokens.new_zeros(pairs, k_max, per_ref, tokens.shape[-1])
+        keep = torch.zeros(pairs, k_max, dtype=torch.bool, device=self.device)
+        start = 0
+        for i, k in enumerate(counts):
+            out[i, :k] = tokens[start:start + k]
+            keep[i, :k] = True
+            start += k
+        ids = self.reference_ids([tuple(latents.shape[-2:])] * k_max, h, w)
+        return out.flatten(1, 2), keep.repeat_interleave(per_ref, dim=1), ids
+
+    def cached_prompt_embeds(self, batch: dict, pairs: int, key: str = "prompt_embeds") -> torch.Tensor | None:
+        embeds = batch.get(key)
+        if embeds is None:
+            return None
+        embeds = torch.as_tensor(embeds)
+        if embeds.shape[0] != pairs:
+            raise ValueError(f"batch[{key!r}] has {embeds.shape[0]} rows for {pairs} pairs: cache one row per "
+                             "pair (not per [w; l] image)")
+        return embeds.to(self.device)
+
+    # ---- running the transformer ----------------------------------------------------------------
+    def denoiser_kwargs(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> dict:
+        kw = inputs.model_kwargs
+        dtype = denoiser.dtype
+        hidden = kw["tokens"]
+        if "references" in kw:
+            hidden = torch.cat([hidden, kw["references"]], dim=1)
+        call = {"hidden_states": hidden.to(dtype), "timestep": kw["timestep"].to(dtype),
+                "encoder_hidden_states": kw["encoder_hidden_states"].to(dtype), "txt_ids": kw["txt_ids"],
+                "img_ids": kw["img_ids"], "guidance": kw["guidance"].to(dtype) if "guidance" in kw else None,
+                "return_dict": False}
+        if "pooled_projections" in kw:
+            call["pooled_projections"] = kw["pooled_projections"].to(dtype)
+        if "attention_mask" in kw:
+            call["joint_attention_kwargs"] = {"attention_mask": kw["attention_mask"]}
+        return call
+
+    def predict_tokens(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
+        """All output tokens ``(N, L + K·l, C)``: target first, then the references."""
+        return denoiser(**self.denoiser_kwargs(denoiser, inputs))[0]
+
+    def tokens_to_grid(self, tokens: torch.Tensor, inputs: DenoiseInputs) -> torch.Tensor:
+        """Keep the first ``L`` (target) tokens and unpack them to the loss grid."""
+        h, w = inputs.model_kwargs["grid_size"]
+        ids = inputs.model_kwargs["target_ids"]
+        return self.unpack(tokens[:, : h * w], ids, h, w)
+
+    def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
+        return self.tokens_to_grid(self.predict_tokens(denoiser, inputs), inputs)
+
+    # ---- LoRA files and sampling ----------------------------------------------------------------
+    def save_lora(self, out_dir: str | Path, adapter_name: str = "default") -> None:
+        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.
+
+        Unlike the UNet path, the peft keys are kept as they are (as diffusers' FLUX training scripts save them):
+        ``convert_state_dict_to_diffusers`` renames ``to_q/to_k/to_v/to_out.0`` to the UNet-era ``lora.down/up``
+        keys, which the FLUX loaders then silently skip. The adapter's LoraConfig goes in as metadata: without
+        it the loader assumes ``lora_alpha = rank`` and a LoRA trained with another alpha loads rescaled.
+        """
+        layers = self.lora_state_dict(adapter_name)
+        metadata = self.denoiser.peft_config[adapter_name].to_dict()
+        type(self.pipeline).save_lora_weights(str(out_dir), transformer_lora_layers=layers,
+                                              transformer_lora_adapter_metadata=metadata, safe_serialization=True)
+
+    def load_personalization_lora(self, path: str | Path, adapter_name: str) -> None:
+        """Load an existing FLUX LoRA (diffusers, kohya, xlabs or BFL layout: the pipeline's converters) as a
+        frozen adapter named ``adapter_name``."""
+        state = type(self.pipeline).lora_state_dict(str(path))
+        state = state[0] if isinstance(state, tuple) else state
+        prefix = f"{self.denoiser_name}."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights that "
+                             f"{type(self.pipeline).__name__} can read")
+        self.denoiser.load_lora_adapter(state, adapter_name=adapter_name, prefix=None)
+
+    def sample_kwargs(self, resolution: int) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}
+
+    def sample(self, prompts: list[str], resolution: int, steps: int, seed: int) -> list:
+        generator = torch.Generator().manual_seed(seed)
+        out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                            generator=generator, output_type="pil", **self.sample_kwargs(resolution))
+        return out.images
+
+
+class Flux2Backbone(FlowMatchingBackbone):
+    """FLUX.2 [dev] (Mistral3 text stack) and FLUX.2 [klein] (Qwen3): 2×2-patchified, BatchNorm-normalised
+    latents; reference k gets time coordinate 10·(k+1) from the pipeline's ``_prepare_image_ids``."""
+
+    family = "flux2"
+    transformer_class = "Flux2Transformer2DModel"
+    right_family = "a FLUX.1 / Kontext checkpoint is family 'flux_kontext'"
+    # FLUX.2's double-stream `to_out` is a ModuleList (target `to_out.0`); the single blocks fuse q/k/v/mlp.
+    lora_suffixes = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                     "to_qkv_mlp_proj")
+
+    def __init__(self, pipeline, *, text_encoder_out_layers: tuple[int, ...] | None = None, **kwargs):
+        super().__init__(pipeline, **kwargs)
+        if type(pipeline).__name__ == "Flux2KleinKVPipeline":
+            raise ValueError("Flux2KleinKVPipeline trains with its KV-cache attention processors, which focusdpo "
+                             "does not set up; load the checkpoint as Flux2KleinPipeline")
+        self.text_encoder_out_layers = text_encoder_out_layers
+
+    @property
+    def default_lora_targets(self) -> tuple[str, ...]:
+        """The suffixes above plus each single block's ``attn.to_out`` by full name (a bare ``to_out`` suffix
+        would also hit the double blocks' ModuleList)."""
+        singles = tuple(f"single_transformer_blocks.{i}.attn.to_out"
+                        for i in range(len(self.denoiser.single_transformer_blocks)))
+        return self.lora_suffixes + singles
+
+    def encode_grid(self, pixels, generator):
+        vae = self.pipeline.vae
+        return self.pipeline._encode_vae_image(pixels.to(self.device, vae.dtype), generator).float()
+
+    def pack(self, grid):
+        return self.pipeline._pack_latents(grid)
+
+    def unpack(self, tokens, ids, h, w):
+        return self.pipeline._unpack_latents_with_ids(tokens, ids.expand(tokens.shape[0], -1, -1), h, w)
+
+    def target_ids(self, h, w):
+        return self.pipeline._prepare_latent_ids(torch.empty(1, 1, h, w))[0]
+
+    def reference_ids(self, sizes, h, w):
+        return self.pipeline._prepare_image_ids([torch.empty(1, 1, *s) for s in sizes])[0]
+
+    def encode_text(self, batch, pairs):
+        extra = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
+        embeds, text_ids = self.pipeline.encode_prompt(
+            batch.get("prompts"), device=self.device, prompt_embeds=self.cached_prompt_embeds(batch, pairs),
+            max_sequence_length=self.max_sequence_length, **extra)
+        return {"encoder_hidden_states": embeds.float(), "txt_ids": text_ids[0]}
+
+    def sample_kwargs(self, resolution):
+        extra = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
+        return {"max_sequence_length": self.max_sequence_length, **extra}
+
+
+class FluxKontextBackbone(FlowMatchingBackbone):
+    """FLUX.1 Kontext, or FLUX.1-dev with in-context references (UNO/DreamO/MOSAIC-style personalization).
+
+    ``reference_ids`` chooses how references are told apart in RoPE space (target ids are ``(0, row, col)``):
+
+    - ``kontext``: Kontext's own offset on the first axis, one index per reference: ``(k+1, row, col)``
+      (K = 1 is exactly the pipeline's ids);
+    - ``diagonal``: UNO's diagonal placement: reference k starts at ``(h + Σ_{j<k} h_j, w + Σ_{j<k} w_j)``;
+    - ``width``: MOSAIC-style placement to the left of the target, at negative columns
+      ``col − Σ_{j≤k} w_j``.
+    """
+
+    family = "flux_kontext"
+    transformer_class = "FluxTransformer2DModel"
+    right_family = "a FLUX.2 checkpoint is family 'flux2'"
+    lora_suffixes = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def __init__(self, pipeline, *, reference_ids: str = "kontext", **kwargs):
+        super().__init__(pipeline, **kwargs)
+        _check_choice("reference_ids", reference_ids, REFERENCE_ID_SCHEMES)
+        self.reference_id_scheme = reference_ids
+
+    def encode_grid(self, pixels, generator):
+        vae = self.pipeline.vae
+        latents = self.pipeline._encode_vae_image(pixels.to(self.device, vae.dtype), generator)  # (x − shift)·scale
+        n, c, hl, wl = latents.shape
+        tokens = self.pipeline._pack_latents(latents, n, c, hl, wl)  # (n, hl/2·wl/2, 4c)
+        return tokens.transpose(1, 2).reshape(n, 4 * c, hl // 2, wl // 2).float()
+
+    def pack(self, grid):
+        return grid.flatten(2).transpose(1, 2)  # the grid already holds `_pack_latents` channels, row-major
+
+    def unpack(self, tokens, ids, h, w):
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
+    def target_ids(self, h, w):
+        return self.pipeline._prepare_latent_image_ids(1, h, w, self.device, torch.float32)
+
+    def reference_ids(self, sizes, h, w):
+        ids, off_h, off_w, left = [], h, w, 0
+        for k, (rh, rw) in enumerate(sizes):
+            ref = self.pipeline._prepare_latent_image_ids(1, rh, rw, self.device, torch.float32)
+            if self.reference_id_scheme == "kontext":
+                ref[:, 0] = k + 1
+            elif self.reference_id_scheme == "diagonal":
+                ref[:, 1] += off_h
+                ref[:, 2] += off_w
+                off_h, off_w = off_h + rh, off_w + rw
+            else:  # width
+                left += rw
+                ref[:, 2] -= left
+            ids.append(ref)
+        return torch.cat(ids)
+
+    def encode_text(self, batch, pairs):
+        cached = self.cached_prompt_embeds(batch, pairs)
+        pooled = self.cached_prompt_embeds(batch, pairs, "pooled_prompt_embeds")
+        if (cached is None) != (pooled is None):
+            raise ValueError("cached FLUX.1 text conditioning needs both batch['prompt_embeds'] (T5) and "
+                             "batch['pooled_prompt_embeds'] (CLIP)")
+        embeds, pooled, text_ids = self.pipeline.encode_prompt(
+            prompt=batch.get("prompts"), prompt_2=None, device=self.device, prompt_embeds=cached,
+            pooled_prompt_embeds=pooled, max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float(),
+                "txt_ids": text_ids.float()}
+
+    def sample_kwargs(self, resolution):
+        # Kontext's __call__ rescales height/width to max_area (default 1024²): keep the requested size.
+        return {"max_sequence_length": self.max_sequence_length, "max_area": resolution * resolution}
+
+
+# ---- checkpoint loaders for models/__init__.py (check_family matches saved class names by prefix) -------------
+def _saved_class(path) -> str:
+    return json.loads((Path(path) / "model_index.json").read_text()).get("_class_name", "")
+
+
+class Flux2:
+    """Loads any FLUX.2 pipeline directory (FLUX.2 [dev] or [klein]) as its own pipeline class."""
+
+    accepted = ("Flux2Pipeline", "Flux2KleinPipeline")
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        import diffusers
+
+        saved = _saved_class(path)
+        if saved not in cls.accepted:
+            raise ValueError(f"{path} holds a {saved} checkpoint; family='flux2' trains {' or '.join(cls.accepted)}"
+                             " (FLUX.1 / Kontext checkpoints are family 'flux_kontext')")
+        return getattr(diffusers, saved).from_pretrained(str(path), **kwargs)
+
+
+class Flux:
+    """Loads a FLUX.1 Kontext or FLUX.1-dev/schnell pipeline directory as a ``FluxKontextPipeline``."""
+
+    accepted = ("FluxKontextPipeline", "FluxPipeline")
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        from diffusers import FluxKontextPipeline
+
+        saved = _saved_class(path)
+        if saved not in cls.accepted:
+            hint = "; FLUX.2 checkpoints are family 'flux2'" if saved.startswith("Flux2") else ""
+            raise ValueError(f"{path} holds a {saved} checkpoint; family='flux_kontext' trains "
+                             f"{' or '.join(cls.accepted)}{hint}")
+        return FluxKontextPipeline.from_pretrained(str(path), **kwargs)
