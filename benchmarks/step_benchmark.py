@@ -22,6 +22,7 @@ import tempfile
 import time
 
 VARIANTS = ("sft", "dpo_copy", "dpo_disable", "focus_cached")
+TINY_FOCUS = dict(lambda_structure=1.0, lambda_detail=1.0, dino_random_weights=True, dino_depth=2, dino_image_size=56)
 
 
 def peak_reset() -> None:
@@ -55,7 +56,7 @@ def make_trainer(variant: str, args, out: str):
             "--toy_num_pairs", str(4 * args.batch * (args.steps + args.warmup)), "--sample_every_run", "false",
             "--logging_steps", "100000", "--lora_rank", "4", "--lora_alpha", "4"]
     if variant == "focus_cached":
-        argv += ["--lambda_structure", "1", "--lambda_detail", "1", "--dataset", args.cached_pairs]
+        argv += ["--dataset", args.cached_pairs, *[f"--{k}={v}" for k, v in TINY_FOCUS.items()]]
     configs = parse_config(argv)
 
     class Timer(TrainerCallback):
@@ -99,16 +100,18 @@ def run_variant(variant: str, args) -> dict:
     return {"variant": variant, "step_s": times[len(times) // 2], "peak_mib": peak_mib()}
 
 
-def cache_pairs(args, folder: str) -> str:
+def cache_pairs(args, folder: str) -> float:
+    """Write toy pairs with cached focus maps to ``folder``; return the precompute throughput (pairs/s)."""
     from focusdpo.config import FocusConfig
     from focusdpo.data import load_pairs
     from focusdpo.mapper import precompute_focus_maps
 
     pairs = load_pairs("toy", toy_num_pairs=4 * args.batch * (args.steps + args.warmup), resolution=args.resolution)
-    cached = precompute_focus_maps(pairs, FocusConfig(lambda_structure=1, lambda_detail=1), family="sd",
-                                   resolution=args.resolution, dino_overrides={"depth": 2})
+    start = time.perf_counter()
+    cached = precompute_focus_maps(pairs, FocusConfig(**TINY_FOCUS), (args.resolution // 2,) * 2, args.resolution)
+    throughput = len(pairs) / (time.perf_counter() - start)
     cached.save_to_disk(folder)
-    return folder
+    return throughput
 
 
 def main() -> None:
@@ -125,7 +128,8 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        cached = cache_pairs(args, os.path.join(tmp, "cached"))
+        cached = os.path.join(tmp, "cached")
+        throughput = cache_pairs(args, cached)
         for variant in VARIANTS:
             cmd = [sys.executable, __file__, "--variant", variant, "--cached_pairs", cached,
                    *[f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "resolution")]]
@@ -137,6 +141,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['variant']:<14}{1000 * r['step_s']:>11.1f}{r['step_s'] / base['step_s']:>12.2f}"
               f"{r['peak_mib']:>10.0f}{r['peak_mib'] / base['peak_mib']:>12.2f}")
+    print(f"focus-map precompute (toy DINOv2, {args.resolution} px): {throughput:.1f} pairs/s")
 
 
 if __name__ == "__main__":
