@@ -104,9 +104,10 @@ def test_nan_loss_stops_with_step_pairs_and_last_good_checkpoint(tmp_path):
 
 
 def test_nan_loss_skip_policy_keeps_training_without_learning_from_it(tmp_path):
-    trainer = build_trainer(*parse_config(tiny_argv(tmp_path, "--nan_policy", "skip", "--learning_rate", "0",
-                                                    "--save_steps", "100")))
+    trainer = build_trainer(*parse_config(tiny_argv(tmp_path, "--nan_policy", "skip", "--save_steps", "100")))
     trainer.add_callback(PoisonBetaAt(trainer, 2))
     trainer.train()
     assert trainer.state.global_step == 4
+    # a NaN loss that reached backward would have made every LoRA weight NaN
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.state.log_history[-1]["train_loss"] == trainer.state.log_history[-1]["train_loss"]
