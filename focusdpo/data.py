@@ -92,7 +92,22 @@ def check_pairs(ds: Dataset, source: str) -> Dataset:
     for column in IMAGE_COLUMNS:
         feature = List(Image(decode=False)) if column.startswith("reference") else Image(decode=False)
         ds = ds.cast_column(column, feature)
+    preflight(ds)
     return ds
+
+
+def preflight(ds: Dataset, count: int = 16) -> None:
+    """Decode the first ``count`` pairs now, so systematic data errors surface before any model loads."""
+    for i in range(min(count, len(ds))):
+        row = ds[i]
+        chosen, rejected = (open_image(row[c], c, row["pair_id"]) for c in ("chosen", "rejected"))
+        check_same_size(chosen, rejected, row["pair_id"])
+
+
+def check_same_size(chosen: PILImage.Image, rejected: PILImage.Image, pair_id: str) -> None:
+    if chosen.size != rejected.size:
+        raise PairDataError(f"pair {pair_id}: chosen is {chosen.size[0]}x{chosen.size[1]} but rejected is "
+                            f"{rejected.size[0]}x{rejected.size[1]}; a pair's images must have the same size")
 
 
 def import_jsonl(folder: Path) -> Dataset:
@@ -198,9 +213,7 @@ class PairCollator:
     def parse(self, row: dict) -> dict:
         pair_id, size = row["pair_id"], self.resolution
         chosen, rejected = (open_image(row[c], c, pair_id) for c in ("chosen", "rejected"))
-        if chosen.size != rejected.size:
-            raise PairDataError(f"pair {pair_id}: chosen is {chosen.size[0]}x{chosen.size[1]} but rejected is "
-                                f"{rejected.size[0]}x{rejected.size[1]}; a pair's images must have the same size")
+        check_same_size(chosen, rejected, pair_id)
         refs = row["references"] or []
         if len(refs) > self.max_references:
             raise PairDataError(f"pair {pair_id} has {len(refs)} references; at most {self.max_references} "

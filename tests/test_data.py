@@ -83,16 +83,15 @@ def test_missing_dataset_path():
 def test_truncated_image_names_the_pair_and_column(tmp_path):
     write_jsonl_folder(tmp_path, [{"pair_id": "p7", "prompt": "x", "chosen": "w.png", "rejected": "l.png"}],
                        {"w.png": noise_png()[:500], "l.png": png("blue")})
-    ds = load_pairs(str(tmp_path))
     with pytest.raises(PairDataError, match=r"pair p7: chosen image .*w.png.* cannot be read"):
-        PairCollator(16)([ds[0]])
+        load_pairs(str(tmp_path))  # caught when loading, before any model loads
 
 
 def test_chosen_and_rejected_of_different_sizes(tmp_path):
     write_jsonl_folder(tmp_path, [{"prompt": "x", "chosen": "w.png", "rejected": "l.png"}],
                        {"w.png": png("red", (16, 16)), "l.png": png("blue", (16, 24))})
     with pytest.raises(PairDataError, match="chosen is 16x16 but rejected is 16x24"):
-        PairCollator(16)([load_pairs(str(tmp_path))[0]])
+        load_pairs(str(tmp_path))
 
 
 def test_missing_image_file_in_jsonl(tmp_path):
