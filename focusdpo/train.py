@@ -99,6 +99,12 @@ class FocusDPOTrainer(Trainer):
         self.focus_config = focus_config or FocusConfig()
         data_config = data_config or DataConfig()
         add_dpo_lora(backbone, model_config)
+        if model_config.lora_rank > 0 and (args.bf16 or args.fp16):
+            # Frozen base in half precision, trainable LoRA in fp32 for stable optimizer updates.
+            from diffusers.training_utils import cast_training_params
+
+            backbone.denoiser.to(half_dtype(args))
+            cast_training_params(backbone.denoiser, torch.float32)
         if args.gradient_checkpointing:  # diffusers models have their own switch; the Trainer's would fail
             backbone.denoiser.enable_gradient_checkpointing()
             args.gradient_checkpointing = False
@@ -108,21 +114,20 @@ class FocusDPOTrainer(Trainer):
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
                          callbacks=[MetricsFileCallback(), *(callbacks or [])])
-        backbone.to(self.args.device, self.frozen_dtype())
+        backbone.to(self.args.device, half_dtype(self.args))
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
         self.focus_mapper = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
-
-    def frozen_dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else torch.float32
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         generator = torch.Generator().manual_seed(self.batch_seed(inputs["pair_ids"]))
         prepared = self.backbone.prepare(inputs, generator)
         pred = model(prepared)
-        with reference_model(self.model_config.reference_mode, self.backbone.denoiser, self.frozen_copy) as ref:
+        # The same autocast as the (accelerate-wrapped) policy forward: at step 0 both must agree exactly.
+        with self.accelerator.autocast(), reference_model(self.model_config.reference_mode, self.backbone.denoiser,
+                                                          self.frozen_copy) as ref:
             ref_pred = self.backbone.predict(ref, prepared)
         weights = self.focus_weights(inputs, prepared)
         policy_err = weighted_error(pred, prepared.target, weights)
@@ -244,6 +249,11 @@ class FocusDPOTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
+
+
+def half_dtype(args: FocusDPOConfig) -> torch.dtype:
+    """The dtype of frozen weights: bf16/fp16 under mixed precision, else fp32."""
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
 def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -111,3 +111,12 @@ def test_nan_loss_skip_policy_keeps_training_without_learning_from_it(tmp_path):
     # a NaN loss that reached backward would have made every LoRA weight NaN
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.state.log_history[-1]["train_loss"] == trainer.state.log_history[-1]["train_loss"]
+
+
+def test_bf16_keeps_a_half_precision_base_and_fp32_lora(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--bf16", "true", "--use_cpu", "true", "--max_steps", "2",
+                             "--sample_every_run", "false"))
+    dtypes = {name: p.dtype for name, p in trainer.backbone.denoiser.named_parameters()}
+    assert {d for n, d in dtypes.items() if ".dpo." in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora" not in n} == {torch.bfloat16}
+    assert losses(tmp_path)[1] == pytest.approx(math.log(2), abs=1e-6)  # reference ran under the same autocast
