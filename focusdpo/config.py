@@ -18,6 +18,10 @@ REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 NAN_POLICIES = ("stop", "skip")
 DATASET_FORMATS = ("auto", "pairs", "jsonl", "pickapic")
+FLOW_DENSITIES = ("uniform", "logit_normal", "mode")
+REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
+MIXED_REFERENCE_COUNTS = ("pad", "error")
+FLOW_FAMILIES = ("flux2", "flux_kontext")
 PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
 
 
@@ -53,9 +57,32 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=list, metadata={
         "help": "Module names for the DPO LoRA; empty uses the family's default attention projections."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny in-process generator."})
+    # Flow-matching transformers (flux2, flux_kontext) only.
+    flow_density: str = field(default="uniform", metadata={
+        "help": f"σ density for flow models: {', '.join(FLOW_DENSITIES)}."})
+    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit_normal σ density."})
+    logit_std: float = field(default=1.0, metadata={"help": "Std of the logit_normal σ density."})
+    mode_scale: float = field(default=1.29, metadata={"help": "Scale of the 'mode' σ density."})
+    flow_shift: float | None = field(default=None, metadata={
+        "help": "σ shift (1 = none); empty uses the scheduler's (dynamic) shift."})
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": "Guidance fed to a guidance embedding; empty uses the pipeline's sampling default."})
+    reference_ids: str = field(default="kontext", metadata={
+        "help": f"flux_kontext reference position ids: {', '.join(REFERENCE_ID_SCHEMES)} (UNO-style diagonal, "
+                "MOSAIC-style width)."})
+    reference_size: int | None = field(default=None, metadata={
+        "help": "Resize references to this square size (flow models); empty keeps the training resolution."})
+    mixed_reference_counts: str = field(default="pad", metadata={
+        "help": "Pairs with different reference counts in one batch: 'pad' (masked, exact) or 'error'."})
+    max_sequence_length: int = field(default=512, metadata={"help": "Text tokens for flow models' prompts."})
+    text_encoder_out_layers: list[int] = field(default_factory=list, metadata={
+        "help": "flux2: text-encoder hidden layers to stack; empty uses the pipeline's default."})
 
     def __post_init__(self):
         check_choice("family", self.family, FAMILIES)
+        check_choice("flow_density", self.flow_density, FLOW_DENSITIES)
+        check_choice("reference_ids", self.reference_ids, REFERENCE_ID_SCHEMES)
+        check_choice("mixed_reference_counts", self.mixed_reference_counts, MIXED_REFERENCE_COUNTS)
         check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
         if self.reference_mode == "frozen_adapter" and not self.personalization_lora:
             raise ConfigError("reference_mode='frozen_adapter' needs personalization_lora: the path of "
@@ -65,6 +92,21 @@ class ModelConfig:
                               "use reference_mode: disable_adapters with a LoRA")
         if self.reference_mode != "frozen_copy" and self.lora_rank <= 0:
             raise ConfigError(f"lora_rank={self.lora_rank} trains all weights: use reference_mode: frozen_copy")
+
+    def adapter_options(self, max_references: int) -> dict:
+        """Keyword arguments for the family's adapter (flow transformers only; UNets take none)."""
+        if self.family not in FLOW_FAMILIES:
+            return {}
+        options = dict(flow_density=self.flow_density, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                       mode_scale=self.mode_scale, flow_shift=self.flow_shift, guidance_scale=self.guidance_scale,
+                       max_references=max_references, reference_size=self.reference_size,
+                       mixed_reference_counts=self.mixed_reference_counts,
+                       max_sequence_length=self.max_sequence_length)
+        if self.family == "flux_kontext":
+            options["reference_ids"] = self.reference_ids
+        elif self.text_encoder_out_layers:
+            options["text_encoder_out_layers"] = tuple(self.text_encoder_out_layers)
+        return options
 
 
 @dataclass

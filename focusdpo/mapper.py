@@ -46,7 +46,7 @@ class FocusMapper:
         self.cfg = cfg
         with torch.random.fork_rng(devices=[]):  # random weights are seeded: a cache matches a live run
             torch.manual_seed(0)
-            self.model = load_dino(cfg.dino_model, cfg.dino_weights, cfg.dino_image_size, device=device)
+            self.model = load_dino(cfg.dino_model, cfg.dino_weights or None, cfg.dino_image_size, device=device)
         if cfg.dino_depth:
             self.model.blocks = self.model.blocks[: cfg.dino_depth]
         self.device = device

@@ -52,6 +52,15 @@ class PolicyModel(torch.nn.Module):
     def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
         return self.backbone[0].predict(self.denoiser, inputs)
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                        offload: bool = False) -> None:
+        """Called by the Trainer for ``activation_checkpointing`` (alias ``gradient_checkpointing``):
+        diffusers models have their own switch, which checkpoints every block."""
+        if every_n_layers != 1 or offload or activation_checkpointing_kwargs:
+            raise ValueError("activation_checkpointing_kwargs are not supported for diffusers models: they "
+                             "checkpoint every transformer/UNet block; remove the kwargs")
+        self.denoiser.enable_gradient_checkpointing()
+
 
 def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
     """Freeze the base, attach the personalization LoRA (frozen) if any, and add the trainable DPO LoRA."""
@@ -105,9 +114,6 @@ class FocusDPOTrainer(Trainer):
 
             backbone.denoiser.to(half_dtype(args))
             cast_training_params(backbone.denoiser, torch.float32)
-        if args.gradient_checkpointing:  # diffusers models have their own switch; the Trainer's would fail
-            backbone.denoiser.enable_gradient_checkpointing()
-            args.gradient_checkpointing = False
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
             self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
@@ -269,7 +275,8 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     """Load pairs first (cheap, fails early on bad data), then the model, then the trainer."""
     dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
                          seed=train_cfg.seed)
-    backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed)
+    backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
+                             **model_cfg.adapter_options(data_cfg.max_references))
     return FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
 
 

@@ -1,25 +1,16 @@
 """The tiny recipe under ``accelerate launch``: one process, and two gloo CPU processes (DDP)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, accelerate_launch
 
 
 def launch(out, processes, port):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    multi = ["--multi_gpu"] if processes > 1 else []
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *multi, "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(REPO / "tests" / "ddp_probe.py"),
-           "--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "3",
-           "--toy_num_pairs", "24", "--logging_steps", "1", "--save_steps", "100"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    accelerate_launch([str(REPO / "tests" / "ddp_probe.py"), "--config", str(REPO / "recipes" / "tiny_cpu.yaml"),
+                       "--output_dir", str(out), "--max_steps", "3", "--toy_num_pairs", "24", "--logging_steps", "1",
+                       "--save_steps", "100"], processes, port)
     return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(processes)]
 
 

@@ -66,6 +66,8 @@ def test_prepare_and_predict_shapes(family, k):
     assert inputs.noise_level.shape == (4,)
     assert inputs.model_kwargs["img_ids"].shape[0] == TOKENS * (k + 1)
     assert ("references" in inputs.model_kwargs) == (k > 0)
+    guidance = inputs.model_kwargs.get("guidance")  # FLUX.1 has a guidance embedding, Klein has none
+    assert guidance is None if family == "flux2" else guidance.tolist() == [3.5] * 4
     with torch.no_grad():
         tokens = backbone.predict_tokens(backbone.denoiser, inputs)
         pred = backbone.predict(backbone.denoiser, inputs)
@@ -348,7 +350,7 @@ def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(tmp_pat
 
     personal = kontext()
     torch.manual_seed(2)
-    for param in add_lora(personal, name="trained", rank=4, alpha=4):
+    for param in add_lora(personal, name="trained", rank=4, alpha=8):
         param.data.normal_(0, 0.3)
     inputs = prepare(personal, make_batch([2, 2]))
     with torch.no_grad():

@@ -38,7 +38,8 @@ def test_embedded_default_writes_lora_config_metrics_and_samples(tmp_path):
 
 
 def test_saved_lora_loads_into_the_base_pipeline(tmp_path):
-    trainer = main(tiny_argv(tmp_path, "--sample_every_run", "false"))
+    # alpha != rank: the saved adapter metadata must carry the scale
+    trainer = main(tiny_argv(tmp_path, "--sample_every_run", "false", "--lora_alpha", "16"))
     unet = trainer.backbone.denoiser.eval()
     pipe = tiny_sd_pipeline(seed=0)  # the same base weights the run started from
     x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 7, 32)
@@ -120,3 +121,9 @@ def test_bf16_keeps_a_half_precision_base_and_fp32_lora(tmp_path):
     assert {d for n, d in dtypes.items() if ".dpo." in n} == {torch.float32}
     assert {d for n, d in dtypes.items() if "lora" not in n} == {torch.bfloat16}
     assert losses(tmp_path)[1] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference in bf16
+
+
+def test_gradient_checkpointing_goes_through_diffusers(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1",
+                             "--sample_every_run", "false"))
+    assert trainer.backbone.denoiser.is_gradient_checkpointing

@@ -39,19 +39,22 @@ def _flux_kontext():
 FAMILY_LOADERS = {"sd": _sd, "sdxl": _sdxl, "flux2": _flux2, "flux_kontext": _flux_kontext}
 
 
-def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: int = 0) -> Backbone:
-    """Build the adapter for ``family`` from a local pipeline directory, or a tiny random one if no path."""
+def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: int = 0, **options) -> Backbone:
+    """Build the adapter for ``family`` from a local pipeline directory, or a tiny random one if no path.
+
+    ``options`` go to the adapter (see ``ModelConfig.adapter_options``).
+    """
     if family not in FAMILY_LOADERS:
         raise ValueError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILY_LOADERS)}")
     adapter_cls, pipeline_cls, tiny = FAMILY_LOADERS[family]()
     if not pretrained_path:
-        return adapter_cls(tiny(tiny_seed))
+        return adapter_cls(tiny(tiny_seed), **options)
     path = Path(pretrained_path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"pretrained_path={pretrained_path!r} is not a diffusers pipeline directory "
                                 "(no model_index.json); point it at a local `save_pretrained` folder")
     check_family(path, family, pipeline_cls)
-    return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True))
+    return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True), **options)
 
 
 # Loss-grid cells per VAE latent cell side: transformers pack 2x2 latents into one token.

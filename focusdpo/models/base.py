@@ -67,12 +67,18 @@ class Backbone(ABC):
         return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
 
     def save_lora(self, out_dir: str | Path, adapter_name: str = "default") -> None:
-        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads."""
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.
 
-        layers = convert_state_dict_to_diffusers(self.lora_state_dict(adapter_name))
-        type(self.pipeline).save_lora_weights(str(out_dir), **{f"{self.denoiser_name}_lora_layers": layers},
-                                              safe_serialization=True)
+        peft keys are kept as they are (as diffusers' training scripts save them): the UNet-era
+        ``lora.down/up`` renaming makes the FLUX loaders skip attention layers silently. The adapter's
+        LoraConfig goes in as metadata: without it loaders assume ``lora_alpha = rank`` and a LoRA trained
+        with another alpha reloads rescaled.
+        """
+        prefix = self.denoiser_name
+        type(self.pipeline).save_lora_weights(
+            str(out_dir), safe_serialization=True, **{
+                f"{prefix}_lora_layers": self.lora_state_dict(adapter_name),
+                f"{prefix}_lora_adapter_metadata": self.denoiser.peft_config[adapter_name].to_dict()})
 
     def read_lora(self, path: str | Path) -> dict[str, torch.Tensor]:
         """A diffusers-format LoRA (folder or .safetensors) as a peft state dict for the denoiser.

@@ -1,10 +1,10 @@
 """Flow-matching transformers with in-context reference tokens: FLUX.2 (dev / [klein]) and FLUX.1 Kontext.
 
-Both adapters follow the pipelines' own helpers (``_encode_vae_image``, ``_pack_latents``, the position-id
-builders, ``encode_prompt``) and differ only in how latents are packed and how reference tokens are addressed.
+Both adapters go through the pipelines' own helpers (``_encode_vae_image``, ``_pack_latents``, the position-id
+builders, ``encode_prompt``) and differ only in how latents are packed and how references are addressed.
 
-Forward process (rectified flow, as FLUX is trained): ``x_t = (1 − σ)·x0 + σ·ε``, target ``ε − x0``. σ is drawn
-per pair from a density over [0, 1] (``uniform``, ``logit_normal``, ``mode``; diffusers'
+Forward process (rectified flow, as FLUX is trained): ``x_t = (1 − σ)·x0 + σ·ε``, target ``ε − x0``.
+σ is drawn per pair from a density over [0, 1] (``uniform``, ``logit_normal``, ``mode``; diffusers'
 ``compute_density_for_timestep_sampling``) and then shifted like the pipeline's scheduler shifts its inference
 sigmas: the resolution-dependent shift (``calculate_shift`` + ``scheduler.time_shift``) when the scheduler has
 ``use_dynamic_shifting``, its static ``shift`` otherwise, or ``flow_shift`` when given. The transformer gets σ
@@ -33,18 +33,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from ..config import FLOW_DENSITIES, MIXED_REFERENCE_COUNTS, REFERENCE_ID_SCHEMES
+from ..config import check_choice as _check_choice
 from .base import Backbone, DenoiseInputs
 from .sd import repeat_pairs
 
-FLOW_DENSITIES = ("uniform", "logit_normal", "mode")
-REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
-MIXED_REFERENCE_COUNTS = ("pad", "error")
 DENSITY_ALIASES = {"uniform": "none"}  # diffusers' name for uniform u
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
 def fit_square(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -88,8 +82,8 @@ class FlowMatchingBackbone(Backbone):
         if reference_size is not None and reference_size % self.pack_factor:
             raise ValueError(f"reference_size={reference_size} must be a multiple of {self.pack_factor} "
                              "(VAE downsampling × 2×2 packing)")
-        self.flow_density, self.logit_mean, self.logit_std, self.mode_scale = flow_density, logit_mean, logit_std, \
-            mode_scale
+        self.flow_density, self.logit_mean, self.logit_std = flow_density, logit_mean, logit_std
+        self.mode_scale = mode_scale
         self.flow_shift = flow_shift
         if guidance_scale is None:  # the value the pipeline samples with
             guidance_scale = inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default
@@ -142,6 +136,8 @@ class FlowMatchingBackbone(Backbone):
         raise NotImplementedError
 
     # ---- preparing a batch ----------------------------------------------------------------------
+    per_sample_text_keys = ("encoder_hidden_states", "pooled_projections")  # one row per pair: repeat to [w; l]
+
     @torch.no_grad()
     def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
         grid = batch.get("latents")
@@ -175,8 +171,6 @@ class FlowMatchingBackbone(Backbone):
         if self.denoiser.config.get("guidance_embeds", False):
             kwargs["guidance"] = torch.full((2 * pairs,), self.guidance_scale, device=self.device)
         return DenoiseInputs(kwargs, target, noise_level=sigma)
-
-    per_sample_text_keys = ("encoder_hidden_states", "pooled_projections")
 
     def check_image_size(self, size, what: str) -> None:
         if size[0] % self.pack_factor or size[1] % self.pack_factor:
@@ -288,30 +282,13 @@ class FlowMatchingBackbone(Backbone):
         return self.tokens_to_grid(self.predict_tokens(denoiser, inputs), inputs)
 
     # ---- LoRA files and sampling ----------------------------------------------------------------
-    def save_lora(self, out_dir: str | Path, adapter_name: str = "default") -> None:
-        """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.
-
-        Unlike the UNet path, the peft keys are kept as they are (as diffusers' FLUX training scripts save them):
-        ``convert_state_dict_to_diffusers`` renames ``to_q/to_k/to_v/to_out.0`` to the UNet-era ``lora.down/up``
-        keys, which the FLUX loaders then silently skip. The adapter's LoraConfig goes in as metadata: without
-        it the loader assumes ``lora_alpha = rank`` and a LoRA trained with another alpha loads rescaled.
-        """
-        layers = self.lora_state_dict(adapter_name)
-        metadata = self.denoiser.peft_config[adapter_name].to_dict()
-        type(self.pipeline).save_lora_weights(str(out_dir), transformer_lora_layers=layers,
-                                              transformer_lora_adapter_metadata=metadata, safe_serialization=True)
-
     def load_personalization_lora(self, path: str | Path, adapter_name: str) -> None:
-        """Load an existing FLUX LoRA (diffusers, kohya, xlabs or BFL layout: the pipeline's converters) as a
-        frozen adapter named ``adapter_name``."""
-        state = type(self.pipeline).lora_state_dict(str(path))
-        state = state[0] if isinstance(state, tuple) else state
-        prefix = f"{self.denoiser_name}."
-        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        if not state:
+        """Load an existing LoRA as the adapter ``adapter_name`` through the pipeline's own loader, which reads
+        diffusers/peft files (with their alpha metadata) and converts kohya, xlabs and BFL layouts."""
+        self.pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+        if adapter_name not in getattr(self.denoiser, "peft_config", {}):
             raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights that "
-                             f"{type(self.pipeline).__name__} can read")
-        self.denoiser.load_lora_adapter(state, adapter_name=adapter_name, prefix=None)
+                             f"{type(self.pipeline).__name__}.load_lora_weights can read")
 
     def sample_kwargs(self, resolution: int) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
@@ -365,16 +342,19 @@ class Flux2Backbone(FlowMatchingBackbone):
     def reference_ids(self, sizes, h, w):
         return self.pipeline._prepare_image_ids([torch.empty(1, 1, *s) for s in sizes])[0]
 
+    def text_kwargs(self) -> dict:
+        layers = self.text_encoder_out_layers
+        return {"max_sequence_length": self.max_sequence_length,
+                **({} if layers is None else {"text_encoder_out_layers": tuple(layers)})}
+
     def encode_text(self, batch, pairs):
-        extra = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
-        embeds, text_ids = self.pipeline.encode_prompt(
-            batch.get("prompts"), device=self.device, prompt_embeds=self.cached_prompt_embeds(batch, pairs),
-            max_sequence_length=self.max_sequence_length, **extra)
+        embeds, text_ids = self.pipeline.encode_prompt(batch.get("prompts"), device=self.device,
+                                                       prompt_embeds=self.cached_prompt_embeds(batch, pairs),
+                                                       **self.text_kwargs())
         return {"encoder_hidden_states": embeds.float(), "txt_ids": text_ids[0]}
 
     def sample_kwargs(self, resolution):
-        extra = {} if self.text_encoder_out_layers is None else {"text_encoder_out_layers": self.text_encoder_out_layers}
-        return {"max_sequence_length": self.max_sequence_length, **extra}
+        return self.text_kwargs()
 
 
 class FluxKontextBackbone(FlowMatchingBackbone):
