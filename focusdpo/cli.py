@@ -13,6 +13,7 @@ COMMANDS = {
     "train": "train with a recipe: focusdpo train [--config recipes/X.yaml] [--field value ...]",
     "pairs": "generate the toy multi-subject pair set into a dataset folder",
     "focus": "precompute static focus maps into a pair dataset",
+    "embed": "cache prompt embeddings in a pair dataset (flow models train without text encoders)",
     "inspect": "write focus-map PNGs for a few pairs",
 }
 
@@ -35,6 +36,11 @@ def focus_command(argv: list[str]) -> None:
     precompute_main(argv)
 
 
+def embed_command(argv: list[str]) -> None:
+    from .text_cache import embed_main
+    embed_main(argv)
+
+
 def inspect_command(argv: list[str]) -> None:
     from .mapper import inspect_main
     inspect_main(argv)
@@ -45,7 +51,8 @@ def train_command(argv: list[str]) -> None:
     main(argv)
 
 
-HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "inspect": inspect_command}
+HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
+            "inspect": inspect_command}
 
 
 def main(argv: list[str] | None = None) -> None:

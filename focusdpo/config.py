@@ -75,6 +75,8 @@ class ModelConfig:
     mixed_reference_counts: str = field(default="pad", metadata={
         "help": "Pairs with different reference counts in one batch: 'pad' (masked, exact) or 'error'."})
     max_sequence_length: int = field(default=512, metadata={"help": "Text tokens for flow models' prompts."})
+    drop_text_encoders: bool = field(default=False, metadata={
+        "help": "Free the text encoders during training; needs prompt embeddings cached by `focusdpo embed`."})
     text_encoder_out_layers: list[int] = field(default_factory=list, metadata={
         "help": "flux2: text-encoder hidden layers to stack; empty uses the pipeline's default."})
 

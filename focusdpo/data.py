@@ -14,6 +14,8 @@ column               type                   meaning
 ``prior_mask``       Image (L) or None      optional region where the pair differs (aligned pairs)
 ``focus_maps``       float16 (2, 2, h, w)   optional cache from ``focusdpo focus``: [w, l] × [structure, detail]
 ``focus_key``        string                 what produced the cache (extractor + config + grid)
+``prompt_embeds``    float16 (L, D)         optional cache from ``focusdpo embed`` (flow models)
+``pooled_prompt_embeds`` float16 (D,)       optional, FLUX.1's pooled CLIP embedding
 ===================  =====================  ==================================================
 """
 
@@ -34,6 +36,7 @@ PAIR_FEATURES = Features({
     "references": List(Image()), "reference_masks": List(Image()), "prior_mask": Image(),
 })
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
+TEXT_CACHE_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 IMAGE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
 
 
@@ -189,7 +192,8 @@ class PairCollator:
     Returns a dict with ``pixel_values`` ``(2B, 3, R, R)`` in [-1, 1] stacked ``[winners; losers]``,
     ``prompts`` and ``pair_ids`` (B lists), ``references`` (B tensors ``(K_i, 3, R, R)`` in [0, 1]),
     ``reference_masks`` (B tensors ``(K_i, R, R)`` or None), ``prior_mask`` (B tensors ``(R, R)`` or None)
-    and, if cached, ``focus_maps`` ``(2B, 2, h, w)`` with its ``focus_key``.
+    and, if cached, ``focus_maps`` ``(2B, 2, h, w)`` with its ``focus_key`` and ``prompt_embeds``
+    ``(B, L, D)`` / ``pooled_prompt_embeds`` ``(B, D)``.
     """
 
     def __init__(self, resolution: int, max_references: int = 6):
@@ -204,6 +208,9 @@ class PairCollator:
                  "prompts": [row["prompt"] for row in rows], "pair_ids": [row["pair_id"] for row in rows]}
         for key in ("references", "reference_masks", "prior_mask"):
             batch[key] = [p[key] for p in parsed]
+        for key in TEXT_CACHE_COLUMNS:  # cached text conditioning (focusdpo embed): one row per pair
+            if key in rows[0]:
+                batch[key] = torch.stack([torch.as_tensor(np.asarray(row[key], dtype=np.float32)) for row in rows])
         if "focus_maps" in rows[0]:
             maps = torch.stack([torch.as_tensor(np.asarray(row["focus_maps"], dtype=np.float32)) for row in rows])
             batch["focus_maps"] = torch.cat([maps[:, 0], maps[:, 1]])

@@ -220,11 +220,16 @@ class FocusDPOTrainer(Trainer):
 
     # ---- saving and resuming --------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Write the DPO LoRA in diffusers format (or the full denoiser for a full fine-tune)."""
+        """Write the DPO LoRA in diffusers format (or the full denoiser for a full fine-tune).
+
+        Under FSDP/DeepSpeed the Trainer passes the gathered ``state_dict`` of the PolicyModel.
+        """
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("denoiser."): v for k, v in state_dict.items()}
         if self.model_config.lora_rank > 0:
-            self.backbone.save_lora(output_dir, DPO_ADAPTER)
+            self.backbone.save_lora(output_dir, DPO_ADAPTER, state_dict)
         else:
             self.backbone.denoiser.save_pretrained(Path(output_dir) / self.backbone.denoiser_name)
 
@@ -277,6 +282,9 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
                          seed=train_cfg.seed)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
+    if model_cfg.drop_text_encoders:
+        from .text_cache import drop_text_encoders
+        drop_text_encoders(backbone, dataset)
     return FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
 
 
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
     resume = train_cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("latest", "true", "True") else resume)
     trainer.save_model(str(out))
-    if trainer.is_world_process_zero() and train_cfg.sample_every_run:
+    if trainer.is_world_process_zero() and train_cfg.sample_every_run and not model_cfg.drop_text_encoders:
         prompts = list(trainer.train_dataset[: train_cfg.num_sample_prompts]["prompt"])
         save_before_after(trainer, prompts, out / "samples_before_after.png", data_cfg.resolution)
         if trainer.focus_mapper is not None:  # maps made on the fly: show what the loss focused on

@@ -123,7 +123,18 @@ def test_bf16_keeps_a_half_precision_base_and_fp32_lora(tmp_path):
     assert losses(tmp_path)[1] == pytest.approx(math.log(2), abs=1e-6)  # step 0: policy == reference in bf16
 
 
-def test_gradient_checkpointing_goes_through_diffusers(tmp_path):
-    trainer = main(tiny_argv(tmp_path, "--gradient_checkpointing", "true", "--max_steps", "1",
+def test_activation_checkpointing_goes_through_diffusers(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--activation_checkpointing", "true", "--max_steps", "1",
                              "--sample_every_run", "false"))
     assert trainer.backbone.denoiser.is_gradient_checkpointing
+
+
+def test_lora_saved_from_a_gathered_state_dict_equals_the_live_one(tmp_path):
+    """The FSDP/ZeRO-3 path: the Trainer hands ``_save`` the full state dict of the wrapped model."""
+    from safetensors.torch import load_file
+
+    trainer = main(tiny_argv(tmp_path / "run", "--max_steps", "1", "--sample_every_run", "false"))
+    trainer._save(str(tmp_path / "gathered"), state_dict=trainer.model.state_dict())
+    live, gathered = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (tmp_path / "run",
+                                                                                         tmp_path / "gathered"))
+    assert live.keys() == gathered.keys() and all(torch.equal(live[k], gathered[k]) for k in live)

@@ -56,6 +56,11 @@ class Backbone(ABC):
     def loss_grid(self, resolution: int) -> tuple[int, int]:
         """``(h, w)`` of the loss grid for square images of ``resolution`` pixels."""
 
+    def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-pair prompt embeddings to cache in the dataset (flow transformers; their text stacks are large)."""
+        raise NotImplementedError(f"caching prompt embeddings is for the flow families (flux2, flux_kontext); "
+                                  f"{self.family}'s CLIP text encoders are small enough to keep")
+
     def to(self, device, dtype: torch.dtype | None = None) -> "Backbone":
         """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts."""
         for name, module in self.pipeline.components.items():
@@ -63,10 +68,12 @@ class Backbone(ABC):
                 module.to(device, dtype=dtype if name != self.denoiser_name else None)
         return self
 
-    def lora_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        return get_peft_model_state_dict(self.denoiser, adapter_name=adapter_name)
+    def lora_state_dict(self, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's LoRA weights; from ``state_dict`` (the denoiser's full one) when given: under
+        FSDP/ZeRO-3 the parameters are shards and only a gathered state dict holds the whole LoRA."""
+        return get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name=adapter_name)
 
-    def save_lora(self, out_dir: str | Path, adapter_name: str = "default") -> None:
+    def save_lora(self, out_dir: str | Path, adapter_name: str = "default", state_dict: dict | None = None) -> None:
         """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.
 
         peft keys are kept as they are (as diffusers' training scripts save them): the UNet-era
@@ -77,7 +84,7 @@ class Backbone(ABC):
         prefix = self.denoiser_name
         type(self.pipeline).save_lora_weights(
             str(out_dir), safe_serialization=True, **{
-                f"{prefix}_lora_layers": self.lora_state_dict(adapter_name),
+                f"{prefix}_lora_layers": self.lora_state_dict(adapter_name, state_dict),
                 f"{prefix}_lora_adapter_metadata": self.denoiser.peft_config[adapter_name].to_dict()})
 
     def read_lora(self, path: str | Path) -> dict[str, torch.Tensor]:

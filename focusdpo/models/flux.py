@@ -135,6 +135,15 @@ class FlowMatchingBackbone(Backbone):
         """Per-pair text conditioning as transformer kwargs (not yet repeated over ``[w; l]``)."""
         raise NotImplementedError
 
+    # Transformer kwarg -> dataset column of cached text conditioning (see focusdpo.text_cache).
+    text_cache_columns = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
+
+    @torch.no_grad()
+    def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-pair prompt embeddings to store in the dataset, so the text encoders can stay unloaded."""
+        text = self.encode_text({"prompts": prompts}, len(prompts))
+        return {column: text[kwarg] for kwarg, column in self.text_cache_columns.items() if kwarg in text}
+
     # ---- preparing a batch ----------------------------------------------------------------------
     per_sample_text_keys = ("encoder_hidden_states", "pooled_projections")  # one row per pair: repeat to [w; l]
 

@@ -1,0 +1,46 @@
+"""Cached prompt embeddings let flow models train without their text encoders."""
+
+import json
+
+import pytest
+
+from focusdpo.cli import main as cli
+from focusdpo.data import load_pairs
+from focusdpo.models import load_backbone
+from focusdpo.train import main
+
+from conftest import REPO
+
+TINY = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--toy_num_pairs", "4", "--max_steps", "3",
+        "--logging_steps", "1", "--save_steps", "100", "--lambda_structure", "0", "--lambda_detail", "0",
+        "--max_sequence_length", "32"]
+
+
+def step_losses(out):
+    return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux_kontext"])
+def test_training_on_cached_embeddings_matches_live_text_encoders(family, tmp_path):
+    args = [*TINY, "--family", family]
+    cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", *args])
+    cached = load_pairs(str(tmp_path / "cached"))
+    assert "prompt_embeds" in cached.column_names
+    assert ("pooled_prompt_embeds" in cached.column_names) == (family == "flux_kontext")
+    live = tmp_path / "live"
+    main([*args, "--output_dir", str(live), "--sample_every_run", "false"])
+    dropped = tmp_path / "dropped"
+    trainer = main([*args, "--output_dir", str(dropped), "--dataset", str(tmp_path / "cached"),
+                    "--drop_text_encoders", "true"])
+    assert all(v is None for k, v in trainer.backbone.pipeline.components.items() if k.startswith("text_encoder"))
+    assert step_losses(dropped) == pytest.approx(step_losses(live), rel=1e-3)  # float16 cache vs fp32 live
+
+
+def test_dropping_text_encoders_without_a_cache_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="run `focusdpo embed"):
+        main([*TINY, "--family", "flux2", "--output_dir", str(tmp_path), "--drop_text_encoders", "true"])
+
+
+def test_sd_does_not_cache_text():
+    with pytest.raises(NotImplementedError, match="flow families"):
+        load_backbone("sd").text_cache(["a dog"])
