@@ -7,8 +7,10 @@ Variants (each in its own process, so peak memory is its own):
   dpo_copy     vanilla Diffusion-DPO with a separate frozen reference copy (the original recipe)
   dpo_disable  ours, W ≡ 1: the reference is the base with LoRA adapters disabled (no copy)
   focus_cached ours with focus weights from cached static maps (λ_s = λ_d = 1)
-Ratios are against dpo_copy. Peak memory: CUDA max allocated on GPU, peak RSS (VmHWM, reset after
-setup) on CPU.
+  flux2_kN     ours on the tiny FLUX.2 (Klein) transformer with N = 1, 4, 6 references per pair
+Each variant runs --repeats times, interleaved; the table shows its fastest median step time.
+Ratios are against dpo_copy (SD rows) and flux2_k1 (FLUX rows). Peak memory: CUDA max allocated on
+GPU, peak RSS (VmHWM, reset after setup) on CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 import time
 
 VARIANTS = ("sft", "dpo_copy", "dpo_disable", "focus_cached")
+REFERENCE_COUNTS = (1, 4, 6)
+FLUX_VARIANTS = tuple(f"flux2_k{k}" for k in REFERENCE_COUNTS)
 TINY_FOCUS = dict(lambda_structure=1.0, lambda_detail=1.0, dino_random_weights=True, dino_depth=2, dino_image_size=56)
 
 
@@ -51,12 +55,14 @@ def make_trainer(variant: str, args, out: str):
     from focusdpo.models import load_backbone
     from focusdpo.train import FocusDPOTrainer, build_trainer
 
-    argv = ["--output_dir", out, "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
+    argv = ["--output_dir", out, "--dataset", f"{args.cached_pairs}_plain", "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
             "--resolution", str(args.resolution), "--per_device_train_batch_size", str(args.batch),
             "--toy_num_pairs", str(4 * args.batch * (args.steps + args.warmup)), "--sample_every_run", "false",
             "--logging_steps", "100000", "--lora_rank", "4", "--lora_alpha", "4"]
     if variant == "focus_cached":
         argv += ["--dataset", args.cached_pairs, *[f"--{k}={v}" for k, v in TINY_FOCUS.items()]]
+    if variant.startswith("flux2_k"):
+        argv += ["--family", "flux2", "--max_sequence_length", "32", "--dataset", f"{args.cached_pairs}_{variant}"]
     configs = parse_config(argv)
 
     class Timer(TrainerCallback):
@@ -111,36 +117,58 @@ def cache_pairs(args, folder: str) -> float:
     cached = precompute_focus_maps(pairs, FocusConfig(**TINY_FOCUS), (args.resolution // 2,) * 2, args.resolution)
     throughput = len(pairs) / (time.perf_counter() - start)
     cached.save_to_disk(folder)
+    pairs.save_to_disk(f"{folder}_plain")  # the same pairs from disk without maps: a like-for-like baseline
     return throughput
+
+
+def pairs_with_references(args, count: int, folder: str) -> None:
+    """Toy pairs whose reference list is repeated/cut to exactly ``count`` subjects."""
+    from focusdpo.data import load_pairs
+
+    pairs = load_pairs("toy", toy_num_pairs=4 * args.batch * (args.steps + args.warmup), resolution=args.resolution)
+    pairs.map(lambda refs, masks: {"references": (refs * count)[:count], "reference_masks": (masks * count)[:count]},
+              input_columns=["references", "reference_masks"]).save_to_disk(folder)
+
+
+def print_table(rows: list[dict], base_name: str) -> None:
+    base = next(r for r in rows if r["variant"] == base_name)
+    print(f"{'variant':<14}{'step (ms)':>11}{'x ' + base_name:>14}{'peak MiB':>10}{'x ' + base_name:>14}")
+    for r in rows:
+        print(f"{r['variant']:<14}{1000 * r['step_s']:>11.1f}{r['step_s'] / base['step_s']:>14.2f}"
+              f"{r['peak_mib']:>10.0f}{r['peak_mib'] / base['peak_mib']:>14.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="Runs per variant; the fastest median counts.")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one child process
+    # internal: the parent runs each variant in a child process with these
+    parser.add_argument("--variant", choices=VARIANTS + FLUX_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--cached_pairs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         cached = os.path.join(tmp, "cached")
         throughput = cache_pairs(args, cached)
-        for variant in VARIANTS:
-            cmd = [sys.executable, __file__, "--variant", variant, "--cached_pairs", cached,
-                   *[f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "resolution")]]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = next(r for r in rows if r["variant"] == "dpo_copy")
-    print(f"{'variant':<14}{'step (ms)':>11}{'x dpo_copy':>12}{'peak MiB':>10}{'x dpo_copy':>12}")
-    for r in rows:
-        print(f"{r['variant']:<14}{1000 * r['step_s']:>11.1f}{r['step_s'] / base['step_s']:>12.2f}"
-              f"{r['peak_mib']:>10.0f}{r['peak_mib'] / base['peak_mib']:>12.2f}")
+        for count, variant in zip(REFERENCE_COUNTS, FLUX_VARIANTS):
+            pairs_with_references(args, count, f"{cached}_{variant}")
+        runs: dict[str, list[dict]] = {}
+        for _ in range(args.repeats):  # interleaved repeats: a slow moment of the machine hits every variant
+            for variant in VARIANTS + FLUX_VARIANTS:
+                cmd = [sys.executable, __file__, "--variant", variant, "--cached_pairs", cached,
+                       *[f"--{k}={getattr(args, k)}" for k in ("steps", "warmup", "batch", "resolution")]]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                runs.setdefault(variant, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows = [min(results, key=lambda r: r["step_s"]) for results in runs.values()]
+    print_table(rows[:len(VARIANTS)], "dpo_copy")
+    print()
+    print_table(rows[len(VARIANTS):], "flux2_k1")
     print(f"focus-map precompute (toy DINOv2, {args.resolution} px): {throughput:.1f} pairs/s")
 
 

@@ -1,8 +1,10 @@
 """Reference-model modes: context managers that yield the module to run for the reference forward.
 
 Every mode runs under ``torch.no_grad`` and restores the policy in ``finally``, also after an exception.
-peft's adapter switches re-enable ``requires_grad`` on whatever adapter becomes active, so each mode
-also restores the exact trainable flags it found.
+peft's ``set_adapters`` re-enables ``requires_grad`` on every adapter it activates, so ``frozen_adapter``
+also restores the exact trainable flags it found. (``enable_adapters`` re-enables only the active
+adapters, which for ``disable_adapters`` is the DPO LoRA alone: nothing to restore, and the per-step
+walk over all parameters is saved.)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def kept_trainable_flags(module: torch.nn.Module):
 @contextmanager
 def disabled_adapters(denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None):
     """Fresh LoRA: the reference is the base model (adapters off)."""
-    with kept_trainable_flags(denoiser), torch.no_grad():
+    with torch.no_grad():
         denoiser.disable_adapters()
         try:
             yield denoiser
