@@ -138,3 +138,13 @@ def test_lora_saved_from_a_gathered_state_dict_equals_the_live_one(tmp_path):
     live, gathered = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (tmp_path / "run",
                                                                                          tmp_path / "gathered"))
     assert live.keys() == gathered.keys() and all(torch.equal(live[k], gathered[k]) for k in live)
+
+
+def test_full_fine_tune_with_a_frozen_copy_reference(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--lora_rank", "0", "--reference_mode", "frozen_copy", "--max_steps", "2",
+                             "--sample_every_run", "false", "--learning_rate", "1e-4"))
+    assert losses(tmp_path)[1] == pytest.approx(math.log(2), abs=1e-6)
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    moved = [not torch.equal(p, q) for p, q in zip(trainer.backbone.denoiser.parameters(),
+                                                   trainer.frozen_copy.parameters())]
+    assert any(moved) and all(not p.requires_grad for p in trainer.frozen_copy.parameters())
