@@ -99,3 +99,11 @@ def test_frozen_copy_reference_for_full_fine_tuning():
     with frozen_copy_reference(unet, frozen) as ref:
         assert torch.equal(run(ref), before)
     assert not torch.equal(run(unet), before)
+
+
+def test_a_lora_for_another_model_is_refused_naming_its_keys(tmp_path):
+    make_personalization_lora(tmp_path)  # an SD UNet LoRA...
+    flux = load_backbone("flux_kontext")  # ...offered to a FLUX transformer
+    with pytest.raises(ValueError, match=r"does not fit this flux_kontext transformer: \d+ of \d+ keys name no "
+                                         r"module, e.g. \['unet.down_blocks"):
+        flux.add_lora_adapter(tmp_path, "personal")
