@@ -206,8 +206,18 @@ class FocusDPOConfig(TrainingArguments):
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     sample_every_run: bool = field(default=True, metadata={
         "help": "Write samples_before_after.png (base vs trained) at the end of training."})
+    dataloader_pin_memory: bool = field(default=True, metadata={
+        "help": "Pin batches in page-locked memory (CUDA only; switched off without a GPU)."})
     num_sample_prompts: int = field(default=3, metadata={"help": "Prompts in the before/after PNG."})
     sample_steps: int = field(default=8, metadata={"help": "Denoising steps for the before/after samples."})
+
+
+    def __post_init__(self):
+        import torch
+
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
+        super().__post_init__()
 
 
 CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)

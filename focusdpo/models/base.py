@@ -62,10 +62,11 @@ class Backbone(ABC):
                                   f"{self.family}'s CLIP text encoders are small enough to keep")
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Backbone":
-        """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts."""
+        """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts to ``dtype``."""
         for name, module in self.pipeline.components.items():
             if isinstance(module, torch.nn.Module):
-                module.to(device, dtype=dtype if name != self.denoiser_name else None)
+                cast = dtype not in (None, torch.float32) and name != self.denoiser_name
+                module.to(device, dtype) if cast else module.to(device)  # a dtype argument warns in diffusers
         return self
 
     def lora_state_dict(self, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
