@@ -75,6 +75,9 @@ class ModelConfig:
     mixed_reference_counts: str = field(default="pad", metadata={
         "help": "Pairs with different reference counts in one batch: 'pad' (masked, exact) or 'error'."})
     max_sequence_length: int = field(default=512, metadata={"help": "Text tokens for flow models' prompts."})
+    offload_text_encoders: bool = field(default=False, metadata={
+        "help": "Keep the frozen text encoders on the CPU and encode prompts there (saves accelerator memory, "
+                "costs time per step; caching embeddings with `focusdpo embed` is faster)."})
     drop_text_encoders: bool = field(default=False, metadata={
         "help": "Free the text encoders during training; needs prompt embeddings cached by `focusdpo embed`."})
     text_encoder_out_layers: list[int] = field(default_factory=list, metadata={

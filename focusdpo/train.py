@@ -282,6 +282,7 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
                          seed=train_cfg.seed)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
+    backbone.offload_text_encoders = model_cfg.offload_text_encoders
     if model_cfg.drop_text_encoders:
         from .text_cache import drop_text_encoders
         drop_text_encoders(backbone, dataset)

@@ -148,3 +148,22 @@ def test_full_fine_tune_with_a_frozen_copy_reference(tmp_path):
     moved = [not torch.equal(p, q) for p, q in zip(trainer.backbone.denoiser.parameters(),
                                                    trainer.frozen_copy.parameters())]
     assert any(moved) and all(not p.requires_grad for p in trainer.frozen_copy.parameters())
+
+
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_offloaded_text_encoders_stay_on_the_cpu(family):
+    from focusdpo.models import load_backbone
+
+    backbone = load_backbone(family)
+    backbone.offload_text_encoders = True
+    backbone.to("meta")  # stands in for an accelerator: only placement is checked here
+    devices = {name: next(m.parameters()).device.type for name, m in backbone.pipeline.components.items()
+               if isinstance(m, torch.nn.Module)}
+    assert {d for n, d in devices.items() if n.startswith("text_encoder")} == {"cpu"}
+    assert {d for n, d in devices.items() if not n.startswith("text_encoder")} == {"meta"}
+    assert backbone.text_device.type == "cpu"
+
+
+def test_training_with_offloaded_text_encoders(tmp_path):
+    trainer = main(tiny_argv(tmp_path, "--offload_text_encoders", "true", "--max_steps", "2"))
+    assert trainer.backbone.offload_text_encoders and (tmp_path / "samples_before_after.png").is_file()

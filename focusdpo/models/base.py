@@ -10,6 +10,7 @@ weights live: the latent grid for UNets, the packed token grid for transformers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,12 @@ class Backbone(ABC):
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
+        self.offload_text_encoders = False  # True: text encoders stay on the CPU and encode there
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where prompts are encoded (their embeddings then move to the denoiser's device)."""
+        return torch.device("cpu") if self.offload_text_encoders else self.device
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -64,6 +71,8 @@ class Backbone(ABC):
     def to(self, device, dtype: torch.dtype | None = None) -> "Backbone":
         """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts to ``dtype``."""
         for name, module in self.pipeline.components.items():
+            if self.offload_text_encoders and name.startswith("text_encoder"):
+                continue
             if isinstance(module, torch.nn.Module):
                 cast = dtype not in (None, torch.float32) and name != self.denoiser_name
                 module.to(device, dtype) if cast else module.to(device)  # a dtype argument warns in diffusers
@@ -125,6 +134,25 @@ class Backbone(ABC):
     def sample(self, prompts: list[str], resolution: int, steps: int, seed: int) -> list:
         """Generate PIL images with the pipeline as it is (adapters as currently enabled)."""
         generator = torch.Generator().manual_seed(seed)
-        out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
-                            generator=generator, output_type="pil")
+        with self.text_encoders_on_device():
+            out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
+                                generator=generator, output_type="pil", **self.sample_kwargs(resolution))
         return out.images
+
+    def sample_kwargs(self, resolution: int) -> dict:
+        """Extra pipeline ``__call__`` arguments for sampling at the training size."""
+        return {}
+
+    @contextmanager
+    def text_encoders_on_device(self):
+        """Pipelines encode prompts on their execution device: bring offloaded text encoders there for a while."""
+        encoders = [m for n, m in self.pipeline.components.items() if n.startswith("text_encoder") and m is not None]
+        if self.offload_text_encoders:
+            for module in encoders:
+                module.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload_text_encoders:
+                for module in encoders:
+                    module.to("cpu")

@@ -299,15 +299,6 @@ class FlowMatchingBackbone(Backbone):
             raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights that "
                              f"{type(self.pipeline).__name__}.load_lora_weights can read")
 
-    def sample_kwargs(self, resolution: int) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}
-
-    def sample(self, prompts: list[str], resolution: int, steps: int, seed: int) -> list:
-        generator = torch.Generator().manual_seed(seed)
-        out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
-                            generator=generator, output_type="pil", **self.sample_kwargs(resolution))
-        return out.images
-
 
 class Flux2Backbone(FlowMatchingBackbone):
     """FLUX.2 [dev] (Mistral3 text stack) and FLUX.2 [klein] (Qwen3): 2×2-patchified, BatchNorm-normalised
@@ -357,10 +348,10 @@ class Flux2Backbone(FlowMatchingBackbone):
                 **({} if layers is None else {"text_encoder_out_layers": tuple(layers)})}
 
     def encode_text(self, batch, pairs):
-        embeds, text_ids = self.pipeline.encode_prompt(batch.get("prompts"), device=self.device,
+        embeds, text_ids = self.pipeline.encode_prompt(batch.get("prompts"), device=self.text_device,
                                                        prompt_embeds=self.cached_prompt_embeds(batch, pairs),
                                                        **self.text_kwargs())
-        return {"encoder_hidden_states": embeds.float(), "txt_ids": text_ids[0]}
+        return {"encoder_hidden_states": embeds.float().to(self.device), "txt_ids": text_ids[0].to(self.device)}
 
     def sample_kwargs(self, resolution):
         return self.text_kwargs()
@@ -427,10 +418,10 @@ class FluxKontextBackbone(FlowMatchingBackbone):
             raise ValueError("cached FLUX.1 text conditioning needs both batch['prompt_embeds'] (T5) and "
                              "batch['pooled_prompt_embeds'] (CLIP)")
         embeds, pooled, text_ids = self.pipeline.encode_prompt(
-            prompt=batch.get("prompts"), prompt_2=None, device=self.device, prompt_embeds=cached,
+            prompt=batch.get("prompts"), prompt_2=None, device=self.text_device, prompt_embeds=cached,
             pooled_prompt_embeds=pooled, max_sequence_length=self.max_sequence_length)
-        return {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float(),
-                "txt_ids": text_ids.float()}
+        return {"encoder_hidden_states": embeds.float().to(self.device),
+                "pooled_projections": pooled.float().to(self.device), "txt_ids": text_ids.float().to(self.device)}
 
     def sample_kwargs(self, resolution):
         # Kontext's __call__ rescales height/width to max_area (default 1024²): keep the requested size.

@@ -54,8 +54,8 @@ class StableDiffusionBackbone(Backbone):
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
         """Prompt conditioning for ``[w; l]`` (``resolution`` is used by SDXL's size ids)."""
-        embeds, _ = self.pipeline.encode_prompt(prompts, self.device, 1, do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": repeat_pairs(embeds)}
+        embeds, _ = self.pipeline.encode_prompt(prompts, self.text_device, 1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": repeat_pairs(embeds.to(self.device))}
 
     def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
         latents = batch.get("latents")
@@ -89,8 +89,9 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
-        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+        embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.text_device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
+        embeds, pooled = embeds.to(self.device), pooled.to(self.device)
         size = (resolution, resolution)
         projection_dim = self.pipeline.text_encoder_2.config.projection_dim
         time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
