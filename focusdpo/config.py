@@ -52,6 +52,8 @@ class ModelConfig:
         "help": f"Reference model: {', '.join(REFERENCE_MODES)}."})
     personalization_lora: str | None = field(default=None, metadata={
         "help": "Existing LoRA (dir or .safetensors) used as the frozen reference for frozen_adapter."})
+    save_fused_lora: bool = field(default=False, metadata={
+        "help": "frozen_adapter: also write fused/ with one LoRA = personalization + DPO (loads alone)."})
     lora_rank: int = field(default=8, metadata={"help": "Rank of the DPO LoRA; 0 trains all weights."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)."})
     lora_target_modules: list[str] = field(default_factory=list, metadata={
@@ -92,6 +94,9 @@ class ModelConfig:
         if self.reference_mode == "frozen_adapter" and not self.personalization_lora:
             raise ConfigError("reference_mode='frozen_adapter' needs personalization_lora: the path of "
                               "the LoRA that the reference keeps")
+        if self.save_fused_lora and self.reference_mode != "frozen_adapter":
+            raise ConfigError("save_fused_lora fuses the personalization LoRA with the DPO LoRA: it needs "
+                              "reference_mode: frozen_adapter")
         if self.reference_mode == "frozen_copy" and self.lora_rank > 0:
             raise ConfigError("reference_mode='frozen_copy' is for full fine-tuning: set lora_rank: 0, or "
                               "use reference_mode: disable_adapters with a LoRA")

@@ -347,6 +347,8 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
     resume = train_cfg.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume in ("latest", "true", "True") else resume)
     trainer.save_model(str(out))
+    if model_cfg.save_fused_lora and trainer.is_world_process_zero():
+        trainer.backbone.save_fused_lora(out / "fused", (PERSONAL_ADAPTER, DPO_ADAPTER))
     if trainer.is_world_process_zero() and train_cfg.sample_every_run and not model_cfg.drop_text_encoders:
         prompts = list(trainer.train_dataset[: train_cfg.num_sample_prompts]["prompt"])
         save_before_after(trainer, prompts, out / "samples_before_after.png", data_cfg.resolution)

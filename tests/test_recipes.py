@@ -44,3 +44,9 @@ def test_recipe_runs_two_steps_from_ln2(recipe, port, tmp_path):
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs[0]["step"] == 1 and logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert (out / "pytorch_lora_weights.safetensors").is_file() and (out / "samples_before_after.png").is_file()
+    if "personalization" in recipe:  # the fused UNO + DPO LoRA loads on the base model alone
+        from focusdpo.models.tiny_flux import tiny_flux_kontext_pipeline
+
+        pipe = tiny_flux_kontext_pipeline(0)
+        pipe.load_lora_weights(str(out / "fused"))
+        assert any("lora_A" in name for name, _ in pipe.transformer.named_parameters())

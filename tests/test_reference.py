@@ -107,3 +107,27 @@ def test_a_lora_for_another_model_is_refused_naming_its_keys(tmp_path):
     with pytest.raises(ValueError, match=r"does not fit this flux_kontext transformer: \d+ of \d+ keys name no "
                                          r"module, e.g. \['unet.down_blocks"):
         flux.add_lora_adapter(tmp_path, "personal")
+
+
+def test_fused_personalization_and_dpo_lora_reproduces_the_trained_policy(tmp_path):
+    from focusdpo.models.tiny import tiny_sd_pipeline
+    from focusdpo.train import main
+
+    from conftest import REPO
+
+    make_personalization_lora(tmp_path / "uno")
+    out = tmp_path / "run"
+    trainer = main(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps",
+                    "3", "--toy_num_pairs", "6", "--reference_mode", "frozen_adapter", "--personalization_lora",
+                    str(tmp_path / "uno"), "--save_fused_lora", "true", "--lora_alpha", "8",
+                    "--sample_every_run", "false"])
+    policy = run(trainer.backbone.denoiser.eval())
+    for folder, adapters in ((out / "fused", 1), (out, 2)):  # fused alone; or personalization + DPO files
+        pipe = tiny_sd_pipeline(seed=0)
+        if adapters == 2:
+            pipe.load_lora_weights(str(tmp_path / "uno"), adapter_name="uno")
+        pipe.load_lora_weights(str(folder), adapter_name="dpo")
+        if adapters == 2:
+            pipe.set_adapters(["uno", "dpo"])
+        with torch.no_grad():
+            torch.testing.assert_close(run(pipe.unet), policy, rtol=0, atol=1e-5)

@@ -97,6 +97,34 @@ class Backbone(ABC):
                 f"{prefix}_lora_layers": self.lora_state_dict(adapter_name, state_dict),
                 f"{prefix}_lora_adapter_metadata": self.denoiser.peft_config[adapter_name].to_dict()})
 
+    def save_fused_lora(self, out_dir: str | Path, adapters: tuple[str, ...]) -> None:
+        """Write ONE LoRA equal to the sum of ``adapters`` (e.g. personalization + DPO), loadable alone.
+
+        Exact: ``Σ_i s_i·B_i·A_i = [s_1·B_1, s_2·B_2, …] @ [A_1; A_2; …]``, so the fused rank is the sum of the
+        ranks (modules an adapter does not touch get zero rows) and the scale is 1 (alpha = rank).
+        """
+        from peft import LoraConfig
+
+        layers, rank = {}, None
+        for name, module in self.denoiser.named_modules():
+            if not hasattr(module, "lora_A") or not any(a in module.lora_A for a in adapters):
+                continue
+            a_parts, b_parts = [], []
+            for adapter in adapters:
+                if adapter in module.lora_A:
+                    a_parts.append(module.lora_A[adapter].weight.detach().float())
+                    b_parts.append(module.scaling[adapter] * module.lora_B[adapter].weight.detach().float())
+            layers[name] = (torch.cat(a_parts, dim=0), torch.cat(b_parts, dim=1))
+        rank = max(a.shape[0] for a, _ in layers.values())
+        state = {}
+        for name, (a, b) in layers.items():  # pad to one rank: zero rows/columns add nothing
+            pad = rank - a.shape[0]
+            state[f"{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, *a.shape[1:])]).contiguous()
+            state[f"{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], 1).contiguous()
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers)).to_dict()
+        type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
+            f"{self.denoiser_name}_lora_layers": state, f"{self.denoiser_name}_lora_adapter_metadata": config})
+
     def read_lora(self, path: str | Path) -> dict[str, torch.Tensor]:
         """A diffusers-format LoRA (folder or .safetensors) as a peft state dict for the denoiser.
 
