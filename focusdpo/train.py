@@ -124,6 +124,7 @@ class FocusDPOTrainer(Trainer):
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
         self.focus_mapper = None
+        self._accepted_focus_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     # ---- the loss -------------------------------------------------------------------------------
@@ -162,12 +163,16 @@ class FocusDPOTrainer(Trainer):
                              cfg.lambda_detail, cfg.schedule_center, cfg.schedule_width)
 
     def static_focus_maps(self, inputs: dict, grid) -> torch.Tensor:
+        """Cached maps of the batch (checked against this run's settings), else maps made on the fly."""
+        # Imported here: the mapper pulls in timm, which runs without focus weights need not load.
         from .focus import check_cached_grid
         from .mapper import FocusMapper, check_cache_key
 
         if "focus_maps" in inputs:
             check_cached_grid(inputs["focus_maps"], tuple(grid))
-            check_cache_key(inputs["focus_key"], self.focus_config, tuple(grid))
+            if inputs["focus_key"] not in self._accepted_focus_keys:  # hash the settings once, not every step
+                check_cache_key(inputs["focus_key"], self.focus_config, tuple(grid))
+                self._accepted_focus_keys.add(inputs["focus_key"])
             return inputs["focus_maps"].float()
         if self.focus_mapper is None:
             self.focus_mapper = FocusMapper(self.focus_config, device=self.args.device)
