@@ -228,6 +228,9 @@ class FocusDPOConfig(TrainingArguments):
         super().__post_init__()
 
 
+RECIPE_EPILOG = ("Every other argument selects the pairs, model and focus settings as for training: "
+                 "--config recipes/X.yaml and any field override (see `focusdpo train --help`).")
+
 CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)
 
 

@@ -18,7 +18,7 @@ import torch
 from datasets import Array4D, Dataset
 from tqdm.auto import tqdm
 
-from .config import ConfigError, FocusConfig, parse_config
+from .config import RECIPE_EPILOG, ConfigError, FocusConfig, parse_config
 from .data import PairCollator, PairDataError, load_pairs
 from .features import load_dino
 from .focus import compute_static_maps, focus_weights
@@ -117,7 +117,7 @@ def check_cache_key(key: str, cfg: FocusConfig, grid: tuple[int, int]) -> None:
 
 def recipe_and_options(argv: list[str], prog: str, description: str, options):
     """Split ``argv`` into this command's own options and the recipe fields (``--config`` + overrides)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=RECIPE_EPILOG)
     for args, kwargs in options:
         parser.add_argument(*args, **kwargs)
     own, rest = parser.parse_known_args(argv)

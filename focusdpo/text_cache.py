@@ -46,9 +46,10 @@ def drop_text_encoders(backbone: Backbone, pairs: Dataset) -> None:
 
 def embed_main(argv: list[str]) -> None:
     """``focusdpo embed --out DIR --config recipe.yaml``."""
-    from .config import parse_config
+    from .config import RECIPE_EPILOG, parse_config
 
-    parser = argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0],
+                                     epilog=RECIPE_EPILOG)
     parser.add_argument("--out", required=True, help="Folder for the pairs with cached embeddings.")
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per text-encoder batch.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
