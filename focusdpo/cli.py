@@ -13,7 +13,7 @@ COMMANDS = {
     "train": "train with a recipe: focusdpo train [--config recipes/X.yaml] [--field value ...]",
     "pairs": "generate the toy multi-subject pair set into a dataset folder",
     "focus": "precompute static focus maps into a pair dataset",
-    "embed": "cache prompt embeddings in a pair dataset (flow models train without text encoders)",
+    "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
 }
 
@@ -37,7 +37,7 @@ def focus_command(argv: list[str]) -> None:
 
 
 def embed_command(argv: list[str]) -> None:
-    from .text_cache import embed_main
+    from .encoder_cache import embed_main
     embed_main(argv)
 
 

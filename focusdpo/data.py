@@ -16,6 +16,9 @@ column               type                   meaning
 ``focus_key``        string                 what produced the cache (extractor + config + grid)
 ``prompt_embeds``    float16 (L, D)         optional cache from ``focusdpo embed`` (flow models)
 ``pooled_prompt_embeds`` float16 (D,)       optional, FLUX.1's pooled CLIP embedding
+``latents``          float16 (2, C, h, w)   optional VAE latents [chosen, rejected] (``embed --latents``)
+``reference_latents`` float16 (K, C, h, w)  optional VAE latents of the references (flow models)
+``encoder_key``      string                 what produced the embeddings/latents (model + sizes)
 ===================  =====================  ==================================================
 """
 
@@ -37,6 +40,7 @@ PAIR_FEATURES = Features({
 })
 REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 TEXT_CACHE_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
+ENCODER_CACHE_COLUMNS = TEXT_CACHE_COLUMNS + ("latents", "reference_latents", "encoder_key")
 IMAGE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
 
 
@@ -186,6 +190,11 @@ def to_tensor(image: PILImage.Image) -> torch.Tensor:
     return torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1).contiguous()
 
 
+def as_tensor(value) -> torch.Tensor:
+    """A cached array column (nested lists of float16 in arrow) as a float32 tensor."""
+    return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
 class PairCollator:
     """Rows of the pair schema → a training batch.
 
@@ -210,9 +219,16 @@ class PairCollator:
             batch[key] = [p[key] for p in parsed]
         for key in TEXT_CACHE_COLUMNS:  # cached text conditioning (focusdpo embed): one row per pair
             if key in rows[0]:
-                batch[key] = torch.stack([torch.as_tensor(np.asarray(row[key], dtype=np.float32)) for row in rows])
+                batch[key] = torch.stack([as_tensor(row[key]) for row in rows])
+        if "latents" in rows[0]:  # cached VAE latents (focusdpo embed --latents): [chosen, rejected] per pair
+            latents = torch.stack([as_tensor(row["latents"]) for row in rows])
+            batch["latents"] = torch.cat([latents[:, 0], latents[:, 1]])
+        if "reference_latents" in rows[0]:
+            batch["reference_latents"] = [as_tensor(row["reference_latents"]) for row in rows]
+        if "encoder_key" in rows[0]:
+            batch["encoder_key"] = rows[0]["encoder_key"]
         if "focus_maps" in rows[0]:
-            maps = torch.stack([torch.as_tensor(np.asarray(row["focus_maps"], dtype=np.float32)) for row in rows])
+            maps = torch.stack([as_tensor(row["focus_maps"]) for row in rows])
             batch["focus_maps"] = torch.cat([maps[:, 0], maps[:, 1]])
             batch["focus_key"] = rows[0]["focus_key"]
         return batch

@@ -106,7 +106,7 @@ class FocusDPOTrainer(Trainer):
                  data_config: DataConfig | None = None, callbacks=None):
         self.backbone, self.model_config, self.loss_config = backbone, model_config, loss_config
         self.focus_config = focus_config or FocusConfig()
-        data_config = data_config or DataConfig()
+        data_config = self.data_config = data_config or DataConfig()
         add_dpo_lora(backbone, model_config)
         if model_config.lora_rank > 0 and (args.bf16 or args.fp16):
             # Frozen base in half precision, trainable LoRA in fp32 for stable optimizer updates.
@@ -125,10 +125,12 @@ class FocusDPOTrainer(Trainer):
             self.frozen_copy.to(self.args.device)
         self.focus_mapper = None
         self._accepted_focus_keys: set[str] = set()
+        self._accepted_encoder_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.check_cached_encoders(inputs)
         generator = torch.Generator().manual_seed(self.batch_seed(inputs["pair_ids"]))
         prepared = self.backbone.prepare(inputs, generator)
         pred = model(prepared)
@@ -145,6 +147,15 @@ class FocusDPOTrainer(Trainer):
         inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
         self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
         return (loss, pred) if return_outputs else loss
+
+    def check_cached_encoders(self, inputs: dict) -> None:
+        """Refuse embeddings/latents cached for another model or size (checked once per distinct key)."""
+        key = inputs.get("encoder_key")
+        if key is not None and key not in self._accepted_encoder_keys:
+            from .encoder_cache import check_encoder_key
+
+            check_encoder_key(key, self.model_config, self.data_config)
+            self._accepted_encoder_keys.add(key)
 
     def batch_seed(self, pair_ids: list[str]) -> int:
         """Noise and timesteps depend only on (seed, step, pairs): resume replays them exactly."""
@@ -289,7 +300,7 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
                              **model_cfg.adapter_options(data_cfg.max_references))
     backbone.offload_text_encoders = model_cfg.offload_text_encoders
     if model_cfg.drop_text_encoders:
-        from .text_cache import drop_text_encoders
+        from .encoder_cache import drop_text_encoders
         drop_text_encoders(backbone, dataset)
     return FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
 

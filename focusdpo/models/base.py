@@ -63,6 +63,11 @@ class Backbone(ABC):
     def loss_grid(self, resolution: int) -> tuple[int, int]:
         """``(h, w)`` of the loss grid for square images of ``resolution`` pixels."""
 
+    def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+        """Per-pair VAE latents to store in the dataset: ``latents`` ``(2, C, h, w)`` = [chosen, rejected] and,
+        for in-context transformers, ``reference_latents`` ``(K, C, hr, wr)``."""
+        raise NotImplementedError
+
     def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Per-pair prompt embeddings to cache in the dataset (flow transformers; their text stacks are large)."""
         raise NotImplementedError(f"caching prompt embeddings is for the flow families (flux2, flux_kontext); "

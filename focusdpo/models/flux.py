@@ -135,7 +135,7 @@ class FlowMatchingBackbone(Backbone):
         """Per-pair text conditioning as transformer kwargs (not yet repeated over ``[w; l]``)."""
         raise NotImplementedError
 
-    # Transformer kwarg -> dataset column of cached text conditioning (see focusdpo.text_cache).
+    # Transformer kwarg -> dataset column of cached text conditioning (see focusdpo.encoder_cache).
     text_cache_columns = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
 
     @torch.no_grad()
@@ -143,6 +143,17 @@ class FlowMatchingBackbone(Backbone):
         """Per-pair prompt embeddings to store in the dataset, so the text encoders can stay unloaded."""
         text = self.encode_text({"prompts": prompts}, len(prompts))
         return {column: text[kwarg] for kwarg, column in self.text_cache_columns.items() if kwarg in text}
+
+    @torch.no_grad()
+    def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+        pixels = batch["pixel_values"]
+        self.check_image_size(pixels.shape[-2:], "pixel_values")
+        grid = self.encode_grid(pixels, generator)
+        cache = {"latents": list(torch.stack(grid.chunk(2), dim=1))}  # per pair: [chosen, rejected]
+        references = self.reference_latents(batch, len(batch["pair_ids"]), generator)
+        if references is not None:
+            cache["reference_latents"] = references
+        return cache
 
     # ---- preparing a batch ----------------------------------------------------------------------
     per_sample_text_keys = ("encoder_hidden_states", "pooled_projections")  # one row per pair: repeat to [w; l]
@@ -208,37 +219,16 @@ class FlowMatchingBackbone(Backbone):
     def reference_tokens(self, batch: dict, pairs: int, h: int, w: int, generator: torch.Generator):
         """Per-sample reference tokens ``(B, K·l, C)``, which of them are real ``(B, K·l)``, and their ids.
 
-        All references of the batch are encoded in one VAE call. Returns ``(None, None, None)`` when no sample
-        has a reference.
+        Returns ``(None, None, None)`` when no sample has a reference.
         """
-        references = batch.get("references")
-        if references is None:
+        grids = self.reference_latents(batch, pairs, generator)
+        if grids is None:
             return None, None, None
-        if len(references) != pairs:
-            raise ValueError(f"batch has {pairs} pairs but {len(references)} reference lists")
-        pair_ids = batch.get("pair_ids") or [str(i) for i in range(pairs)]
-        counts = [int(r.shape[0]) for r in references]
+        counts = [int(g.shape[0]) for g in grids]
         k_max = max(counts, default=0)
-        if k_max > self.max_references:
-            worst = pair_ids[counts.index(k_max)]
-            raise ValueError(f"pair {worst} has {k_max} references but {self.family} supports at most "
-                             f"{self.max_references} here (max_references); drop references or raise the limit")
         if k_max == 0:
             return None, None, None
-        if len(set(counts)) > 1 and self.mixed_reference_counts == "error":
-            raise ValueError(f"pairs in one batch have different reference counts {dict(zip(pair_ids, counts))}; "
-                             "batch pairs with the same K (bucket by K, or per_device_train_batch_size: 1), or "
-                             "set mixed_reference_counts: pad")
-        images = [r for r in references if r.shape[0]]
-        if self.reference_size is not None:
-            images = [fit_square(r, self.reference_size) for r in images]
-        sizes = sorted({tuple(r.shape[-2:]) for r in images})
-        if len(sizes) > 1:
-            raise ValueError(f"references in one batch have different sizes {sizes}; FLUX shares one set of "
-                             "position ids per batch: set reference_size to resize them all")
-        self.check_image_size(sizes[0], "references")
-        latents = self.encode_grid(torch.cat(images).to(self.device) * 2 - 1, generator)  # one VAE call
-        tokens = self.pack(latents)  # (ΣK, l, C)
+        tokens = self.pack(torch.cat([g for g in grids if len(g)]))  # (ΣK, l, C)
         per_ref = tokens.shape[1]
         out = tokens.new_zeros(pairs, k_max, per_ref, tokens.shape[-1])
         keep = torch.zeros(pairs, k_max, dtype=torch.bool, device=self.device)
@@ -247,8 +237,48 @@ class FlowMatchingBackbone(Backbone):
             out[i, :k] = tokens[start:start + k]
             keep[i, :k] = True
             start += k
-        ids = self.reference_ids([tuple(latents.shape[-2:])] * k_max, h, w)
+        sizes = {tuple(g.shape[-2:]) for g in grids if len(g)}
+        if len(sizes) > 1:
+            raise ValueError(f"cached reference latents in one batch have different grids {sorted(sizes)}; "
+                             "re-run `focusdpo embed --latents` with reference_size set")
+        ids = self.reference_ids([sizes.pop()] * k_max, h, w)
         return out.flatten(1, 2), keep.repeat_interleave(per_ref, dim=1), ids
+
+    def reference_latents(self, batch: dict, pairs: int, generator: torch.Generator) -> list[torch.Tensor] | None:
+        """Per-pair reference latent grids ``[(K_i, C, hr, wr)]``: cached ones, or all images in one VAE call."""
+        cached = batch.get("reference_latents")
+        source = cached if cached is not None else batch.get("references")
+        if source is None:
+            return None
+        if len(source) != pairs:
+            raise ValueError(f"batch has {pairs} pairs but {len(source)} reference lists")
+        counts = [int(r.shape[0]) for r in source]
+        self.check_reference_counts(counts, batch.get("pair_ids") or [str(i) for i in range(pairs)])
+        if cached is not None:
+            return [torch.as_tensor(r).to(self.device, torch.float32) for r in cached]
+        images = [r for r in source if r.shape[0]]
+        if not images:
+            return [torch.zeros(0) for _ in source]
+        if self.reference_size is not None:
+            images = [fit_square(r, self.reference_size) for r in images]
+        sizes = sorted({tuple(r.shape[-2:]) for r in images})
+        if len(sizes) > 1:
+            raise ValueError(f"references in one batch have different sizes {sizes}; FLUX shares one set of "
+                             "position ids per batch: set reference_size to resize them all")
+        self.check_image_size(sizes[0], "references")
+        latents = self.encode_grid(torch.cat(images).to(self.device) * 2 - 1, generator)  # one VAE call
+        return list(latents.split(counts))
+
+    def check_reference_counts(self, counts: list[int], pair_ids: list[str]) -> None:
+        k_max = max(counts, default=0)
+        if k_max > self.max_references:
+            worst = pair_ids[counts.index(k_max)]
+            raise ValueError(f"pair {worst} has {k_max} references but {self.family} supports at most "
+                             f"{self.max_references} here (max_references); drop references or raise the limit")
+        if len(set(counts)) > 1 and self.mixed_reference_counts == "error":
+            raise ValueError(f"pairs in one batch have different reference counts {dict(zip(pair_ids, counts))}; "
+                             "batch pairs with the same K (bucket by K, or per_device_train_batch_size: 1), or "
+                             "set mixed_reference_counts: pad")
 
     def cached_prompt_embeds(self, batch: dict, pairs: int, key: str = "prompt_embeds") -> torch.Tensor | None:
         embeds = batch.get(key)

@@ -51,6 +51,10 @@ class StableDiffusionBackbone(Backbone):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae.config.scaling_factor).float()
 
+    def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
+        latents = self.encode_images(batch["pixel_values"], generator)
+        return {"latents": list(torch.stack(latents.chunk(2), dim=1))}  # per pair: [chosen, rejected]
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
         """Prompt conditioning for ``[w; l]`` (``resolution`` is used by SDXL's size ids)."""

@@ -44,3 +44,32 @@ def test_dropping_text_encoders_without_a_cache_is_refused(tmp_path):
 def test_sd_does_not_cache_text():
     with pytest.raises(NotImplementedError, match="flow families"):
         load_backbone("sd").text_cache(["a dog"])
+
+
+@pytest.mark.parametrize("family, extra", [("sd", ["--no_text"]), ("flux2", []), ("flux_kontext", [])])
+def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tmp_path):
+    from focusdpo.config import parse_config
+    from focusdpo.train import build_trainer
+
+    args = [*TINY, "--family", family, "--max_steps", "2"]
+    cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", *extra, *args])
+    cached = load_pairs(str(tmp_path / "cached"))
+    assert {"latents", "encoder_key"} <= set(cached.column_names)
+    assert ("reference_latents" in cached.column_names) == (family != "sd")
+    drop = [] if family == "sd" else ["--drop_text_encoders", "true"]
+    trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run"), "--dataset",
+                                           str(tmp_path / "cached"), *drop]))
+    trainer.backbone.pipeline.vae.encode = None  # any VAE encoding during training would now fail
+    trainer.train()
+    assert step_losses(tmp_path / "run")[0] == pytest.approx(0.693147, abs=1e-5)
+
+
+def test_latents_cached_for_another_model_are_refused(tmp_path):
+    from focusdpo.config import parse_config
+    from focusdpo.train import build_trainer
+
+    cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", "--no_text", *TINY])
+    trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run"), "--dataset",
+                                           str(tmp_path / "cached"), "--tiny_seed", "1"]))
+    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):
+        trainer.train()
