@@ -55,7 +55,8 @@ def make_trainer(variant: str, args, out: str):
     from focusdpo.models import load_backbone
     from focusdpo.train import FocusDPOTrainer, build_trainer
 
-    argv = ["--output_dir", out, "--dataset", f"{args.cached_pairs}_plain", "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
+    argv = ["--output_dir", out, "--dataset", f"{args.cached_pairs}_plain",
+            "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
             "--resolution", str(args.resolution), "--per_device_train_batch_size", str(args.batch),
             "--toy_num_pairs", str(4 * args.batch * (args.steps + args.warmup)), "--sample_every_run", "false",
             "--logging_steps", "100000", "--lora_rank", "4", "--lora_alpha", "4"]

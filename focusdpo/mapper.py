@@ -13,7 +13,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Array4D, Dataset
 from tqdm.auto import tqdm

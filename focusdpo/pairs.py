@@ -84,21 +84,21 @@ def describe(subject: tuple[str, str, str]) -> str:
 
 
 def toy_pair(rng: np.random.Generator, size: int, index: int) -> dict:
-    count = int(rng.integers(2, 4))
+    count, big = int(rng.integers(2, 4)), size * SUPERSAMPLE
     subjects: list = []
     for _ in range(count):
         subjects.append(random_subject(rng, set(subjects)))
     background = (235 + rng.integers(-12, 12, (8, 8, 3))).clip(0, 255).astype(np.uint8)
-    boxes = layout(rng, count, size * SUPERSAMPLE)
+    boxes = layout(rng, count, big)
     disrupted = int(rng.integers(count))
     swapped = subjects.copy()
     swapped[disrupted] = random_subject(rng, set(subjects))
     chosen, _ = render(subjects, boxes, size, background)
     rejected, _ = render(swapped, boxes, size, background)
-    centred = (size * SUPERSAMPLE // 5, size * SUPERSAMPLE // 5, size * SUPERSAMPLE * 4 // 5, size * SUPERSAMPLE * 4 // 5)
+    centred = (big // 5, big // 5, big * 4 // 5, big * 4 // 5)
     plain = np.full((8, 8, 3), 250, np.uint8)
     refs = [render([s], [centred], size, plain) for s in subjects]
-    prior = Image.new("L", (size * SUPERSAMPLE,) * 2, 0)
+    prior = Image.new("L", (big, big), 0)
     ImageDraw.Draw(prior).rectangle(boxes[disrupted], fill=255)
     return {"pair_id": f"toy-{index:05d}", "prompt": " and ".join(describe(s) for s in subjects),
             "chosen": chosen, "rejected": rejected, "references": [r[0] for r in refs],

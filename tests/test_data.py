@@ -19,7 +19,8 @@ def png(colour, size=(16, 16)):
 
 def test_toy_pairs_follow_the_schema_and_collate_winners_first():
     ds = load_pairs("toy", toy_num_pairs=4, resolution=32)
-    assert len(ds) == 4 and {"pair_id", "prompt", "chosen", "rejected", "references", "prior_mask"} <= set(ds.column_names)
+    assert len(ds) == 4
+    assert {"pair_id", "prompt", "chosen", "rejected", "references", "prior_mask"} <= set(ds.column_names)
     rows = [ds[0], ds[1]]
     batch = PairCollator(32)(rows)
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
