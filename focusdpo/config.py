@@ -17,6 +17,7 @@ FAMILIES = ("sd", "sdxl", "flux2", "flux_kontext")
 REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 NAN_POLICIES = ("stop", "skip")
+LORA_LOADERS = ("strict", "pipeline")
 DATASET_FORMATS = ("auto", "pairs", "jsonl", "pickapic")
 FLOW_DENSITIES = ("uniform", "logit_normal", "mode")
 REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
@@ -52,6 +53,9 @@ class ModelConfig:
         "help": f"Reference model: {', '.join(REFERENCE_MODES)}."})
     personalization_lora: str | None = field(default=None, metadata={
         "help": "Existing LoRA (dir or .safetensors) used as the frozen reference for frozen_adapter."})
+    personalization_lora_loader: str = field(default="strict", metadata={
+        "help": "'strict': diffusers/peft LoRA files, mismatched keys refused; 'pipeline': the pipeline's "
+                "load_lora_weights, which also converts kohya, XLabs and BFL layouts."})
     save_fused_lora: bool = field(default=False, metadata={
         "help": "frozen_adapter: also write fused/ with one LoRA = personalization + DPO (loads alone)."})
     lora_rank: int = field(default=8, metadata={"help": "Rank of the DPO LoRA; 0 trains all weights."})
@@ -91,6 +95,7 @@ class ModelConfig:
         check_choice("reference_ids", self.reference_ids, REFERENCE_ID_SCHEMES)
         check_choice("mixed_reference_counts", self.mixed_reference_counts, MIXED_REFERENCE_COUNTS)
         check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
+        check_choice("personalization_lora_loader", self.personalization_lora_loader, LORA_LOADERS)
         if self.reference_mode == "frozen_adapter" and not self.personalization_lora:
             raise ConfigError("reference_mode='frozen_adapter' needs personalization_lora: the path of "
                               "the LoRA that the reference keeps")

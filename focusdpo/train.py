@@ -72,7 +72,7 @@ def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
         return
     denoiser.requires_grad_(False)
     if cfg.reference_mode == "frozen_adapter":
-        load_personalization_lora(backbone, cfg.personalization_lora)
+        load_personalization_lora(backbone, cfg.personalization_lora, cfg.personalization_lora_loader)
     targets = cfg.lora_target_modules or list(backbone.default_lora_targets)
     denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                     target_modules=targets), adapter_name=DPO_ADAPTER)
@@ -82,11 +82,11 @@ def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
         param.requires_grad_(f".{DPO_ADAPTER}." in name)
 
 
-def load_personalization_lora(backbone: Backbone, path: str) -> None:
+def load_personalization_lora(backbone: Backbone, path: str, loader: str = "strict") -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "
                                 ".safetensors file of the LoRA the reference should keep")
-    backbone.add_lora_adapter(path, PERSONAL_ADAPTER)
+    backbone.add_lora_adapter(path, PERSONAL_ADAPTER, loader)
 
 
 class MetricsFileCallback(TrainerCallback):

@@ -28,6 +28,8 @@ def test_unknown_key_suggests_the_close_field(tmp_path):
     ("family", "sd3", "family='sd3' is not valid; choose one of: sd, sdxl, flux2, flux_kontext"),
     ("reference_mode", "ema", "reference_mode='ema' is not valid"),
     ("nan_policy", "ignore", "nan_policy='ignore' is not valid; choose one of: stop, skip"),
+    ("personalization_lora_loader", "kohya", "personalization_lora_loader='kohya' is not valid; choose one of: "
+                                             "strict, pipeline"),
 ])
 def test_bad_values_are_named(field, value, message):
     with pytest.raises(ConfigError, match=message):

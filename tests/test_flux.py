@@ -344,7 +344,8 @@ def test_tiny_default_and_sampling_at_training_size(family):
     assert [im.size for im in images] == [(RES, RES)] * 2  # Kontext would otherwise upscale to 1024²
 
 
-def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(tmp_path):
+@pytest.mark.parametrize("loader", ["strict", "pipeline"])
+def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(loader, tmp_path):
     """FLUX.1 + an existing LoRA (UNO/DreamO-style): reference = base + that LoRA; the DPO LoRA goes on top."""
     from focusdpo.reference import DPO_ADAPTER, PERSONAL_ADAPTER, frozen_adapter
 
@@ -358,7 +359,7 @@ def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(tmp_pat
     personal.save_lora(tmp_path / "personal", "trained")
 
     backbone = kontext()
-    backbone.load_personalization_lora(tmp_path / "personal", PERSONAL_ADAPTER)
+    backbone.add_lora_adapter(tmp_path / "personal", PERSONAL_ADAPTER, loader)  # alpha 8 != rank 4: metadata
     add_lora(backbone, name=DPO_ADAPTER)
     backbone.denoiser.set_adapters([PERSONAL_ADAPTER, DPO_ADAPTER])
     with torch.no_grad():

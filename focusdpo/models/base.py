@@ -130,17 +130,29 @@ class Backbone(ABC):
         type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
             f"{self.denoiser_name}_lora_layers": state, f"{self.denoiser_name}_lora_adapter_metadata": config})
 
+    def lora_file(self, path: str | Path) -> Path:
+        path = Path(path)
+        file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no LoRA file at {file}; expected a .safetensors file or a folder "
+                                    f"holding {LORA_WEIGHTS_NAME}")
+        return file
+
+    def read_lora_metadata(self, path: str | Path) -> dict | None:
+        """The LoraConfig stored with a LoRA file (rank, alpha, targets), without the denoiser prefix."""
+        from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+
+        metadata = _load_sft_state_dict_metadata(str(self.lora_file(path)))
+        prefix = f"{self.denoiser_name}."
+        return {k.removeprefix(prefix): v for k, v in metadata.items()} if metadata else None
+
     def read_lora(self, path: str | Path) -> dict[str, torch.Tensor]:
         """A diffusers-format LoRA (folder or .safetensors) as a peft state dict for the denoiser.
 
         Keys that name no module of the denoiser raise, listing the first mismatches: a LoRA made for
         another model would otherwise load silently as a no-op.
         """
-        path = Path(path)
-        file = path / LORA_WEIGHTS_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"no LoRA file at {file}; expected a .safetensors file or a folder "
-                                    f"holding {LORA_WEIGHTS_NAME}")
+        file = self.lora_file(path)
         prefix = f"{self.denoiser_name}."
         state = convert_unet_state_dict_to_peft(
             {k.removeprefix(prefix): v for k, v in load_file(str(file)).items()})
@@ -148,12 +160,24 @@ class Backbone(ABC):
         unknown = [k for k in state if k.split(".lora_")[0].replace(".base_layer", "") not in modules]
         if unknown:
             raise ValueError(f"LoRA {file} does not fit this {self.family} {self.denoiser_name}: {len(unknown)} of "
-                             f"{len(state)} keys name no module, e.g. {unknown[:3]}. Is it a LoRA for another model?")
+                             f"{len(state)} keys name no module, e.g. {unknown[:3]}. Is it a LoRA for another model? "
+                             "If it is a kohya/XLabs/BFL-format file, set personalization_lora_loader: pipeline")
         return state
 
-    def add_lora_adapter(self, path: str | Path, adapter_name: str) -> None:
-        """Attach an existing LoRA as a new adapter (e.g. the personalization LoRA a reference keeps)."""
-        self.denoiser.load_lora_adapter(self.read_lora(path), adapter_name=adapter_name, prefix=None)
+    def add_lora_adapter(self, path: str | Path, adapter_name: str, loader: str = "strict") -> None:
+        """Attach an existing LoRA as a new adapter (e.g. the personalization LoRA a reference keeps).
+
+        ``strict`` reads diffusers/peft files and refuses keys that name no module; ``pipeline`` goes through
+        the pipeline's own ``load_lora_weights``, which also converts kohya, XLabs and BFL layouts.
+        """
+        if loader == "strict":  # the stored LoraConfig carries alpha: without it a LoRA loads rescaled
+            self.denoiser.load_lora_adapter(self.read_lora(path), adapter_name=adapter_name, prefix=None,
+                                            metadata=self.read_lora_metadata(path))
+            return
+        self.pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
+        if adapter_name not in getattr(self.denoiser, "peft_config", {}):
+            raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights that "
+                             f"{type(self.pipeline).__name__}.load_lora_weights can read")
 
     def load_lora(self, path: str | Path, adapter_name: str = "default") -> None:
         """Load a diffusers-format LoRA file into an existing adapter (resume); mismatches raise."""

@@ -321,14 +321,6 @@ class FlowMatchingBackbone(Backbone):
         return self.tokens_to_grid(self.predict_tokens(denoiser, inputs), inputs)
 
     # ---- LoRA files and sampling ----------------------------------------------------------------
-    def load_personalization_lora(self, path: str | Path, adapter_name: str) -> None:
-        """Load an existing LoRA as the adapter ``adapter_name`` through the pipeline's own loader, which reads
-        diffusers/peft files (with their alpha metadata) and converts kohya, xlabs and BFL layouts."""
-        self.pipeline.load_lora_weights(str(path), adapter_name=adapter_name)
-        if adapter_name not in getattr(self.denoiser, "peft_config", {}):
-            raise ValueError(f"{path} holds no {self.denoiser_name} LoRA weights that "
-                             f"{type(self.pipeline).__name__}.load_lora_weights can read")
-
 
 class Flux2Backbone(FlowMatchingBackbone):
     """FLUX.2 [dev] (Mistral3 text stack) and FLUX.2 [klein] (Qwen3): 2×2-patchified, BatchNorm-normalised
