@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, Features, Image, List, Value, load_from_disk
+from datasets import Array2D, Array3D, Array4D, Dataset, Features, Image, List, Sequence, Value, load_from_disk
 from PIL import Image as PILImage
 from PIL import ImageOps
 
@@ -193,6 +193,21 @@ def to_tensor(image: PILImage.Image) -> torch.Tensor:
 def as_tensor(value) -> torch.Tensor:
     """A cached array column (nested lists of float16 in arrow) as a float32 tensor."""
     return torch.as_tensor(np.asarray(value, dtype=np.float32))
+
+
+def array_feature(shape: tuple[int, ...], dynamic_first: bool = False):
+    """A float16 datasets feature for arrays of ``shape`` (the first axis may vary per row)."""
+    if len(shape) == 1:
+        return Sequence(Value("float16"))
+    shape = (None, *shape[1:]) if dynamic_first else tuple(shape)
+    return {2: Array2D, 3: Array3D, 4: Array4D}[len(shape)](shape=shape, dtype="float16")
+
+
+def add_array_column(pairs: Dataset, name: str, values: list[np.ndarray], dynamic_first: bool = False) -> Dataset:
+    shape = max((v.shape for v in values), key=len)
+    # Pairs without references come out as empty 1-D arrays: give them the (0, C, h, w) shape of the others.
+    values = [v if v.ndim == len(shape) else np.zeros((0, *shape[1:]), v.dtype) for v in values]
+    return pairs.add_column(name, [v.tolist() for v in values], feature=array_feature(shape, dynamic_first))
 
 
 class PairCollator:

@@ -15,11 +15,11 @@ import json
 
 import numpy as np
 import torch
-from datasets import Array2D, Array3D, Array4D, Dataset, Sequence, Value
+from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .config import DataConfig, ModelConfig
-from .data import ENCODER_CACHE_COLUMNS, PairCollator, load_pairs
+from .data import ENCODER_CACHE_COLUMNS, PairCollator, add_array_column, load_pairs
 from .models import Backbone, load_backbone
 
 # ModelConfig/DataConfig fields that change what the encoders produce.
@@ -38,21 +38,6 @@ def check_encoder_key(key: str, model_cfg: ModelConfig, data_cfg: DataConfig) ->
     if key != expected:
         raise ValueError(f"the dataset's cached embeddings/latents were made with {key} but this run uses "
                          f"{expected}: re-run `focusdpo embed` with this recipe, or train on the uncached pairs")
-
-
-def array_feature(shape: tuple[int, ...], dynamic_first: bool = False):
-    """A float16 datasets feature for arrays of ``shape`` (the first axis may vary per row)."""
-    if len(shape) == 1:
-        return Sequence(Value("float16"))
-    shape = (None, *shape[1:]) if dynamic_first else tuple(shape)
-    return {2: Array2D, 3: Array3D, 4: Array4D}[len(shape)](shape=shape, dtype="float16")
-
-
-def add_array_column(pairs: Dataset, name: str, values: list[np.ndarray], dynamic_first: bool = False) -> Dataset:
-    shape = max((v.shape for v in values), key=len)
-    # Pairs without references come out as empty 1-D arrays: give them the (0, C, h, w) shape of the others.
-    values = [v if v.ndim == len(shape) else np.zeros((0, *shape[1:]), v.dtype) for v in values]
-    return pairs.add_column(name, [v.tolist() for v in values], feature=array_feature(shape, dynamic_first))
 
 
 def encode_pairs(pairs: Dataset, backbone: Backbone, resolution: int, text: bool, latents: bool,

@@ -14,11 +14,11 @@ import json
 from pathlib import Path
 
 import torch
-from datasets import Array4D, Dataset
+from datasets import Dataset
 from tqdm.auto import tqdm
 
 from .config import RECIPE_EPILOG, ConfigError, FocusConfig, parse_config
-from .data import PairCollator, PairDataError, load_pairs
+from .data import PairCollator, PairDataError, add_array_column, load_pairs
 from .features import load_dino
 from .focus import compute_static_maps, focus_weights
 
@@ -99,11 +99,8 @@ def precompute_focus_maps(pairs: Dataset, cfg: FocusConfig, grid: tuple[int, int
         out = mapper.batch_maps(collate(rows), grid).cpu()
         count = len(rows)
         maps.extend(torch.stack([out[:count], out[count:]], dim=1).half().numpy())
-    for column in ("focus_maps", "focus_key"):
-        if column in pairs.column_names:
-            pairs = pairs.remove_columns(column)
-    pairs = pairs.add_column("focus_maps", [m.tolist() for m in maps],
-                             feature=Array4D(shape=(2, 2, *grid), dtype="float16"))
+    pairs = pairs.remove_columns([c for c in ("focus_maps", "focus_key") if c in pairs.column_names])
+    pairs = add_array_column(pairs, "focus_maps", maps)
     return pairs.add_column("focus_key", [focus_cache_key(cfg, grid)] * len(pairs))
 
 

@@ -124,8 +124,7 @@ class FocusDPOTrainer(Trainer):
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
         self.focus_mapper = None
-        self._accepted_focus_keys: set[str] = set()
-        self._accepted_encoder_keys: set[str] = set()
+        self._accepted_cache_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     # ---- the loss -------------------------------------------------------------------------------
@@ -151,11 +150,16 @@ class FocusDPOTrainer(Trainer):
     def check_cached_encoders(self, inputs: dict) -> None:
         """Refuse embeddings/latents cached for another model or size (checked once per distinct key)."""
         key = inputs.get("encoder_key")
-        if key is not None and key not in self._accepted_encoder_keys:
+        if key is not None:
             from .encoder_cache import check_encoder_key
 
-            check_encoder_key(key, self.model_config, self.data_config)
-            self._accepted_encoder_keys.add(key)
+            self.accept_cache_key(key, lambda: check_encoder_key(key, self.model_config, self.data_config))
+
+    def accept_cache_key(self, key: str, check) -> None:
+        """Run a cache's key ``check`` once per distinct key: hashing settings every step is wasted work."""
+        if key not in self._accepted_cache_keys:
+            check()
+            self._accepted_cache_keys.add(key)
 
     def batch_seed(self, pair_ids: list[str]) -> int:
         """Noise and timesteps depend only on (seed, step, pairs): resume replays them exactly."""
@@ -181,9 +185,8 @@ class FocusDPOTrainer(Trainer):
 
         if "focus_maps" in inputs:
             check_cached_grid(inputs["focus_maps"], tuple(grid))
-            if inputs["focus_key"] not in self._accepted_focus_keys:  # hash the settings once, not every step
-                check_cache_key(inputs["focus_key"], self.focus_config, tuple(grid))
-                self._accepted_focus_keys.add(inputs["focus_key"])
+            key = inputs["focus_key"]
+            self.accept_cache_key(key, lambda: check_cache_key(key, self.focus_config, tuple(grid)))
             return inputs["focus_maps"].float()
         if self.focus_mapper is None:
             self.focus_mapper = FocusMapper(self.focus_config, device=self.args.device)

@@ -96,11 +96,14 @@ class Backbone(ABC):
         LoraConfig goes in as metadata: without it loaders assume ``lora_alpha = rank`` and a LoRA trained
         with another alpha reloads rescaled.
         """
+        self.write_lora(out_dir, self.lora_state_dict(adapter_name, state_dict),
+                        self.denoiser.peft_config[adapter_name].to_dict())
+
+    def write_lora(self, out_dir: str | Path, layers: dict[str, torch.Tensor], config: dict) -> None:
+        """The pipeline's own ``save_lora_weights`` with the LoraConfig as metadata."""
         prefix = self.denoiser_name
-        type(self.pipeline).save_lora_weights(
-            str(out_dir), safe_serialization=True, **{
-                f"{prefix}_lora_layers": self.lora_state_dict(adapter_name, state_dict),
-                f"{prefix}_lora_adapter_metadata": self.denoiser.peft_config[adapter_name].to_dict()})
+        type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
+            f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": config})
 
     def save_fused_lora(self, out_dir: str | Path, adapters: tuple[str, ...]) -> None:
         """Write ONE LoRA equal to the sum of ``adapters`` (e.g. personalization + DPO), loadable alone.
@@ -110,7 +113,7 @@ class Backbone(ABC):
         """
         from peft import LoraConfig
 
-        layers, rank = {}, None
+        layers = {}
         for name, module in self.denoiser.named_modules():
             if not hasattr(module, "lora_A") or not any(a in module.lora_A for a in adapters):
                 continue
@@ -126,9 +129,7 @@ class Backbone(ABC):
             pad = rank - a.shape[0]
             state[f"{name}.lora_A.weight"] = torch.cat([a, a.new_zeros(pad, *a.shape[1:])]).contiguous()
             state[f"{name}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], 1).contiguous()
-        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers)).to_dict()
-        type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
-            f"{self.denoiser_name}_lora_layers": state, f"{self.denoiser_name}_lora_adapter_metadata": config})
+        self.write_lora(out_dir, state, LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(layers)).to_dict())
 
     def lora_file(self, path: str | Path) -> Path:
         path = Path(path)
