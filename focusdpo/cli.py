@@ -15,6 +15,8 @@ COMMANDS = {
     "focus": "precompute static focus maps into a pair dataset",
     "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
+    "export": "write a trained LoRA for A1111/ComfyUI/kohya (SD/SDXL) or ComfyUI (FLUX): focusdpo export RUN",
+    "plot": "draw loss, reward margins, accuracy and per-noise-level margins of a run: focusdpo plot RUN",
 }
 
 
@@ -46,17 +48,31 @@ def inspect_command(argv: list[str]) -> None:
     inspect_main(argv)
 
 
+def export_command(argv: list[str]) -> None:
+    from .export import export_main
+    export_main(argv)
+
+
+def plot_command(argv: list[str]) -> None:
+    from .plot import plot_main
+    plot_main(argv)
+
+
 def train_command(argv: list[str]) -> None:
     from .train import main
     main(argv)
 
 
 HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
-            "inspect": inspect_command}
+            "inspect": inspect_command, "export": export_command, "plot": plot_command}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        from . import __version__
+        print(f"focusdpo {__version__}")
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
         lines = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
         print(f"usage: focusdpo COMMAND [options]\n\ncommands:\n{lines}")

@@ -7,11 +7,16 @@ name the field, the bad value and the valid choices.
 from __future__ import annotations
 
 import difflib
+import json
 import math
+import os
+import warnings
 from dataclasses import dataclass, field, fields
 
 import yaml
 from transformers import TrainingArguments
+
+from .config_aliases import cli_keys, foreign_name_message
 
 FAMILIES = ("sd", "sdxl", "flux2", "flux_kontext")
 REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
@@ -46,6 +51,8 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
 class ModelConfig:
     """Which generator to post-train and how its LoRA is built."""
 
+    _argument_group_name = "model (ModelConfig)"  # HfArgumentParser: one --help section per class
+
     family: str = field(default="sd", metadata={"help": f"Backbone family: {', '.join(FAMILIES)}."})
     pretrained_path: str | None = field(default=None, metadata={
         "help": "Local diffusers pipeline directory. Empty: build a tiny random generator in-process."})
@@ -58,6 +65,9 @@ class ModelConfig:
                 "load_lora_weights, which also converts kohya, XLabs and BFL layouts."})
     save_fused_lora: bool = field(default=False, metadata={
         "help": "frozen_adapter: also write fused/ with one LoRA = personalization + DPO (loads alone)."})
+    save_kohya_format: bool = field(default=False, metadata={
+        "help": "Also write lora_kohya.safetensors (SD/SDXL: A1111/ComfyUI/kohya) or lora_comfyui.safetensors "
+                "(FLUX: alpha folded in) beside every saved LoRA; `focusdpo export` does the same afterwards."})
     lora_rank: int = field(default=8, metadata={"help": "Rank of the DPO LoRA; 0 trains all weights."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)."})
     lora_target_modules: list[str] = field(default_factory=list, metadata={
@@ -107,6 +117,8 @@ class ModelConfig:
                               "use reference_mode: disable_adapters with a LoRA")
         if self.reference_mode != "frozen_copy" and self.lora_rank <= 0:
             raise ConfigError(f"lora_rank={self.lora_rank} trains all weights: use reference_mode: frozen_copy")
+        if self.save_kohya_format and self.lora_rank <= 0:
+            raise ConfigError("save_kohya_format exports a LoRA: a full fine-tune (lora_rank: 0) has none")
 
     def adapter_options(self, max_references: int) -> dict:
         """Keyword arguments for the family's adapter (flow transformers only; UNets take none)."""
@@ -128,6 +140,8 @@ class ModelConfig:
 class DataConfig:
     """Where the preference pairs come from and how images are prepared."""
 
+    _argument_group_name = "data (DataConfig)"  # HfArgumentParser: one --help section per class
+
     dataset: str = field(default="toy", metadata={
         "help": "Pair dataset: a datasets dir, a folder with pairs.jsonl, a Pick-a-Pic parquet/dir, "
                 "or 'toy' for pairs the project generates itself."})
@@ -146,6 +160,8 @@ class DataConfig:
 class LossConfig:
     """The Diffusion-DPO objective."""
 
+    _argument_group_name = "loss (LossConfig)"  # HfArgumentParser: one --help section per class
+
     beta: float = field(default=5000.0, metadata={
         "help": "DPO β on the Diffusion-DPO scale (inside = −½·β·Δ); ≈5000 for SD ε-prediction."})
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of: {', '.join(LOSS_TYPES)}."})
@@ -156,6 +172,10 @@ class LossConfig:
 
     def __post_init__(self):
         check_positive("beta", self.beta)
+        if self.beta < 10:
+            warnings.warn(f"beta={self.beta} looks like a TRL-scale value: on the Diffusion-DPO scale (inside = −½·β·Δ, "
+                          "Δ a difference of mean squared errors, typically tiny) it carries almost no preference "
+                          "signal; SD ε-prediction uses ≈5000, flow models 100–2000", stacklevel=2)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         if not 0 <= self.label_smoothing < 0.5:
@@ -165,6 +185,8 @@ class LossConfig:
 @dataclass
 class FocusConfig:
     """Focus weights W(q, u) (DESIGN.md, "The focus method"). λ_s = λ_d = 0 is vanilla DPO."""
+
+    _argument_group_name = "focus (FocusConfig)"  # HfArgumentParser: one --help section per class
 
     lambda_structure: float = field(default=0.0, metadata={"help": "λ_s: weight of the correspondence term."})
     lambda_detail: float = field(default=0.0, metadata={"help": "λ_d: weight of the complexity term."})
@@ -209,6 +231,8 @@ class FocusConfig:
 class FocusDPOConfig(TrainingArguments):
     """Training loop settings: transformers' TrainingArguments with defaults for diffusion DPO."""
 
+    _argument_group_name = "training (FocusDPOConfig: transformers TrainingArguments)"
+
     output_dir: str = field(default="runs/focusdpo", metadata={"help": "Where checkpoints and the LoRA go."})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Pairs per device and step."})
@@ -230,13 +254,50 @@ class FocusDPOConfig(TrainingArguments):
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
+        check_launcher_precision(self.bf16, self.fp16)
         super().__post_init__()
+
+    def to_dict(self) -> dict:
+        """TrainingArguments' fields plus every field of the other four sections once the trainer has set
+        ``recipe_sections``: Trainer integrations (tensorboard, wandb, mlflow, ...) log this as the run config."""
+        return {**super().to_dict(), **getattr(self, "recipe_sections", {})}
+
+
+def check_launcher_precision(bf16: bool, fp16: bool) -> None:
+    """Stop when ``accelerate launch --mixed_precision`` asks for another half precision than the recipe.
+
+    TrainingArguments silently lets the recipe win. "no" is not checked: accelerate also writes it when
+    ``--mixed_precision`` was never given, so it cannot tell "full precision, please" from "unset".
+    """
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    recipe = "bf16" if bf16 else "fp16" if fp16 else "no"
+    if launcher != "no" and launcher != recipe:
+        raise ConfigError(f"accelerate launch --mixed_precision is {launcher!r} but the recipe says {recipe!r} "
+                          f"(bf16={bf16}, fp16={fp16}): make them agree (set bf16/fp16 in the recipe, or launch with "
+                          f"--mixed_precision {recipe})")
 
 
 RECIPE_EPILOG = ("Every other argument selects the pairs, model and focus settings as for training: "
                  "--config recipes/X.yaml and any field override (see `focusdpo train --help`).")
 
 CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)
+
+
+def config_fields(*configs) -> dict:
+    """Every field of the given config objects, flat, as YAML/JSON-safe values that parse back as ``--config``.
+
+    TrainingArguments go through its own ``to_dict`` (``accelerator_config`` becomes a mapping, not a repr);
+    ``*_token`` fields are left empty so that no secret is written to disk.
+    """
+    merged = {}
+    for cfg in configs:
+        if isinstance(cfg, TrainingArguments):
+            values = TrainingArguments.to_dict(cfg)  # without the sections FocusDPOConfig.to_dict adds
+        else:
+            values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}
+        for name, value in values.items():
+            merged[name] = None if name.endswith("_token") else json.loads(json.dumps(value, default=str))
+    return merged
 
 
 def check_config_keys(path: str) -> dict:
@@ -250,6 +311,8 @@ def check_config_keys(path: str) -> dict:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a YAML mapping of field: value")
+    if message := foreign_name_message(data, path):
+        raise ConfigError(message)
     known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)} | {"env"}
     for key in data:
         if key not in known:
@@ -259,11 +322,18 @@ def check_config_keys(path: str) -> dict:
     return data
 
 
-def parse_config(argv: list[str] | None = None):
+def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
     """Parse ``--config recipe.yaml`` plus CLI overrides into the five config dataclasses."""
+    import argparse
+
     from trl import TrlParser
 
     argv = list(argv or [])
+    if message := foreign_name_message(cli_keys(argv), "on the command line"):
+        raise ConfigError(message)
     if "--config" in argv:
         check_config_keys(argv[argv.index("--config") + 1])
-    return TrlParser(CONFIG_CLASSES).parse_args_and_config(argv)
+    parser = TrlParser(CONFIG_CLASSES, prog=prog)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
+                        help="YAML recipe of field: value (flat); command-line fields override it.")
+    return parser.parse_args_and_config(argv)

@@ -24,9 +24,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, parse_config
+from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, config_fields, parse_config
 from .data import PairCollator, load_pairs
+from .export import export_lora
 from .losses import diffusion_dpo_loss, dpo_inside, weighted_error
+from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 
@@ -114,6 +116,8 @@ class FocusDPOTrainer(Trainer):
 
             backbone.denoiser.to(half_dtype(args))
             cast_training_params(backbone.denoiser, torch.float32)
+        # Trackers log args.to_dict() as the run config: give it every section, not only TrainingArguments.
+        args.recipe_sections = config_fields(model_config, data_config, loss_config, self.focus_config)
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
             self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
@@ -249,6 +253,8 @@ class FocusDPOTrainer(Trainer):
             state_dict = {k.removeprefix("denoiser."): v for k, v in state_dict.items()}
         if self.model_config.lora_rank > 0:
             self.backbone.save_lora(output_dir, DPO_ADAPTER, state_dict)
+            if self.model_config.save_kohya_format and self.args.should_save:
+                export_lora(output_dir, self.model_config.family)
         else:
             self.backbone.denoiser.save_pretrained(Path(output_dir) / self.backbone.denoiser_name)
 
@@ -340,18 +346,12 @@ def image_grid(rows: list[list], labels: list[str], min_cell: int = 128):
 
 
 def write_resolved_config(path: Path, configs) -> None:
-    """The full configuration the run used (every field, defaults included), as YAML."""
-    import dataclasses
-
+    """The full configuration the run used (every field, defaults included), as YAML that ``--config`` reads back."""
     import yaml
 
-    merged = {}
-    for cfg in configs:
-        for f in dataclasses.fields(cfg):
-            if f.init:
-                # via JSON: enums become their string value, other objects their str()
-                merged[f.name] = json.loads(json.dumps(getattr(cfg, f.name), default=str))
-    path.write_text(yaml.safe_dump(merged, sort_keys=True))
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(yaml.safe_dump(config_fields(*configs), sort_keys=True))
+    os.replace(staging, path)
 
 
 def main(argv: list[str] | None = None) -> FocusDPOTrainer:
@@ -378,6 +378,8 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
             grid = trainer.backbone.loss_grid(data_cfg.resolution)
             save_focus_panels(rows, trainer.focus_mapper, grid, data_cfg.resolution, out / "focus")
         print(f"[focusdpo] LoRA, config.yaml, metrics.jsonl and PNGs (samples, focus maps) are in {out}")
+    if trainer.is_world_process_zero():
+        write_model_card(out, configs, trainer.state.global_step, len(trainer.train_dataset))
     return trainer
 
 

@@ -141,9 +141,14 @@ class Backbone(ABC):
 
     def read_lora_metadata(self, path: str | Path) -> dict | None:
         """The LoraConfig stored with a LoRA file (rank, alpha, targets), without the denoiser prefix."""
-        from diffusers.utils.state_dict_utils import _load_sft_state_dict_metadata
+        import json
 
-        metadata = _load_sft_state_dict_metadata(str(self.lora_file(path)))
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+        from safetensors import safe_open
+
+        with safe_open(str(self.lora_file(path)), framework="pt") as f:
+            stored = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+        metadata = json.loads(stored) if stored else None
         prefix = f"{self.denoiser_name}."
         return {k.removeprefix(prefix): v for k, v in metadata.items()} if metadata else None
 
