@@ -13,6 +13,7 @@ from pathlib import Path
 from .export import EXPORT_NAMES
 
 SAMPLES_NAME = "samples_before_after.png"
+EXPORT_USERS = {"kohya": "A1111/ComfyUI/kohya", "comfyui": "ComfyUI"}
 
 
 def card_facts(configs, steps: int, num_pairs: int) -> list[tuple[str, str]]:
@@ -23,7 +24,11 @@ def card_facts(configs, steps: int, num_pairs: int) -> list[tuple[str, str]]:
     rows = [("base model", base), ("family", model.family), ("reference", model.reference_mode)]
     if model.personalization_lora:
         rows.append(("personalization LoRA (frozen reference)", Path(model.personalization_lora).name))
-    rows += [("LoRA", f"rank {model.lora_rank}, alpha {model.lora_alpha:g}"),
+    if model.lora_rank > 0:
+        trained = f"LoRA rank {model.lora_rank}, alpha {model.lora_alpha:g}"
+    else:
+        trained = f"every {denoiser_name(model.family)} weight (full fine-tune)"
+    rows += [("trained", trained),
              ("β (Diffusion-DPO scale)", f"{loss.beta:g}, loss {loss.loss_type}"),
              ("λ_structure, λ_detail", f"{focus.lambda_structure:g}, {focus.lambda_detail:g}"
                                        + ("" if focus.enabled else " (vanilla Diffusion-DPO)")),
@@ -41,17 +46,30 @@ def model_card_text(out: Path, configs, steps: int, num_pairs: int) -> str:
     metadata = ModelCardData(base_model=base, library_name="diffusers",
                              tags=["lora", "diffusion-dpo", "focusdpo", model.family]).to_yaml()
     table = "\n".join(f"| {label} | {value} |" for label, value in card_facts(configs, steps, num_pairs))
-    lines = [f"---\n{metadata}\n---\n", f"# {out.name}: focus-weighted Diffusion-DPO LoRA\n",
+    lines = [f"---\n{metadata}\n---\n", f"# {out.name}: focus-weighted Diffusion-DPO{' LoRA' if model.lora_rank > 0 else ''}\n",
              "Trained with focusdpo. Every resolved setting is in `config.yaml`, the training curves in "
              "`metrics.jsonl` (`focusdpo plot` draws them).\n", "| | |\n| --- | --- |", table, "",
-             "## Load\n", "```python", "pipe.load_lora_weights(\"path/to/this/folder\")  # diffusers", "```\n"]
-    exports = [name for name in EXPORT_NAMES.values() if (out / name).is_file()]
-    if exports:
-        lines.append(f"For A1111/ComfyUI/kohya: `{exports[0]}` (alpha set from the trained LoraConfig).\n")
+             "## Load\n", "```python", load_line(model), "```\n"]
+    for kind, name in EXPORT_NAMES.items():
+        if (out / name).is_file():
+            lines.append(f"For {EXPORT_USERS[kind]}: `{name}` (scaled as trained: alpha from the LoraConfig).\n")
     if (out / SAMPLES_NAME).is_file():
-        lines += ["## Samples\n", "Top row: the reference model; bottom row: the trained LoRA (same seeds).\n",
+        lines += ["## Samples\n", "Top row: the reference model; bottom row: the trained model (same seeds).\n",
                   f"![samples]({SAMPLES_NAME})\n"]
     return "\n".join(lines)
+
+
+def load_line(model) -> str:
+    """How diffusers loads the result: the LoRA, or the fine-tuned denoiser folder of a full fine-tune."""
+    if model.lora_rank > 0:
+        return 'pipe.load_lora_weights("path/to/this/folder")  # diffusers'
+    name = denoiser_name(model.family)
+    return f'pipe.{name} = type(pipe.{name}).from_pretrained("path/to/this/folder/{name}")'
+
+
+def denoiser_name(family: str) -> str:
+    """The pipeline attribute that was trained: UNets for SD/SDXL, transformers for FLUX."""
+    return "unet" if family in ("sd", "sdxl") else "transformer"
 
 
 def write_model_card(out: str | Path, configs, steps: int, num_pairs: int) -> Path:

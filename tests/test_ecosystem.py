@@ -155,6 +155,19 @@ def test_model_card_names_base_family_beta_lambda_data_steps_and_samples(run):
         assert fact in card, fact
 
 
+def test_model_card_of_a_full_fine_tune_loads_the_denoiser_not_a_lora(tmp_path):
+    from focusdpo.config import DataConfig, FocusConfig
+    from focusdpo.model_card import model_card_text
+
+    configs = (FocusDPOConfig(output_dir=str(tmp_path)), ModelConfig(family="flux2", reference_mode="frozen_copy",
+                                                                      lora_rank=0), DataConfig(), LossConfig(),
+               FocusConfig())
+    card = model_card_text(tmp_path, configs, steps=7, num_pairs=3)
+    assert "every transformer weight (full fine-tune)" in card and "(vanilla Diffusion-DPO)" in card
+    assert 'pipe.transformer = type(pipe.transformer).from_pretrained("path/to/this/folder/transformer")' in card
+    assert "load_lora_weights" not in card and "Samples" not in card
+
+
 def test_plot_draws_every_panel_from_metrics_jsonl(run, tmp_path):
     from PIL import Image
 
@@ -205,6 +218,24 @@ def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, 
     main(["--config", str(out / "config.yaml"), "--output_dir", str(retrain), "--report_to", "none",
           "--sample_every_run", "false"])
     assert read_losses(retrain) == pytest.approx(read_losses(out), rel=1e-6)
+
+
+def test_resolved_config_round_trips_dict_list_and_enum_fields_and_drops_tokens(tmp_path):
+    from focusdpo.config import config_fields
+    from focusdpo.train import write_resolved_config
+
+    configs = parse_config(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--lr_scheduler_type",
+                            "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-6}', "--optim_args", "a=1",
+                            "--debug", "underflow_overflow", "--report_to", "tensorboard", "--include_for_metrics",
+                            "inputs", "--lora_target_modules", "to_q", "to_k", "--text_encoder_out_layers", "3", "5",
+                            "--flow_shift", "3.0", "--hub_token", "SECRET-TOKEN", "--accelerator_config",
+                            '{"split_batches": true}'])
+    write_resolved_config(tmp_path / "config.yaml", configs)
+    assert "SECRET-TOKEN" not in (tmp_path / "config.yaml").read_text()
+    again = config_fields(*parse_config(["--config", str(tmp_path / "config.yaml")]))
+    written = config_fields(*configs)
+    assert {k: (written[k], again[k]) for k in written if written[k] != again[k]} == {}
+    assert again["accelerator_config"]["split_batches"] is True and again["lr_scheduler_kwargs"] == {"min_lr": 1e-6}
 
 
 # ---- names users bring from TRL and the diffusers scripts ----------------------------------------------
