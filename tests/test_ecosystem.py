@@ -1,5 +1,6 @@
 """Fitting the tools users already have: LoRA export, plots, model card, trackers, round-tripping configs."""
 
+import dataclasses
 import json
 import warnings
 
@@ -201,6 +202,10 @@ def test_tracker_run_config_carries_every_section(run):
     expected = {"beta": 5000.0, "lambda_structure": 1.0, "lambda_detail": 1.0, "lora_rank": 4, "family": "sd",
                 "dataset": "toy", "dino_depth": 2, "learning_rate": 1e-3}
     assert {k: logged.get(k) for k in expected} == expected
+    trainer = run[1]
+    sections = (trainer.model_config, trainer.data_config, trainer.loss_config, trainer.focus_config)
+    every_field = {f.name for section in (trainer.args, *sections) for f in dataclasses.fields(section) if f.init}
+    assert every_field - set(logged) == set()
 
 
 def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, tmp_path):
