@@ -173,9 +173,10 @@ class LossConfig:
     def __post_init__(self):
         check_positive("beta", self.beta)
         if self.beta < 10:
-            warnings.warn(f"beta={self.beta} looks like a TRL-scale value: on the Diffusion-DPO scale (inside = −½·β·Δ, "
-                          "Δ a difference of mean squared errors, typically tiny) it carries almost no preference "
-                          "signal; SD ε-prediction uses ≈5000, flow models 100–2000", stacklevel=2)
+            warnings.warn(f"beta={self.beta} looks like a TRL-scale value: on the Diffusion-DPO scale "
+                          "(inside = −½·β·Δ, Δ a difference of mean squared errors, typically tiny) it carries "
+                          "almost no preference signal; SD ε-prediction uses ≈5000, flow models 100–2000",
+                          stacklevel=2)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         if not 0 <= self.label_smoothing < 0.5:

@@ -46,7 +46,8 @@ def model_card_text(out: Path, configs, steps: int, num_pairs: int) -> str:
     metadata = ModelCardData(base_model=base, library_name="diffusers",
                              tags=["lora", "diffusion-dpo", "focusdpo", model.family]).to_yaml()
     table = "\n".join(f"| {label} | {value} |" for label, value in card_facts(configs, steps, num_pairs))
-    lines = [f"---\n{metadata}\n---\n", f"# {out.name}: focus-weighted Diffusion-DPO{' LoRA' if model.lora_rank > 0 else ''}\n",
+    kind = " LoRA" if model.lora_rank > 0 else ""
+    lines = [f"---\n{metadata}\n---\n", f"# {out.name}: focus-weighted Diffusion-DPO{kind}\n",
              "Trained with focusdpo. Every resolved setting is in `config.yaml`, the training curves in "
              "`metrics.jsonl` (`focusdpo plot` draws them).\n", "| | |\n| --- | --- |", table, "",
              "## Load\n", "```python", load_line(model), "```\n"]

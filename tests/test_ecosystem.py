@@ -72,7 +72,8 @@ def test_diffusers_converter_alone_rescales_a_lora_trained_with_alpha_not_rank(t
 
     trained = trained_lora("sd", tmp_path).denoiser.eval()
     tensors, _ = read_lora(tmp_path / "pytorch_lora_weights.safetensors")
-    save_file({k: v.contiguous() for k, v in convert_state_dict_to_kohya(tensors).items()}, str(tmp_path / "naive.safetensors"))
+    naive = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(tensors).items()}
+    save_file(naive, str(tmp_path / "naive.safetensors"))
     pipe = tiny_sd_pipeline(0)
     pipe.load_lora_weights(str(tmp_path), weight_name="naive.safetensors")
     x, t, text = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 7, 32)
