@@ -305,11 +305,11 @@ class FocusDPOConfig(TrainingArguments):
         check_positive("learning_rate", self.learning_rate, allow_zero=lr_zero_ok)
         for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1),
                               ("max_steps", 1), ("num_sample_prompts", 0), ("sample_steps", 1),
-                              ("dataloader_num_workers", 0), ("warmup_steps", 0), ("seed", 0)):
+                              ("dataloader_num_workers", 0), ("seed", 0)):
             check_int(name, getattr(self, name), minimum)
         for name in ("logging_steps", "save_steps"):
             check_positive(name, getattr(self, name))
-        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):
             check_positive(name, getattr(self, name), allow_zero=True)
         if self.save_total_limit is not None:
             check_int("save_total_limit", self.save_total_limit, 1)
