@@ -158,6 +158,7 @@ def resolve_paths(row: dict, folder: Path, number: int) -> dict:
     for key in ("references", "reference_masks"):
         row[key] = [resolve(p) for p in row.get(key, [])]
     row["pair_id"] = str(row.get("pair_id", f"line-{number}"))
+    row.setdefault("prior_mask", None)  # every row needs every column, and some lines may give one
     return row
 
 
