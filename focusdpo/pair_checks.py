@@ -65,7 +65,7 @@ def check_row(row: dict, max_references: int | None) -> None:
     for k, (ref, mask) in enumerate(zip(refs, masks)):
         check_mask_size(image_header(ref, "references", pair_id), image_header(mask, "reference_masks", pair_id),
                         f"reference_masks[{k}]", f"references[{k}]", pair_id)
-    for k, ref in enumerate(refs[len(masks):]):
+    for ref in refs[len(masks):]:  # references without a mask
         image_header(ref, "references", pair_id)
     if row["prior_mask"]:
         check_mask_size(chosen, image_header(row["prior_mask"], "prior_mask", pair_id), "prior_mask", "chosen",
