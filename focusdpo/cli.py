@@ -67,7 +67,22 @@ def main(argv: list[str] | None = None) -> None:
             hint = f"; did you mean {near[0]!r}?" if near else f"; choose one of: {', '.join(HANDLERS)}"
             print(f"focusdpo: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    HANDLERS[argv[0]](argv[1:])
+    report_user_errors(HANDLERS[argv[0]], argv[1:])
+
+
+def report_user_errors(command, argv: list[str]):
+    """Run ``command(argv)``; a refused input ends with its message and exit status 2, not a traceback
+    (the message already names the field, file, pair or line and the fix)."""
+    from .config import ConfigError
+    from .data import PairDataError
+    from .run_checks import RunFolderError
+    from .safe_write import OutputError
+
+    try:
+        return command(argv)
+    except (ConfigError, PairDataError, RunFolderError, OutputError, FileNotFoundError) as e:
+        print(f"focusdpo: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

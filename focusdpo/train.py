@@ -413,4 +413,6 @@ def train_and_save(configs, out: Path, resume: str | None) -> FocusDPOTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import report_user_errors
+
+    report_user_errors(main, sys.argv[1:])

@@ -94,6 +94,13 @@ def test_config_equals_file_is_read():
     assert parse_config([f"--config={RECIPE}"])[0].learning_rate == pytest.approx(1e-3)
 
 
+def test_a_refused_input_ends_in_its_message_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", "--config", RECIPE, "--top_n", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "focusdpo: error: top_n=0 must be an integer >= 1\n"
+
+
 def test_unknown_subcommand_says_so(capsys):
     with pytest.raises(SystemExit):
         cli(["trian"])
@@ -206,11 +213,13 @@ def test_caches_made_for_another_run_are_refused_before_the_model_loads(tmp_path
         main(tiny(tmp_path / "run", "--dataset", str(tmp_path / "cached"), "--lambda_detail", "1", "--top_n", "1"))
 
 
-def test_out_equal_to_the_input_is_refused_before_computing(tmp_path):
+def test_out_equal_to_the_input_is_refused_before_computing(tmp_path, capsys):
     cli(["pairs", "--out", str(tmp_path / "ds"), "--num_pairs", "2", "--resolution", "16"])
     for command in ("focus", "embed"):
-        with pytest.raises(OutputError, match="is the input dataset itself"):
+        with pytest.raises(SystemExit) as exit_:
             cli([command, "--out", str(tmp_path / "ds"), "--config", RECIPE, "--dataset", str(tmp_path / "ds")])
+        assert exit_.value.code == 2
+        assert f"focusdpo: error: --out {tmp_path / 'ds'} is the input dataset itself" in capsys.readouterr().err
 
 
 # ---- output folders: never mixed, never shared -----------------------------------------------------------
