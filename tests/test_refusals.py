@@ -333,21 +333,31 @@ def test_a_full_disk_names_the_folder_and_leaves_no_staging(tmp_path, monkeypatc
     assert not (tmp_path / ".staging").exists() and not list(tmp_path.glob("checkpoint-*"))
 
 
-def test_a_kill_while_saving_a_dataset_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+KILLED_SAVE = """
+import os, signal, sys
+from datasets import Dataset
+from focusdpo.cli import main
+
+def killed_save(self, path, **kwargs):  # half a dataset written, then SIGKILL: no cleanup code runs
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "state.json"), "w") as f:
+        f.write('{"_data_files": [')
+    os.kill(os.getpid(), signal.SIGKILL)
+
+Dataset.save_to_disk = killed_save
+main(["pairs", "--out", sys.argv[1], "--num_pairs", "5", "--resolution", "16"])
+"""
+
+
+def test_a_kill_while_saving_a_dataset_leaves_the_previous_one_intact(tmp_path):
     out = tmp_path / "pairs"
     cli(["pairs", "--out", str(out), "--num_pairs", "3", "--resolution", "16"])
-
-    def killed_save(self, path, **kwargs):  # what a kill half-way through save_to_disk leaves behind
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "state.json"), "w") as f:
-            f.write('{"_data_files": [')
-        raise KeyboardInterrupt("killed while saving")
-    monkeypatch.setattr(Dataset, "save_to_disk", killed_save)
-    with pytest.raises(KeyboardInterrupt):
-        cli(["pairs", "--out", str(out), "--num_pairs", "5", "--resolution", "16"])
-    monkeypatch.undo()
-    assert len(load_pairs(str(out))) == 3
-    assert [p.name for p in tmp_path.iterdir()] == ["pairs"]  # no staging debris
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(out)], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert len(load_pairs(str(out))) == 3  # the previous dataset, untouched
+    cli(["pairs", "--out", str(out), "--num_pairs", "5", "--resolution", "16"])  # the next save clears the debris
+    assert len(load_pairs(str(out))) == 5 and [p.name for p in tmp_path.iterdir()] == ["pairs"]
 
 
 # ---- numerics: advice names the field; metrics stay valid JSON -------------------------------------------
