@@ -6,6 +6,7 @@
 import argparse
 
 from focusdpo.data import load_pairs
+from focusdpo.safe_write import check_out_is_not_input, save_dataset
 
 
 def main() -> None:
@@ -14,8 +15,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="Folder to write the dataset to.")
     parser.add_argument("--format", default="auto", choices=("auto", "jsonl", "pickapic"), help="Source layout.")
     args = parser.parse_args()
+    check_out_is_not_input(args.out, args.source)
     pairs = load_pairs(args.source, args.format)
-    pairs.save_to_disk(args.out)
+    save_dataset(pairs, args.out)
     print(f"{len(pairs)} pairs written to {args.out}")
 
 

@@ -7,6 +7,7 @@ trained on procedurally generated multi-subject pairs, on CPU, in about a minute
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 COMMANDS = {
@@ -22,6 +23,7 @@ COMMANDS = {
 
 def pairs_command(argv: list[str]) -> None:
     from .pairs import make_toy_pairs
+    from .safe_write import save_dataset
 
     parser = argparse.ArgumentParser(prog="focusdpo pairs", description=COMMANDS["pairs"])
     parser.add_argument("--out", required=True, help="Folder to write the dataset to (save_to_disk).")
@@ -29,7 +31,7 @@ def pairs_command(argv: list[str]) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="Image size in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     args = parser.parse_args(argv)
-    make_toy_pairs(args.num_pairs, args.resolution, args.seed).save_to_disk(args.out)
+    save_dataset(make_toy_pairs(args.num_pairs, args.resolution, args.seed), args.out)
     print(f"[focusdpo] {args.num_pairs} pairs written to {args.out}")
 
 
@@ -76,8 +78,27 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
         lines = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
         print(f"usage: focusdpo COMMAND [options]\n\ncommands:\n{lines}")
+        if argv and argv[0] not in ("-h", "--help"):
+            near = difflib.get_close_matches(argv[0], HANDLERS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; choose one of: {', '.join(HANDLERS)}"
+            print(f"focusdpo: unknown command {argv[0]!r}{hint}", file=sys.stderr)
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    HANDLERS[argv[0]](argv[1:])
+    report_user_errors(HANDLERS[argv[0]], argv[1:])
+
+
+def report_user_errors(command, argv: list[str]):
+    """Run ``command(argv)``; a refused input ends with its message and exit status 2, not a traceback
+    (the message already names the field, file, pair or line and the fix)."""
+    from .config import ConfigError
+    from .data import PairDataError
+    from .run_checks import RunFolderError
+    from .safe_write import OutputError
+
+    try:
+        return command(argv)
+    except (ConfigError, PairDataError, RunFolderError, OutputError, FileNotFoundError) as e:
+        print(f"focusdpo: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ name the field, the bad value and the valid choices.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import os
@@ -29,6 +30,7 @@ REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
 MIXED_REFERENCE_COUNTS = ("pad", "error")
 FLOW_FAMILIES = ("flux2", "flux_kontext")
 PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
+ON_BAD_PAIR = ("error", "skip")
 
 
 class ConfigError(ValueError):
@@ -38,6 +40,46 @@ class ConfigError(ValueError):
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def type_error(name: str, value, annotation: str):
+    what = "a list" if isinstance(value, list) else "null" if value is None else f"a {type(value).__name__}"
+    return ConfigError(f"{name}={value!r} is {what}, but {name} takes {annotation}")
+
+
+def is_instance(value, type_name: str) -> bool:
+    """``value`` fits the scalar annotation ``type_name`` (a bool is not a number; an int is a float)."""
+    if isinstance(value, bool) and type_name != "bool":
+        return False
+    return isinstance(value, SCALAR_TYPES[type_name])
+
+
+def check_types(cfg) -> None:
+    """Each field the class itself declares fits its annotation (``int``, ``float | None``, ``list[str]``...):
+    YAML lists, nulls or strings where another type belongs are refused here, not deep inside a model.
+    The annotations are read as written (HfArgumentParser rewrites ``field.type`` in place, dropping None)."""
+    for name, annotation in inspect.get_annotations(type(cfg)).items():
+        parts = [p.strip() for p in str(annotation).split("|")]
+        value = getattr(cfg, name)
+        if value is None and "None" in parts:
+            continue
+        base = parts[0]
+        if base.startswith("list[") and base[5:-1] in SCALAR_TYPES:
+            ok = isinstance(value, list) and all(is_instance(v, base[5:-1]) for v in value)
+        elif base in SCALAR_TYPES:
+            ok = is_instance(value, base)
+        else:
+            continue
+        if not ok:
+            raise type_error(name, value, annotation)
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
 
 
 def check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -100,6 +142,14 @@ class ModelConfig:
         "help": "flux2: text-encoder hidden layers to stack; empty uses the pipeline's default."})
 
     def __post_init__(self):
+        check_types(self)
+        check_positive("lora_alpha", self.lora_alpha)
+        check_int("lora_rank", self.lora_rank, 0)
+        check_int("max_sequence_length", self.max_sequence_length, 1)
+        check_positive("logit_std", self.logit_std)
+        check_positive("mode_scale", self.mode_scale, allow_zero=True)
+        if self.reference_size is not None:
+            check_int("reference_size", self.reference_size, 8)
         check_choice("family", self.family, FAMILIES)
         check_choice("flow_density", self.flow_density, FLOW_DENSITIES)
         check_choice("reference_ids", self.reference_ids, REFERENCE_ID_SCHEMES)
@@ -149,8 +199,15 @@ class DataConfig:
     resolution: int = field(default=32, metadata={"help": "Training resolution in pixels (square)."})
     toy_num_pairs: int = field(default=32, metadata={"help": "Number of generated pairs when dataset='toy'."})
     max_references: int = field(default=6, metadata={"help": "Most reference subjects per pair."})
+    on_bad_pair: str = field(default="error", metadata={
+        "help": "A pair that fails the up-front check (missing/unreadable file, sizes, counts): 'error' stops "
+                "before the model loads; 'skip' logs it, drops it and reports how many were dropped."})
 
     def __post_init__(self):
+        check_types(self)
+        check_int("toy_num_pairs", self.toy_num_pairs, 1)
+        check_int("max_references", self.max_references, 0)
+        check_choice("on_bad_pair", self.on_bad_pair, ON_BAD_PAIR)
         check_choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution} must be a positive multiple of 8")
@@ -171,6 +228,7 @@ class LossConfig:
         "help": "On a NaN/inf loss: 'stop' (save the last good state and raise) or 'skip' the batch."})
 
     def __post_init__(self):
+        check_types(self)
         check_positive("beta", self.beta)
         if self.beta < 10:
             warnings.warn(f"beta={self.beta} looks like a TRL-scale value: on the Diffusion-DPO scale "
@@ -179,7 +237,7 @@ class LossConfig:
                           stacklevel=2)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        if not 0 <= self.label_smoothing < 0.5:
+        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
 
@@ -214,6 +272,14 @@ class FocusConfig:
         "help": f"{', '.join(PAIR_ALIGNMENTS)}: 'auto' treats pairs with a prior mask as spatially aligned."})
 
     def __post_init__(self):
+        check_types(self)
+        check_int("top_n", self.top_n, 1)
+        check_int("dino_depth", self.dino_depth, 0)
+        check_int("entropy_bins", self.entropy_bins, 2)
+        check_int("dino_image_size", self.dino_image_size, 14)
+        check_positive("entropy_sigma", self.entropy_sigma, allow_zero=True)
+        check_positive("subject_threshold", abs(self.subject_threshold), allow_zero=True)  # finite
+        check_positive("schedule_center", self.schedule_center, allow_zero=True)
         check_positive("lambda_structure", self.lambda_structure, allow_zero=True)
         check_positive("lambda_detail", self.lambda_detail, allow_zero=True)
         check_positive("subject_temperature", self.subject_temperature)
@@ -248,10 +314,33 @@ class FocusDPOConfig(TrainingArguments):
         "help": "Pin batches in page-locked memory (CUDA only; switched off without a GPU)."})
     num_sample_prompts: int = field(default=3, metadata={"help": "Prompts in the before/after PNG."})
     sample_steps: int = field(default=8, metadata={"help": "Denoising steps for the before/after samples."})
-
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Clear a non-empty output_dir before training (otherwise a fresh run into it is refused)."})
+    allow_zero_learning_rate: bool = field(default=False, metadata={
+        "help": "Accept learning_rate: 0 (a run that must not change the weights, e.g. to check the reference)."})
 
     def __post_init__(self):
         import torch
+
+        check_types(self)
+        lr_zero_ok = self.allow_zero_learning_rate is True
+        if self.learning_rate == 0 and not lr_zero_ok:
+            raise ConfigError("learning_rate=0 trains nothing: give a learning rate > 0, or set "
+                              "allow_zero_learning_rate: true if a run that keeps the weights is meant")
+        check_positive("learning_rate", self.learning_rate, allow_zero=lr_zero_ok)
+        for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1),
+                              ("max_steps", 1), ("num_sample_prompts", 0), ("sample_steps", 1),
+                              ("dataloader_num_workers", 0), ("seed", 0)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("logging_steps", "save_steps"):
+            check_positive(name, getattr(self, name))
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+        if self.save_total_limit is not None:
+            check_int("save_total_limit", self.save_total_limit, 1)
+        if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):
+            raise type_error("resume_from_checkpoint", self.resume_from_checkpoint,
+                             "a checkpoint folder or 'latest'")
 
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator; torch warns otherwise
@@ -314,13 +403,44 @@ def check_config_keys(path: str) -> dict:
         raise ConfigError(f"config file {path!r} must hold a YAML mapping of field: value")
     if message := foreign_name_message(data, path):
         raise ConfigError(message)
-    known = {f.name for cls in CONFIG_CLASSES for f in fields(cls)} | {"env"}
+    known = known_keys() | {"env"}
     for key in data:
         if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else "; see `focusdpo train --help` for the fields"
-            raise ConfigError(f"unknown config key {key!r} in {path}{hint}")
+            raise ConfigError(f"unknown config key {key!r} in {path}{did_you_mean(key, known)}")
     return data
+
+
+def known_keys() -> set[str]:
+    return {f.name for cls in CONFIG_CLASSES for f in fields(cls)}
+
+
+def did_you_mean(key: str, known) -> str:
+    near = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {near[0]!r}?" if near else "; see `focusdpo train --help` for the fields"
+
+
+def check_cli_keys(argv: list[str]) -> None:
+    """Every ``--key`` on the command line is a config field (or ``--no_<bool field>``, ``--config``)."""
+    names = known_keys()
+    bools = {f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.type in ("bool", bool)}
+    known = names | {f"no_{name}" for name in bools} | {"config", "help"}
+    for token in argv:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            if key not in known:
+                raise ConfigError(f"unknown option --{key} on the command line{did_you_mean(key, names)}")
+
+
+def split_config_option(argv: list[str]) -> list[str]:
+    """``--config=FILE`` → ``--config FILE``; a ``--config`` without a file is refused."""
+    out = []
+    for token in argv:
+        out.extend(["--config", token.split("=", 1)[1]] if token.startswith("--config=") else [token])
+    if "--config" in out:
+        at = out.index("--config")
+        if at + 1 == len(out) or out[at + 1].startswith("--") or not out[at + 1]:
+            raise ConfigError("--config needs a recipe file: --config recipes/X.yaml")
+    return out
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
@@ -329,9 +449,10 @@ def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
 
     from trl import TrlParser
 
-    argv = list(argv or [])
+    argv = split_config_option(list(argv or []))
     if message := foreign_name_message(cli_keys(argv), "on the command line"):
         raise ConfigError(message)
+    check_cli_keys(argv)
     if "--config" in argv:
         check_config_keys(argv[argv.index("--config") + 1])
     parser = TrlParser(CONFIG_CLASSES, prog=prog)

@@ -26,13 +26,19 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import datasets
 from datasets import Array2D, Array3D, Array4D, Dataset, Features, Image, List, Sequence, Value, load_from_disk
 from PIL import Image as PILImage
 from PIL import ImageOps
+
+from .pair_checks import PairDataError, check_jsonl_row, check_mask_size, preflight, to_eight_bit
 
 PAIR_FEATURES = Features({
     "pair_id": Value("string"), "prompt": Value("string"), "chosen": Image(), "rejected": Image(),
@@ -42,25 +48,39 @@ REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 TEXT_CACHE_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 ENCODER_CACHE_COLUMNS = TEXT_CACHE_COLUMNS + ("latents", "reference_latents", "encoder_key")
 IMAGE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
+PICKAPIC_LABELS = (0, 0.5, 1)
 
-
-class PairDataError(ValueError):
-    """The pair data is wrong; the message names the file, column or pair and the fix."""
 
 
 def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resolution: int = 32,
-               seed: int = 0) -> Dataset:
-    """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder or Pick-a-Pic files."""
-    if source == "toy":
-        from .pairs import make_toy_pairs
-        return check_pairs(make_toy_pairs(toy_num_pairs, resolution, seed), source)
-    path = Path(source)
-    if not path.exists():
-        raise PairDataError(f"dataset {source!r} does not exist; give a dataset folder, a folder with "
-                            "pairs.jsonl, a Pick-a-Pic parquet file, or 'toy'")
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    loaders = {"pairs": load_saved, "jsonl": import_jsonl, "pickapic": import_pickapic}
-    return check_pairs(loaders[fmt](path), source)
+               seed: int = 0, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
+    """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder or Pick-a-Pic files, and
+    check every pair (:func:`focusdpo.pair_checks.preflight`)."""
+    with no_cache_files():
+        if source == "toy":
+            from .pairs import make_toy_pairs
+            return check_pairs(make_toy_pairs(toy_num_pairs, resolution, seed), source, max_references,
+                               on_bad_pair)
+        path = Path(source)
+        if not path.exists():
+            raise PairDataError(f"dataset {source!r} does not exist; give a dataset folder, a folder with "
+                                "pairs.jsonl, a Pick-a-Pic parquet file, or 'toy'")
+        fmt = detect_format(path) if fmt == "auto" else fmt
+        loaders = {"pairs": load_saved, "jsonl": import_jsonl, "pickapic": import_pickapic}
+        return check_pairs(loaders[fmt](path), source, max_references, on_bad_pair)
+
+
+@contextmanager
+def no_cache_files():
+    """Transforms write their results to a temporary folder, not beside the user's dataset files: the
+    dataset may sit in a read-only location, and stray ``cache-*.arrow`` files there would outlive the run."""
+    enabled = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_caching()
 
 
 def detect_format(path: Path) -> str:
@@ -82,7 +102,7 @@ def load_saved(path: Path) -> Dataset:
     return load_from_disk(str(path))
 
 
-def check_pairs(ds: Dataset, source: str) -> Dataset:
+def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
     """Reject an empty dataset or missing columns; fill optional columns; keep images undecoded."""
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing:
@@ -99,16 +119,7 @@ def check_pairs(ds: Dataset, source: str) -> Dataset:
     for column in IMAGE_COLUMNS:
         feature = List(Image(decode=False)) if column.startswith("reference") else Image(decode=False)
         ds = ds.cast_column(column, feature)
-    preflight(ds)
-    return ds
-
-
-def preflight(ds: Dataset, count: int = 16) -> None:
-    """Decode the first ``count`` pairs now, so systematic data errors surface before any model loads."""
-    for i in range(min(count, len(ds))):
-        row = ds[i]
-        chosen, rejected = (open_image(row[c], c, row["pair_id"]) for c in ("chosen", "rejected"))
-        check_same_size(chosen, rejected, row["pair_id"])
+    return preflight(ds, max_references, on_bad_pair)
 
 
 def check_same_size(chosen: PILImage.Image, rejected: PILImage.Image, pair_id: str) -> None:
@@ -123,10 +134,13 @@ def import_jsonl(folder: Path) -> Dataset:
     rows = []
     for number, line in enumerate((folder / "pairs.jsonl").read_text().splitlines(), 1):
         if line.strip():
+            where = f"{folder / 'pairs.jsonl'} line {number}"
             try:
-                rows.append(resolve_paths(json.loads(line), folder, number))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PairDataError(f"{folder / 'pairs.jsonl'} line {number} is not JSON: {e}") from None
+                raise PairDataError(f"{where} is not JSON: {e}") from None
+            check_jsonl_row(row, where)
+            rows.append(resolve_paths(row, folder, number))
     columns = {k: PAIR_FEATURES[k] for k in PAIR_FEATURES if any(k in r for r in rows)}
     return Dataset.from_list(rows, features=Features(columns))
 
@@ -143,7 +157,8 @@ def resolve_paths(row: dict, folder: Path, number: int) -> dict:
             row[key] = resolve(row[key])
     for key in ("references", "reference_masks"):
         row[key] = [resolve(p) for p in row.get(key, [])]
-    row.setdefault("pair_id", f"line-{number}")
+    row["pair_id"] = str(row.get("pair_id", f"line-{number}"))
+    row.setdefault("prior_mask", None)  # every row needs every column, and some lines may give one
     return row
 
 
@@ -154,7 +169,7 @@ def import_pickapic(path: Path) -> Dataset:
     missing = [c for c in ("jpg_0", "jpg_1", "label_0", "caption") if c not in raw.column_names]
     if missing:
         raise PairDataError(f"{path} is not in the Pick-a-Pic layout: missing {missing}")
-    raw = raw.filter(lambda label: label in (0, 1), input_columns="label_0")  # 0.5 = tie: no preference
+    raw = keep_preferences(raw, path)
 
     def to_schema(row, index):
         first_wins = row["label_0"] == 1
@@ -164,6 +179,21 @@ def import_pickapic(path: Path) -> Dataset:
 
     return raw.map(to_schema, with_indices=True, remove_columns=raw.column_names,
                    features=Features({k: PAIR_FEATURES[k] for k in ("pair_id", "prompt", "chosen", "rejected")}))
+
+
+def keep_preferences(raw: Dataset, path: Path) -> Dataset:
+    """Rows with a preference (``label_0`` 0 or 1); ties (0.5) and invalid labels are dropped and reported."""
+    labels = raw["label_0"]
+    valid = [isinstance(v, (int, float)) and not math.isnan(v) and v in PICKAPIC_LABELS for v in labels]
+    ties = sum(1 for v, ok in zip(labels, valid) if ok and v == 0.5)
+    invalid = len(labels) - sum(valid)
+    kept = [i for i, (v, ok) in enumerate(zip(labels, valid)) if ok and v != 0.5]
+    why = f"{ties} ties (label_0 = 0.5) and {invalid} invalid label_0 values (valid: 0, 0.5, 1)"
+    if not kept:
+        raise PairDataError(f"no pairs left in {path}: of {len(labels)} rows, {why}")
+    if ties or invalid:
+        print(f"[focusdpo] {path}: {len(kept)} of {len(labels)} rows kept; dropped {why}", file=sys.stderr)
+    return raw.select(kept)
 
 
 def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PILImage.Image:
@@ -176,6 +206,7 @@ def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PIL
         where = value.get("path") or "embedded bytes"
         raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: {e}. "
                             "Replace the file or drop the pair") from None
+    image = to_eight_bit(image, f"pair {pair_id}: {column} image ({value.get('path') or 'embedded bytes'})")
     return ImageOps.exif_transpose(image).convert(mode)
 
 
@@ -259,13 +290,18 @@ class PairCollator:
         masks = row["reference_masks"] or []
         if masks and len(masks) != len(refs):
             raise PairDataError(f"pair {pair_id}: {len(masks)} reference masks for {len(refs)} references")
-        prior = row["prior_mask"]
+        prior = row["prior_mask"] and open_image(row["prior_mask"], "prior_mask", pair_id, "L")
+        refs = [open_image(r, "references", pair_id) for r in refs]
+        masks = [open_image(m, "reference_masks", pair_id, "L") for m in masks]
+        for k, (ref, mask) in enumerate(zip(refs, masks)):
+            check_mask_size(ref.size, mask.size, f"reference_masks[{k}]", f"references[{k}]", pair_id)
+        if prior:
+            check_mask_size(chosen.size, prior.size, "prior_mask", "chosen", pair_id)
         return {
             "chosen": to_tensor(square(chosen, size)), "rejected": to_tensor(square(rejected, size)),
-            "references": torch.stack([to_tensor(square(open_image(r, "references", pair_id), size)) for r in refs])
+            "references": torch.stack([to_tensor(square(r, size)) for r in refs])
             if refs else torch.zeros(0, 3, size, size),
-            "reference_masks": torch.stack([to_tensor(square(open_image(m, "reference_masks", pair_id, "L"), size,
-                                                             PILImage.NEAREST))[0] for m in masks]) if masks else None,
-            "prior_mask": to_tensor(square(open_image(prior, "prior_mask", pair_id, "L"), size,
-                                           PILImage.NEAREST))[0] if prior else None,
+            "reference_masks": torch.stack([to_tensor(square(m, size, PILImage.NEAREST))[0] for m in masks])
+            if masks else None,
+            "prior_mask": to_tensor(square(prior, size, PILImage.NEAREST))[0] if prior else None,
         }

@@ -80,6 +80,7 @@ def drop_text_encoders(backbone: Backbone, pairs: Dataset) -> None:
 def embed_main(argv: list[str]) -> None:
     """``focusdpo embed --out DIR --config recipe.yaml [--latents] [--no_text]``."""
     from .config import RECIPE_EPILOG, parse_config
+    from .safe_write import check_out_is_not_input, save_dataset
 
     parser = argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0],
                                      epilog=RECIPE_EPILOG)
@@ -90,11 +91,12 @@ def embed_main(argv: list[str]) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
     own, rest = parser.parse_known_args(argv)
     _, model_cfg, data_cfg, _, _ = parse_config(rest)
+    check_out_is_not_input(own.out, data_cfg.dataset)
     pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references)).to(own.device)
     cached = cache_encoder_outputs(pairs, backbone, model_cfg, data_cfg, not own.no_text, own.latents,
                                    own.batch_size)
-    cached.save_to_disk(own.out)
+    save_dataset(cached, own.out)
     print(f"[focusdpo] {len(pairs)} pairs with cached encoder outputs written to {own.out}; train on them "
           f"with `dataset: {own.out}` (and `drop_text_encoders: true` for flow models)")

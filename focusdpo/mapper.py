@@ -21,6 +21,7 @@ from .config import RECIPE_EPILOG, ConfigError, FocusConfig, parse_config
 from .data import PairCollator, PairDataError, add_array_column, load_pairs
 from .features import load_dino
 from .focus import compute_static_maps, focus_weights
+from .safe_write import check_out_is_not_input, save_dataset
 
 # FocusConfig fields that shape the static maps; λ and the schedule act per step and are not cached.
 STATIC_FIELDS = ("dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
@@ -133,10 +134,11 @@ def precompute_main(argv: list[str]) -> None:
         (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
+    check_out_is_not_input(own.out, data_cfg.dataset)
     pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
     grid = resolve_grid(model_cfg, data_cfg.resolution)
     cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device)
-    cached.save_to_disk(own.out)
+    save_dataset(cached, own.out)
     print(f"[focusdpo] {len(cached)} pairs with focus maps on a {grid[0]}x{grid[1]} grid written to {own.out}; "
           f"train on them with `dataset: {own.out}`")
 

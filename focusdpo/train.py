@@ -27,10 +27,14 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, config_fields, parse_config
 from .data import PairCollator, load_pairs
 from .export import export_lora
+from .interrupts import SaveOnSignal
 from .losses import diffusion_dpo_loss, dpo_inside, weighted_error
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
+from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_personalization_lora, check_resume_settings,
+                         keep_segment_configs, numerics_advice, prepare_output_dir, release_lock, resolve_resume)
+from .safe_write import disk_full_names
 
 TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
 
@@ -85,19 +89,23 @@ def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
 
 
 def load_personalization_lora(backbone: Backbone, path: str, loader: str = "strict") -> None:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "
-                                ".safetensors file of the LoRA the reference should keep")
+    check_personalization_lora(path)
     backbone.add_lora_adapter(path, PERSONAL_ADAPTER, loader)
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Append every log line to ``metrics.jsonl`` as it happens, so a crash loses nothing logged."""
+    """Append every log line to ``metrics.jsonl`` as it happens, so a crash loses nothing logged.
+
+    Strict JSON: a NaN/inf value is written as null, and its name and value (as a string) under ``non_finite``.
+    """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, **logs}
+            bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
+            record.update({k: None for k in bad}, **({"non_finite": bad} if bad else {}))
             with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 class FocusDPOTrainer(Trainer):
@@ -210,7 +218,7 @@ class FocusDPOTrainer(Trainer):
         raise NonFiniteLossError(
             f"loss is {loss.item()} at step {step} on process {self.args.process_index} (pairs {pair_ids}). "
             f"The last good state is saved in {saved}; resume from it with --resume_from_checkpoint {saved}, "
-            "after lowering the learning rate or beta, or set nan_policy: skip")
+            f"after you {numerics_advice(self.args, self.model_config, self.loss_config, self.focus_config)}")
 
     # ---- metrics --------------------------------------------------------------------------------
     def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
@@ -242,6 +250,9 @@ class FocusDPOTrainer(Trainer):
         super().log(logs, start_time)
 
     # ---- saving and resuming --------------------------------------------------------------------
+    def all_configs(self) -> tuple:
+        return self.args, self.model_config, self.data_config, self.loss_config, self.focus_config
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         """Write the DPO LoRA in diffusers format (or the full denoiser for a full fine-tune).
 
@@ -273,11 +284,14 @@ class FocusDPOTrainer(Trainer):
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         self.args.output_dir = staging
         try:
-            super()._save_checkpoint(model, trial)
+            with disk_full_names(Path(run_dir), Path(staging)):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()  # every rank has written its RNG state
         if self.args.should_save:
+            with disk_full_names(Path(run_dir), Path(staging)):  # what resume compares the next settings with
+                write_resolved_config(Path(staging, name, CHECKPOINT_CONFIG), self.all_configs())
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -302,9 +316,11 @@ def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
                   focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
-    """Load pairs first (cheap, fails early on bad data), then the model, then the trainer."""
+    """Load and check pairs and every input first (cheap, fails early), then the model, then the trainer."""
     dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
-                         seed=train_cfg.seed)
+                         seed=train_cfg.seed, max_references=data_cfg.max_references,
+                         on_bad_pair=data_cfg.on_bad_pair)
+    check_inputs(model_cfg, data_cfg, focus_cfg, dataset)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
     backbone.offload_text_encoders = model_cfg.offload_text_encoders
@@ -357,14 +373,36 @@ def write_resolved_config(path: Path, configs) -> None:
 def main(argv: list[str] | None = None) -> FocusDPOTrainer:
     """Parse config, train, and write the LoRA, resolved config, metrics and before/after samples."""
     configs = parse_config(sys.argv[1:] if argv is None else argv)
-    train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg = configs
-    trainer = build_trainer(train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg)
+    train_cfg = configs[0]
     out = Path(train_cfg.output_dir)
+    resume = resolve_resume(out, train_cfg.resume_from_checkpoint)
+    if resume is not None:
+        check_resume_settings(resume, configs)
+    lock = prepare_output_dir(out, resuming=resume is not None, overwrite=train_cfg.overwrite_output_dir)
+    try:
+        return train_and_save(configs, out, resume)
+    finally:
+        release_lock(lock)
+
+
+def train_and_save(configs, out: Path, resume: str | None) -> FocusDPOTrainer:
+    train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg = configs
+    interrupt = SaveOnSignal()
+    trainer = build_trainer(train_cfg, model_cfg, data_cfg, loss_cfg, focus_cfg, callbacks=[interrupt])
     if trainer.is_world_process_zero():
-        out.mkdir(parents=True, exist_ok=True)
+        if resume is not None:
+            keep_segment_configs(out)
         write_resolved_config(out / "config.yaml", configs)
-    resume = train_cfg.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume in ("latest", "true", "True") else resume)
+    interrupt.install(trainer.accelerator)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        interrupt.restore()
+    if interrupt.received:
+        saved = out / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+        print(f"[focusdpo] stopped by {interrupt.received} after step {trainer.state.global_step}; the state is "
+              f"saved in {saved}: resume with --resume_from_checkpoint latest", file=sys.stderr)
+        raise SystemExit(130 if interrupt.received == "SIGINT" else 143)
     trainer.save_model(str(out))
     if model_cfg.save_fused_lora and trainer.is_world_process_zero():
         trainer.backbone.save_fused_lora(out / "fused", (PERSONAL_ADAPTER, DPO_ADAPTER))
@@ -384,4 +422,6 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import report_user_errors
+
+    report_user_errors(main, sys.argv[1:])

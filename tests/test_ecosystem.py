@@ -170,7 +170,7 @@ def test_model_card_of_a_full_fine_tune_loads_the_denoiser_not_a_lora(tmp_path):
     assert "load_lora_weights" not in card and "Samples" not in card
 
 
-def test_plot_draws_every_panel_from_metrics_jsonl(run, tmp_path):
+def test_plot_draws_every_panel_from_metrics_jsonl(run, tmp_path, capsys):
     from PIL import Image
 
     from focusdpo.plot import PANEL, PANELS, read_training_logs, select_series
@@ -186,8 +186,9 @@ def test_plot_draws_every_panel_from_metrics_jsonl(run, tmp_path):
         panel = image.crop(((i % 2) * PANEL[0], (i // 2) * PANEL[1], (i % 2 + 1) * PANEL[0], (i // 2 + 1) * PANEL[1]))
         pixels = np.asarray(panel.convert("RGB")).astype(int)
         assert (pixels.max(-1) != pixels.min(-1)).any(), i
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+    with pytest.raises(SystemExit) as stopped:  # a user error: its message, exit status 2, no traceback
         cli(["plot", str(tmp_path)])
+    assert stopped.value.code == 2 and "no metrics.jsonl" in capsys.readouterr().err
 
 
 def test_tracker_run_config_carries_every_section(run):

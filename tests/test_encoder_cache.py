@@ -69,7 +69,6 @@ def test_latents_cached_for_another_model_are_refused(tmp_path):
     from focusdpo.train import build_trainer
 
     cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", "--no_text", *TINY])
-    trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run"), "--dataset",
-                                           str(tmp_path / "cached"), "--tiny_seed", "1"]))
-    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):
-        trainer.train()
+    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):  # before the model loads
+        build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run"), "--dataset",
+                                     str(tmp_path / "cached"), "--tiny_seed", "1"]))

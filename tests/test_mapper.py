@@ -48,9 +48,8 @@ def test_training_on_cached_maps_and_stale_cache_is_refused(tmp_path):
     trainer.train()
     assert trainer.focus_mapper is None  # the cache was used: no DINOv2 was loaded
     assert "focus/max" in trainer.state.log_history[0]
-    stale = build_trainer(*parse_config(argv + ["--top_n", "1"]))
-    with pytest.raises(ValueError, match="re-run `focusdpo focus`"):
-        stale.train()
+    with pytest.raises(ValueError, match="re-run `focusdpo focus`"):  # before the model loads
+        build_trainer(*parse_config(argv + ["--top_n", "1"]))
 
 
 def test_cache_on_another_grid_is_refused(tmp_path):
@@ -59,8 +58,8 @@ def test_cache_on_another_grid_is_refused(tmp_path):
     precompute_focus_maps(pairs, cfg, (8, 8), 32).save_to_disk(str(tmp_path / "cached"))
     argv = ["--config", RECIPE, "--output_dir", str(tmp_path / "run"), "--dataset", str(tmp_path / "cached"),
             "--max_steps", "1", "--sample_every_run", "false"]
-    with pytest.raises(ValueError, match="8x8 grid"):
-        build_trainer(*parse_config(argv)).train()
+    with pytest.raises(ValueError, match="grid8x8.* needs .*grid16x16"):
+        build_trainer(*parse_config(argv))
 
 
 def test_focus_without_references_or_without_dino_weights_is_refused():
