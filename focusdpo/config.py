@@ -191,7 +191,8 @@ class FocusConfig:
     dino_depth: int = field(default=0, metadata={
         "help": "Use only the first N DINOv2 blocks (0 = all): intermediate features, or a fast toy extractor."})
     dino_image_size: int = field(default=224, metadata={
-        "help": "Feature-extractor input size, any backbone (multiple of 14 for DINOv2, of 32 for the CNNs)."})
+        "help": "Feature-extractor input size, any backbone: a multiple of its stride (14 for DINOv2; "
+                "16 at the CNNs' default layers)."})
     top_n: int = field(default=4, metadata={"help": "Top-n reference patches averaged per target patch."})
     subject_threshold: float = field(default=0.5, metadata={"help": "Similarity at which S(q) = 0.5."})
     subject_temperature: float = field(default=0.1, metadata={"help": "Softness of S(q) around the threshold."})
@@ -234,9 +235,11 @@ class FocusConfig:
         if self.dino_weights or self.dino_depth:
             raise ConfigError(f"dino_weights and dino_depth are for DINOv2; with feature_backbone={backbone!r} "
                               "use feature_weights and feature_layer")
-        if self.dino_image_size % 32:
-            raise ConfigError(f"dino_image_size={self.dino_image_size} must be a multiple of 32 for "
-                              f"feature_backbone={backbone!r} (so every layer's grid is exact)")
+        layer = self.feature_layer or DEFAULT_LAYERS[backbone]
+        stride = CNN_LAYERS[backbone][layer]
+        if self.dino_image_size % stride:
+            raise ConfigError(f"dino_image_size={self.dino_image_size} must be a multiple of {stride}, the stride "
+                              f"of {backbone} at feature_layer {layer} (so the feature grid is exact)")
 
     @property
     def enabled(self) -> bool:

