@@ -151,8 +151,14 @@ def save_focus_panels(rows: list[dict], mapper: FocusMapper, grid: tuple[int, in
                                  cfg.schedule_width)[0] for u in noise_levels}
         paths.append(save_focus_panel(out / f"{rows[i]['pair_id']}.png", images[i], images[len(rows) + i],
                                       batch["references"][i], part["assignment"][0], part["confidence"][0],
-                                      part["complexity"][0], by_u))
+                                      part["complexity"][0], by_u, caption=features_caption(mapper)))
     return paths
+
+
+def features_caption(mapper: FocusMapper) -> str:
+    """Which features made a panel; CNN panels say outright that they are not DINOv2's."""
+    caption = f"features: {mapper.model.name}"
+    return caption if mapper.cfg.feature_backbone == "dinov2" else f"{caption} (ImageNet-CNN features, not DINOv2)"
 
 
 def inspect_main(argv: list[str]) -> None:
