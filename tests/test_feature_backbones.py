@@ -6,6 +6,8 @@ without them (the semantics themselves are in test_semantic.py).
 
 import dataclasses
 import importlib.util
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +160,10 @@ def test_mapper_precompute_and_inspect_run_on_a_cnn_backbone(tmp_path):
          str(REPO / "recipes" / "tiny_cpu.yaml"), "--feature_backbone", "mobilenet_v2", "--dino_random_weights",
          "true", "--dino_depth", "0", "--dino_image_size", "64"])
     assert len(list((tmp_path / "panels").glob("*.png"))) == 1
+
+
+def test_dreambench_composite_script_writes_a_loadable_pair(tmp_path, dreambench):
+    subprocess.run([sys.executable, str(REPO / "data_tools" / "dreambench_composite.py"), "--dreambench",
+                    str(dreambench), "--out", str(tmp_path)], check=True, capture_output=True)
+    pair = load_pairs(str(tmp_path))[0]
+    assert pair["pair_id"] == "dog_can_swap_dog6" and len(pair["references"]) == len(pair["reference_masks"]) == 2
