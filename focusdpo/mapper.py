@@ -24,7 +24,8 @@ from .features import feature_name, load_feature_extractor
 from .focus import compute_static_maps, focus_weights
 
 # FocusConfig fields that shape the static maps; λ and the schedule act per step and are not cached.
-STATIC_FIELDS = ("feature_backbone", "feature_layer", "feature_weights", "dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
+STATIC_FIELDS = ("feature_backbone", "feature_layer", "feature_weights",
+                 "dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
                  "subject_threshold", "subject_temperature", "confidence_scale", "entropy_bins", "entropy_sigma",
                  "reference_complexity", "pair_alignment")
 
