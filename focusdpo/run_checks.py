@@ -262,12 +262,9 @@ def check_focus_inputs(model_cfg, data_cfg, focus_cfg, dataset) -> None:
         for key in dataset.unique("focus_key"):
             check_cache_key(key, focus_cfg, tuple(grid))
         return
-    if focus_cfg.dino_weights and not Path(focus_cfg.dino_weights).is_file():
-        raise FileNotFoundError(f"dino_weights={focus_cfg.dino_weights!r} does not exist; give a local "
-                                "DINOv2 weights file")
-    if not focus_cfg.dino_weights and not focus_cfg.dino_random_weights:
-        raise ConfigError("focus weights need DINOv2 features: set dino_weights to a local weights file, or "
-                          "dino_random_weights: true for toy runs (maps then carry no semantics)")
+    from .features import check_feature_weights
+
+    check_feature_weights(focus_cfg)  # the extractor loads at the first step: fail before the model loads
 
 
 # ---- numerics advice ----------------------------------------------------------------------------------

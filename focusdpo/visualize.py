@@ -38,7 +38,7 @@ def _to_pil(x: torch.Tensor) -> Image.Image:
 
 def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references, assignment: torch.Tensor,
                      confidence: torch.Tensor, complexity: torch.Tensor, weights_by_u: dict[float, torch.Tensor],
-                     tile: int = 128) -> Path:
+                     tile: int = 128, caption: str | None = None) -> Path:
     """Write one pair's focus panel as a PNG.
 
     Args:
@@ -50,7 +50,8 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
     Returns:
         The path. The image is ``tile · (5 + K + len(weights_by_u))`` wide and ``tile + 14`` high:
         winner, loser, references (framed in their assignment colour), assignment, confidence,
-        complexity, then W at each u, maps overlaid on the winner.
+        complexity, then W at each u, maps overlaid on the winner. A ``caption`` (e.g. which
+        features made the maps) adds a 14 px line below.
     """
     base = _fit(winner, tile)
     palette = PALETTE[torch.arange(len(references)) % len(PALETTE)]  # (K, 3)
@@ -64,8 +65,11 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
     # One colour scale for every u, so weights at different noise levels compare directly.
     panels += [(f"W u={u:.2f} max {float(w.max()):.1f}", _overlay(base, _heat(_fit(w, tile) / max(w_max, 1e-12))))
                for u, w in sorted(weights_by_u.items(), reverse=True)]
-    canvas = Image.new("RGB", (tile * len(panels), tile + TITLE_HEIGHT), "white")
+    caption_height = TITLE_HEIGHT if caption else 0
+    canvas = Image.new("RGB", (tile * len(panels), tile + TITLE_HEIGHT + caption_height), "white")
     draw = ImageDraw.Draw(canvas)
+    if caption:
+        draw.text((2, tile + TITLE_HEIGHT + 1), caption, fill="black")
     for i, (title, image) in enumerate(panels):
         canvas.paste(_to_pil(image), (i * tile, TITLE_HEIGHT))
         draw.text((i * tile + 2, 1), title, fill="black")

@@ -195,7 +195,7 @@ def test_reading_a_dataset_writes_nothing_into_its_folder(tmp_path):
     (["--reference_mode", "frozen_adapter", "--personalization_lora", "gone/lora"], FileNotFoundError,
      "personalization_lora='gone/lora' does not exist"),
     (["--lambda_detail", "1", "--dino_random_weights", "false", "--dino_weights", "gone.pth"], FileNotFoundError,
-     "dino_weights='gone.pth' does not exist"),
+     "dino_weights file 'gone.pth' does not exist"),
     (["--lambda_detail", "1", "--dino_random_weights", "false"], ConfigError, "set dino_weights"),
     (["--family", "flux2", "--drop_text_encoders", "true"], ValueError, "drop_text_encoders: true needs prompt"),
     (["--max_references", "1"], PairDataError, "references but max_references=1"),
