@@ -286,3 +286,23 @@ def test_sft_without_mosaic_losses_trains_on_winners(tmp_path):
     trainer.train()
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(first["mse/policy_w"], rel=1e-5) and "mosaic/sca" not in first
+
+
+def test_precomputed_points_equal_on_the_fly_ones_and_a_stale_key_is_refused():
+    from focusdpo.config import FocusConfig
+    from focusdpo.data import load_pairs
+    from focusdpo.mosaic import MosaicCollator, MosaicObjective, precompute_points
+
+    focus = FocusConfig(dino_random_weights=True, dino_depth=2, dino_image_size=56)
+    pairs = load_pairs("toy", "auto", 2, 32)
+    cached = precompute_points(pairs, focus, (8, 8), (4, 4), 32)
+    batch = MosaicCollator(32)([cached[0], cached[1]])
+    backbone = load_backbone("flux2", max_references=6, reference_size=16)
+    objective = MosaicObjective(backbone.denoiser, "flux2", LossConfig(lambda_sca=0.1), focus)
+    stored = objective.batch_points(batch, 2, (8, 8), (4, 4))
+    del batch["mosaic_points"]
+    live = objective.batch_points(batch, 2, (8, 8), (4, 4))
+    assert all(torch.equal(a, b) for a, b in zip(stored, live)) and sum(len(p) for p in live) > 0
+    batch = MosaicCollator(32)([cached[0]])
+    with pytest.raises(ValueError, match="cached MOSAIC points were made as"):
+        objective.batch_points(batch, 1, (16, 16), (4, 4))
