@@ -10,8 +10,9 @@ processors call it) and returns, for the requested reference query rows only,
 
     A[s, r, j] = mean over heads and selected blocks of softmax_j(q_r · k_jᵀ / √d),  j over the L target tokens.
 
-Memory: ``samples × rows × L`` floats for the running sum plus ``samples × heads × rows × L`` transiently per
-block (never ``L_total²``).
+Memory: ``samples × rows × L`` floats for the block average, ``samples × heads × rows × L`` transiently for one
+block at a time (each block's softmax is recomputed in backward), and the kept query rows and target keys
+(``samples × (rows + L) × heads × d`` per block); never ``L_total²``.
 
 Token layout (``focusdpo.models.flux``): the transformer's image stream is ``[target (L); ref 1 (l); …]``. In
 double-stream blocks ``norm_q`` sees the image stream alone, in single-stream blocks ``[text; image]``: either
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from torch.utils.checkpoint import checkpoint
 
 from .config import ConfigError
 
@@ -101,8 +103,9 @@ class AttentionCapture:
     def __init__(self, denoiser: torch.nn.Module, blocks="double"):
         name = type(denoiser).__name__
         if name not in IN_CONTEXT_TRANSFORMERS:
-            raise ConfigError(f"MOSAIC attention capture needs an in-context transformer ({', '.join(IN_CONTEXT_TRANSFORMERS)}"
-                              f": family flux2 or flux_kontext); {name} has no reference tokens to attend from. "
+            raise ConfigError(f"MOSAIC attention capture needs an in-context transformer "
+                              f"({', '.join(IN_CONTEXT_TRANSFORMERS)}: family flux2 or flux_kontext); {name} has no "
+                              "reference tokens to attend from. "
                               "Set lambda_sca: 0 and lambda_md: 0 for this family")
         self.denoiser, self.selected = denoiser, select_blocks(denoiser, blocks)
         processors = denoiser.attn_processors
@@ -135,7 +138,9 @@ class AttentionCapture:
         """``(S, R, L)`` float32 averaged attention of the recorded pass (rows of ``plan``), then forget it."""
         if not self.kept:
             raise RuntimeError("no attention was recorded: run the denoiser inside AttentionCapture.recording(plan)")
-        total = sum(rows_attention(q, k, rope, plan) for q, k, rope in self.kept)
+        # Checkpointed per block: backward keeps only q rows and target keys, not each block's H·R·L softmax.
+        total = sum(checkpoint(rows_attention, q, k, rope, plan, use_reentrant=False) if torch.is_grad_enabled()
+                    else rows_attention(q, k, rope, plan) for q, k, rope in self.kept)
         count = len(self.kept)
         self.kept = []
         return total / count

@@ -160,7 +160,8 @@ class LossConfig:
     # MOSAIC (arXiv 2509.01977) auxiliary attention losses, flux2 / flux_kontext only (docs/mosaic.md).
     objective: str = field(default="dpo", metadata={
         "help": "'dpo': focus-weighted Diffusion-DPO (+ MOSAIC losses on the policy's winner pass); 'sft': "
-                "flow-matching/ε loss on the winner image (+ MOSAIC losses): MOSAIC's own training, or SFT on winners."})
+                "flow-matching/ε loss on the winner image (+ MOSAIC losses): MOSAIC's own training, or SFT on "
+                "winners."})
     lambda_sca: float = field(default=0.0, metadata={
         "help": "Weight of MOSAIC's semantic-correspondence attention loss (0 = off). Published: paper 0.4; "
                 "released code 0.1."})

@@ -132,7 +132,8 @@ def tiny_batch(backbone, refs: int, ref_size: int = 32, seed: int = 0):
 
 def direct_attention(attn, kw: dict) -> torch.Tensor:
     """Full ``softmax(QKᵀ/√d)`` ``(N, H, T, T)`` from the block's own projections, norms and RoPE."""
-    hidden, encoder, rope, dim = kw["hidden_states"], kw.get("encoder_hidden_states"), kw["image_rotary_emb"], attn.head_dim
+    hidden, encoder, rope = kw["hidden_states"], kw.get("encoder_hidden_states"), kw["image_rotary_emb"]
+    dim = attn.head_dim
     if hasattr(attn, "to_qkv_mlp_proj"):  # FLUX.2 single-stream: fused q/k/v + MLP input
         q, k, _ = attn.to_qkv_mlp_proj(hidden)[..., : 3 * attn.inner_dim].chunk(3, dim=-1)
     else:
