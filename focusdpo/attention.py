@@ -138,9 +138,7 @@ class AttentionCapture:
         """``(S, R, L)`` float32 averaged attention of the recorded pass (rows of ``plan``), then forget it."""
         if not self.kept:
             raise RuntimeError("no attention was recorded: run the denoiser inside AttentionCapture.recording(plan)")
-        # Checkpointed per block: backward keeps only q rows and target keys, not each block's H·R·L softmax.
-        total = sum(checkpoint(rows_attention, q, k, rope, plan, use_reentrant=False) if torch.is_grad_enabled()
-                    else rows_attention(q, k, rope, plan) for q, k, rope in self.kept)
+        total = sum(rows_attention(q, k, rope, plan) for q, k, rope in self.kept)
         count = len(self.kept)
         self.kept = []
         return total / count
@@ -164,13 +162,25 @@ def rows_attention(query: torch.Tensor, key: torch.Tensor, rope, plan: CapturePl
     rows, n_img, n_tgt = plan.rows, plan.image_tokens, plan.target_tokens
     samples, count = rows.shape
     heads, dim = query.shape[-2:]
-    q_img, k_tgt = query[:samples, -n_img:], key[:samples, -n_img:][:, :n_tgt]
-    q_rows = q_img.gather(1, rows[..., None, None].expand(-1, -1, heads, dim))  # (S, R, H, D)
-    if rope is not None:
-        cos, sin = (t[-n_img:] for t in rope)
-        flat = rows.flatten()
-        q_rows = apply_rotary_emb(q_rows.reshape(1, samples * count, heads, dim), (cos[flat], sin[flat]),
+    # Copies of the needed rows only (gather / clone): autograd then keeps these, not the whole q and k.
+    q_rows = query[:samples, -n_img:].gather(1, rows[..., None, None].expand(-1, -1, heads, dim))  # (S, R, H, D)
+    k_tgt = key[:samples, -n_img:][:, :n_tgt].clone()  # (S, L, H, D)
+    tables = () if rope is None else (*(t[-n_img:][rows.flatten()] for t in rope), *(t[-n_img:][:n_tgt] for t in rope))
+    if torch.is_grad_enabled():  # backward recomputes the H·R·L softmax instead of keeping it for every block
+        return checkpoint(target_softmax, q_rows, k_tgt, *tables, use_reentrant=False)
+    return target_softmax(q_rows, k_tgt, *tables)
+
+
+def target_softmax(q_rows: torch.Tensor, k_tgt: torch.Tensor, *tables: torch.Tensor) -> torch.Tensor:
+    """RoPE (``tables`` = cos/sin of the rows, then of the targets, or none) and the head-averaged softmax.
+
+    ``q_rows`` ``(S, R, H, D)``, ``k_tgt`` ``(S, L, H, D)`` → ``(S, R, L)`` float32.
+    """
+    samples, count, heads, dim = q_rows.shape
+    if tables:
+        cos_rows, sin_rows, cos_tgt, sin_tgt = tables
+        q_rows = apply_rotary_emb(q_rows.reshape(1, samples * count, heads, dim), (cos_rows, sin_rows),
                                   sequence_dim=1).reshape(samples, count, heads, dim)
-        k_tgt = apply_rotary_emb(k_tgt, (cos[:n_tgt], sin[:n_tgt]), sequence_dim=1)
+        k_tgt = apply_rotary_emb(k_tgt, (cos_tgt, sin_tgt), sequence_dim=1)
     logits = torch.einsum("srhd,slhd->shrl", q_rows.float(), k_tgt.float()) / math.sqrt(dim)
     return logits.softmax(dim=-1).mean(dim=1)
