@@ -174,12 +174,11 @@ class MosaicTargets:
 
 def pad_points(points: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """B tensors ``(P_i, 3)`` → ``(B, P_max, 3)`` (padding rows are 0) and a ``(B, P_max)`` validity mask."""
-    size = max(1, max(len(p) for p in points))
-    padded = torch.zeros(len(points), size, 3, dtype=torch.long)
-    valid = torch.zeros(len(points), size, dtype=torch.bool)
-    for i, p in enumerate(points):
-        padded[i, : len(p)], valid[i, : len(p)] = p, True
-    return padded, valid
+    padded = torch.nn.utils.rnn.pad_sequence([p.long().reshape(-1, 3) for p in points], batch_first=True)
+    if padded.shape[1] == 0:  # no sample has a point: keep one masked slot so gathers stay well-formed
+        padded = padded.new_zeros(len(points), 1, 3)
+    lengths = torch.tensor([len(p) for p in points])
+    return padded, torch.arange(padded.shape[1]) < lengths[:, None]
 
 
 def build_targets(points: list[torch.Tensor], counts: list[int], target_tokens: int, reference_tokens: int,

@@ -307,3 +307,18 @@ def test_precomputed_points_equal_on_the_fly_ones_and_a_stale_key_is_refused():
     batch = MosaicCollator(32)([cached[0]])
     with pytest.raises(ValueError, match="cached MOSAIC points were made as"):
         objective.batch_points(batch, 1, (16, 16), (4, 4))
+
+
+def test_winner_inputs_predict_what_the_full_batch_predicts_for_the_winners():
+    from focusdpo.mosaic import winner_inputs
+
+    backbone = load_backbone("flux2", max_references=3, reference_size=16)
+    g = torch.Generator().manual_seed(0)
+    batch = {"pixel_values": torch.rand(4, 3, 32, 32, generator=g) * 2 - 1, "prompts": ["a", "b"],
+             "pair_ids": ["0", "1"], "references": [torch.rand(1, 3, 16, 16), torch.rand(3, 3, 16, 16)]}
+    prepared = backbone.prepare(batch, torch.Generator().manual_seed(0))  # mixed K: padded and masked
+    winners = winner_inputs(prepared)
+    with torch.no_grad():
+        full, half = backbone.predict(backbone.denoiser, prepared), backbone.predict(backbone.denoiser, winners)
+    assert half.shape[0] == 2 and torch.equal(winners.target, prepared.target[:2])
+    torch.testing.assert_close(half, full[:2], rtol=1e-5, atol=1e-6)
