@@ -81,6 +81,24 @@ class CapturingProcessor:
         self.inner, self.capture = inner, capture
         self.signature = inspect.signature(inner.__call__)
 
+    # diffusers sets the attention backend as these private attributes on every processor: pass them through, or a
+    # backend chosen after the capture is installed would silently not reach the wrapped processor.
+    @property
+    def _attention_backend(self):
+        return self.inner._attention_backend
+
+    @_attention_backend.setter
+    def _attention_backend(self, value):
+        self.inner._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return self.inner._parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value):
+        self.inner._parallel_config = value
+
     def __call__(self, attn, *args, **kwargs):
         if not self.capture.is_recording:
             return self.inner(attn, *args, **kwargs)

@@ -154,6 +154,11 @@ class FocusDPOTrainer(Trainer):
     # ---- MOSAIC auxiliary losses and the SFT objective (focusdpo/mosaic.py, docs/mosaic.md) -------------------
     def build_mosaic(self):
         """The MOSAIC objective when lambda_sca or lambda_md is set (its collator also passes cached points)."""
+        if self.loss_config.objective == "sft" and self.focus_config.enabled:
+            from .config import ConfigError
+
+            raise ConfigError("objective: sft trains on the winners' plain error; focus weights are for DPO: set "
+                              "lambda_structure: 0 and lambda_detail: 0, or objective: dpo")
         if not self.loss_config.mosaic_enabled:
             return None
         from .mosaic import MosaicCollator, MosaicObjective

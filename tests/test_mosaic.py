@@ -322,3 +322,17 @@ def test_winner_inputs_predict_what_the_full_batch_predicts_for_the_winners():
         full, half = backbone.predict(backbone.denoiser, prepared), backbone.predict(backbone.denoiser, winners)
     assert half.shape[0] == 2 and torch.equal(winners.target, prepared.target[:2])
     torch.testing.assert_close(half, full[:2], rtol=1e-5, atol=1e-6)
+
+
+def test_sft_refuses_focus_weights_instead_of_ignoring_them(tmp_path):
+    argv = ["--config", str(REPO / "recipes" / "mosaic_sft_flux.yaml"), "--output_dir", str(tmp_path), *TOY,
+            "--lambda_structure", "1.0"]
+    with pytest.raises(ConfigError, match="objective: sft trains on the winners"):
+        build_trainer(*parse_config(argv))
+
+
+def test_an_attention_backend_set_after_installing_reaches_the_wrapped_processor():
+    backbone = load_backbone("flux2")
+    AttentionCapture(backbone.denoiser, "all")
+    backbone.denoiser.set_attention_backend("native")
+    assert backbone.denoiser.transformer_blocks[0].attn.processor.inner._attention_backend.value == "native"
