@@ -1,4 +1,4 @@
-"""The ``focusdpo`` command: ``train``, ``pairs``, ``focus``, ``inspect``.
+"""The ``focusdpo`` command: ``train``, ``pairs``, ``focus``, ``embed``, ``inspect``, ``correspond``.
 
 ``focusdpo train`` with no arguments runs the embedded default: a tiny random SD-style generator
 trained on procedurally generated multi-subject pairs, on CPU, in about a minute.
@@ -15,6 +15,7 @@ COMMANDS = {
     "focus": "precompute static focus maps into a pair dataset",
     "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
+    "correspond": "precompute MOSAIC correspondence points (mosaic_points) into a pair dataset",
 }
 
 
@@ -46,19 +47,24 @@ def inspect_command(argv: list[str]) -> None:
     inspect_main(argv)
 
 
+def correspond_command(argv: list[str]) -> None:
+    from .mosaic import precompute_main
+    precompute_main(argv)
+
+
 def train_command(argv: list[str]) -> None:
     from .train import main
     main(argv)
 
 
 HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
-            "inspect": inspect_command}
+            "inspect": inspect_command, "correspond": correspond_command}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
-        lines = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
+        lines = "\n".join(f"  {name:<11} {text}" for name, text in COMMANDS.items())
         print(f"usage: focusdpo COMMAND [options]\n\ncommands:\n{lines}")
         sys.exit(0 if not argv or argv[0] in ("-h", "--help") else 2)
     HANDLERS[argv[0]](argv[1:])

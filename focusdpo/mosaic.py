@@ -145,6 +145,25 @@ def precompute_points(pairs, cfg: FocusConfig, target_grid, reference_grid, reso
     return pairs.add_column("mosaic_key", [points_key(cfg, target_grid, reference_grid)] * len(pairs))
 
 
+def precompute_main(argv: list[str]) -> None:
+    """``focusdpo correspond --out DIR --config recipe.yaml``: the recipe's pairs with cached MOSAIC points."""
+    from .data import load_pairs
+    from .mapper import recipe_and_options, resolve_grid
+
+    own, configs = recipe_and_options(argv, "focusdpo correspond", "Precompute MOSAIC correspondence points.", [
+        (("--out",), dict(required=True, help="Folder for the dataset with mosaic_points (save_to_disk).")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
+    ])
+    _, model_cfg, data_cfg, _, focus_cfg = configs
+    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    target = resolve_grid(model_cfg, data_cfg.resolution)
+    reference = resolve_grid(model_cfg, model_cfg.reference_size or data_cfg.resolution)
+    cached = precompute_points(pairs, focus_cfg, target, reference, data_cfg.resolution, own.device)
+    cached.save_to_disk(own.out)
+    print(f"[focusdpo] {len(cached)} pairs with MOSAIC points (target grid {target[0]}x{target[1]}, reference grid "
+          f"{reference[0]}x{reference[1]}) written to {own.out}; train on them with `dataset: {own.out}`")
+
+
 class MosaicCollator(PairCollator):
     """:class:`~focusdpo.data.PairCollator` that also passes cached ``mosaic_points`` (B tensors) and its key."""
 

@@ -336,3 +336,17 @@ def test_an_attention_backend_set_after_installing_reaches_the_wrapped_processor
     AttentionCapture(backbone.denoiser, "all")
     backbone.denoiser.set_attention_backend("native")
     assert backbone.denoiser.transformer_blocks[0].attn.processor.inner._attention_backend.value == "native"
+
+
+def test_correspond_command_writes_points_the_trainer_accepts(tmp_path):
+    from focusdpo.cli import main
+
+    out = tmp_path / "pairs"
+    main(["correspond", "--out", str(out), "--config", str(REPO / "recipes" / "focusdpo_mosaic_flux2.yaml"),
+          *TOY, "--device", "cpu"])
+    argv = ["--config", str(REPO / "recipes" / "focusdpo_mosaic_flux2.yaml"), "--output_dir", str(tmp_path / "run"),
+            *TOY, "--dataset", str(out), "--max_steps", "1"]
+    trainer = build_trainer(*parse_config(argv))
+    assert "mosaic_points" in trainer.train_dataset.column_names
+    trainer.train()
+    assert trainer.mosaic.cache == {}  # every point came from the dataset, none was computed
