@@ -1,4 +1,4 @@
-"""The ``focusdpo`` command: ``train``, ``pairs``, ``focus``, ``inspect``.
+"""The ``focusdpo`` command: ``train``, ``pairs``, ``focus``, ``embed``, ``inspect``, ``correspond``.
 
 ``focusdpo train`` with no arguments runs the embedded default: a tiny random SD-style generator
 trained on procedurally generated multi-subject pairs, on CPU, in about a minute.
@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": "write focus-map PNGs for a few pairs",
     "export": "write a trained LoRA for A1111/ComfyUI/kohya (SD/SDXL) or ComfyUI (FLUX): focusdpo export RUN",
     "plot": "draw loss, reward margins, accuracy and per-noise-level margins of a run: focusdpo plot RUN",
+    "correspond": "precompute MOSAIC correspondence points (mosaic_points) into a pair dataset",
 }
 
 
@@ -60,13 +61,19 @@ def plot_command(argv: list[str]) -> None:
     plot_main(argv)
 
 
+def correspond_command(argv: list[str]) -> None:
+    from .mosaic import precompute_main
+    precompute_main(argv)
+
+
 def train_command(argv: list[str]) -> None:
     from .train import main
     main(argv)
 
 
 HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
-            "inspect": inspect_command, "export": export_command, "plot": plot_command}
+            "inspect": inspect_command, "export": export_command, "plot": plot_command,
+            "correspond": correspond_command}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"focusdpo {__version__}")
         return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in HANDLERS:
-        lines = "\n".join(f"  {name:<8} {text}" for name, text in COMMANDS.items())
+        lines = "\n".join(f"  {name:<11} {text}" for name, text in COMMANDS.items())
         print(f"usage: focusdpo COMMAND [options]\n\ncommands:\n{lines}")
         if argv and argv[0] not in ("-h", "--help"):
             near = difflib.get_close_matches(argv[0], HANDLERS, n=1)

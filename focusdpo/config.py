@@ -33,6 +33,9 @@ FLOW_FAMILIES = ("flux2", "flux_kontext")
 PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
 ON_BAD_PAIR = ("error", "skip")
 FEATURE_BACKBONES = ("dinov2", *CNN_LAYERS)
+OBJECTIVES = ("dpo", "sft")
+MD_DIVERGENCES = ("jsd", "sym_kl")
+MD_ROWS = ("matched", "all")
 
 
 class ConfigError(ValueError):
@@ -229,6 +232,28 @@ class LossConfig:
     nan_policy: str = field(default="stop", metadata={
         "help": "On a NaN/inf loss: 'stop' (save the last good state and raise) or 'skip' the batch."})
 
+    # MOSAIC (arXiv 2509.01977) auxiliary attention losses, flux2 / flux_kontext only (docs/mosaic.md).
+    objective: str = field(default="dpo", metadata={
+        "help": "'dpo': focus-weighted Diffusion-DPO (+ MOSAIC losses on the policy's winner pass); 'sft': "
+                "flow-matching/ε loss on the winner image (+ MOSAIC losses): MOSAIC's own training, or SFT on "
+                "winners."})
+    lambda_sca: float = field(default=0.0, metadata={
+        "help": "Weight of MOSAIC's semantic-correspondence attention loss (0 = off). Published: paper 0.4; "
+                "released code 0.1."})
+    lambda_md: float = field(default=0.0, metadata={
+        "help": "Weight of MOSAIC's multi-reference disentanglement loss (0 = off). Published: paper 0.6; "
+                "released code 0.1, ramped in (md_start_step, md_ramp_steps)."})
+    md_start_step: int = field(default=0, metadata={"help": "Optimizer step at which the MD loss starts."})
+    md_ramp_steps: int = field(default=0, metadata={
+        "help": "Steps over which the MD weight ramps linearly from 0 to lambda_md (0 = full weight at once)."})
+    attention_blocks: str = field(default="double", metadata={
+        "help": "Blocks whose attention MOSAIC supervises: 'double' (double-stream only, MOSAIC's code), 'all' "
+                "(the paper), or comma-separated indices into [double-stream…, single-stream…] blocks."})
+    md_divergence: str = field(default="jsd", metadata={
+        "help": f"{', '.join(MD_DIVERGENCES)}: JSD (MOSAIC's code) or symmetric KL (the paper) between references."})
+    md_rows: str = field(default="matched", metadata={
+        "help": f"{', '.join(MD_ROWS)}: MD over the matched reference tokens (paper) or all of them (code)."})
+
     def __post_init__(self):
         check_types(self)
         check_positive("beta", self.beta)
@@ -241,6 +266,29 @@ class LossConfig:
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("md_divergence", self.md_divergence, MD_DIVERGENCES)
+        check_choice("md_rows", self.md_rows, MD_ROWS)
+        check_positive("lambda_sca", self.lambda_sca, allow_zero=True)
+        check_positive("lambda_md", self.lambda_md, allow_zero=True)
+        check_positive("md_start_step", self.md_start_step, allow_zero=True)
+        check_positive("md_ramp_steps", self.md_ramp_steps, allow_zero=True)
+        self.attention_block_selection()
+
+    @property
+    def mosaic_enabled(self) -> bool:
+        return self.lambda_sca > 0 or self.lambda_md > 0
+
+    def attention_block_selection(self):
+        """``attention_blocks`` as ``"double"``, ``"all"`` or a list of block indices."""
+        value = str(self.attention_blocks).strip()
+        if value in ("double", "all"):
+            return value
+        try:
+            return [int(part) for part in value.split(",")]
+        except ValueError:
+            raise ConfigError(f"attention_blocks={self.attention_blocks!r} is not valid; choose double, all, or "
+                              "comma-separated block indices such as 0,1,5") from None
 
 
 @dataclass

@@ -110,3 +110,85 @@ def diffusion_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: fl
         "mse/ref_w": ref_w.mean(), "mse/ref_l": ref_l.mean(),
     }
     return loss, metrics
+
+
+# ---- MOSAIC auxiliary losses on reference→target attention (arXiv 2509.01977) ----------------------------------
+# Shapes: S samples, R captured reference query rows, L target tokens, P correspondence points, K references.
+MD_DIVERGENCES = ("jsd", "sym_kl")
+ATTENTION_EPS = 1e-8  # floor for log-probabilities: a softmax underflows to 0 in far corners of a large grid
+
+
+def per_reference_mean(values: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor, num_references: int):
+    """Mean of ``values`` ``(S, P)`` per (sample, reference): ``(S, K)`` means and ``(S, K)`` counts."""
+    keep = valid.float()
+    sums = values.new_zeros(values.shape[0], num_references).scatter_add(1, reference, values * keep)
+    counts = keep.new_zeros(values.shape[0], num_references).scatter_add(1, reference, keep)
+    return sums / counts.clamp_min(1), counts
+
+
+def masked_mean(values: torch.Tensor, present: torch.Tensor, dim: int) -> torch.Tensor:
+    keep = present.float()
+    return (values * keep).sum(dim) / keep.sum(dim).clamp_min(1)
+
+
+def sca_loss(attention: torch.Tensor, point_rows: torch.Tensor, point_targets: torch.Tensor,
+             point_refs: torch.Tensor, valid: torch.Tensor, num_references: int) -> torch.Tensor:
+    """Semantic-correspondence attention loss (MOSAIC Eq. 10).
+
+    Args:
+        attention: ``(S, R, L)`` averaged reference→target attention (rows sum to 1 over L).
+        point_rows: ``(S, P)`` long, the row of ``attention`` holding point p's reference token.
+        point_targets: ``(S, P)`` long, the matched target token of point p.
+        point_refs: ``(S, P)`` long, the reference k ∈ [0, K) of point p.
+        valid: ``(S, P)`` bool; padded points are False.
+
+    Returns:
+        Scalar: per sample, the mean over references (with points) of the mean ``−log A[row_p, target_p]`` over
+        their points; then the mean over samples with points (0 if none has any).
+    """
+    rows = attention.gather(1, point_rows[..., None].expand(-1, -1, attention.shape[-1]))  # (S, P, L)
+    picked = rows.gather(2, point_targets[..., None])[..., 0]
+    nll = -picked.clamp_min(ATTENTION_EPS).log()
+    per_ref, counts = per_reference_mean(nll, point_refs, valid, num_references)
+    per_sample = masked_mean(per_ref, counts > 0, dim=1)
+    return masked_mean(per_sample, (counts > 0).any(1), dim=0)
+
+
+def pairwise_divergence(p: torch.Tensor, divergence: str = "jsd") -> torch.Tensor:
+    """``(S, K, L)`` distributions → ``(S, K, K)`` divergences: ``jsd`` (Jensen–Shannon, MOSAIC's code) or
+    ``sym_kl`` (``KL(p_i‖p_j) + KL(p_j‖p_i)``, the paper)."""
+    log_p = p.clamp_min(ATTENTION_EPS).log()
+    pi, pj, log_pi, log_pj = p[:, :, None], p[:, None], log_p[:, :, None], log_p[:, None]
+    if divergence == "jsd":
+        log_m = ((pi + pj) / 2).clamp_min(ATTENTION_EPS).log()
+        return 0.5 * ((pi * (log_pi - log_m)).sum(-1) + (pj * (log_pj - log_m)).sum(-1))
+    if divergence == "sym_kl":
+        return ((pi - pj) * (log_pi - log_pj)).sum(-1)
+    raise ValueError(f"unknown md_divergence {divergence!r}; choose one of: {', '.join(MD_DIVERGENCES)}")
+
+
+def md_loss(attention: torch.Tensor, row_refs: torch.Tensor, row_valid: torch.Tensor, num_references: int,
+            divergence: str = "jsd") -> torch.Tensor:
+    """Multi-reference disentanglement loss (MOSAIC Eqs. 11–14).
+
+    Args:
+        attention: ``(S, R, L)`` averaged reference→target attention.
+        row_refs: ``(S, R)`` long, the reference each row belongs to; row_valid: ``(S, R)`` bool.
+
+    Returns:
+        Scalar: per sample, reference k's attention distribution ``p_k`` is the mean of its valid rows; the loss is
+        minus the mean divergence over pairs ``i < j`` of references present, averaged over samples with at least
+        two references. Exactly 0 when no sample has two.
+    """
+    keep = row_valid.float()[..., None]
+    index = row_refs[..., None].expand(-1, -1, attention.shape[-1])
+    sums = attention.new_zeros(attention.shape[0], num_references, attention.shape[-1])
+    sums = sums.scatter_add(1, index, attention * keep)
+    counts = keep[..., 0].new_zeros(attention.shape[0], num_references).scatter_add(1, row_refs, keep[..., 0])
+    dist = sums / counts.clamp_min(1)[..., None]
+    present = counts > 0
+    upper = torch.ones(num_references, num_references, dtype=torch.bool, device=attention.device).triu(1)
+    pairs = present[:, :, None] & present[:, None] & upper  # (S, K, K)
+    div = pairwise_divergence(dist, divergence).flatten(1)
+    per_sample = masked_mean(div, pairs.flatten(1), dim=1)
+    return -masked_mean(per_sample, pairs.flatten(1).any(1), dim=0)

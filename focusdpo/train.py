@@ -138,13 +138,16 @@ class FocusDPOTrainer(Trainer):
         self.focus_mapper = None
         self._accepted_cache_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.mosaic = self.build_mosaic()
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_config.objective == "sft":
+            return self.sft_loss(model, inputs, return_outputs)
         self.check_cached_encoders(inputs)
         generator = torch.Generator().manual_seed(self.batch_seed(inputs["pair_ids"]))
         prepared = self.backbone.prepare(inputs, generator)
-        pred = model(prepared)
+        pred = self.policy_forward(model, inputs, prepared)
         # The same autocast as the (accelerate-wrapped) policy forward: at step 0 both must agree exactly.
         with self.accelerator.autocast(), reference_model(self.model_config.reference_mode, self.backbone.denoiser,
                                                           self.frozen_copy) as ref:
@@ -154,9 +157,54 @@ class FocusDPOTrainer(Trainer):
         ref_err = weighted_error(ref_pred, prepared.target, weights)
         cfg = self.loss_config
         loss, metrics = diffusion_dpo_loss(policy_err, ref_err, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        loss = loss + self.mosaic_loss(metrics)
         loss = self.guard_non_finite(loss, model, inputs["pair_ids"])
         inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
         self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
+        return (loss, pred) if return_outputs else loss
+
+    # ---- MOSAIC auxiliary losses and the SFT objective (focusdpo/mosaic.py, docs/mosaic.md) -------------------
+    def build_mosaic(self):
+        """The MOSAIC objective when lambda_sca or lambda_md is set (its collator also passes cached points)."""
+        if self.loss_config.objective == "sft" and self.focus_config.enabled:
+            from .config import ConfigError
+
+            raise ConfigError("objective: sft trains on the winners' plain error; focus weights are for DPO: set "
+                              "lambda_structure: 0 and lambda_detail: 0, or objective: dpo")
+        if not self.loss_config.mosaic_enabled:
+            return None
+        from .mosaic import MosaicCollator, MosaicObjective
+
+        self.data_collator = MosaicCollator(self.data_config.resolution, self.data_config.max_references)
+        return MosaicObjective(self.backbone.denoiser, self.model_config.family, self.loss_config,
+                               self.focus_config, self.args.device)
+
+    def policy_forward(self, model, inputs: dict, prepared: DenoiseInputs) -> torch.Tensor:
+        """``model(prepared)``; with MOSAIC losses due this step, also records the winners' attention."""
+        if self.mosaic is None or not self.mosaic.active(self.state.global_step):
+            return model(prepared)
+        winners = len(inputs["pair_ids"])
+        return self.mosaic.forward(model, prepared, self.mosaic.targets(inputs, prepared, winners))
+
+    def mosaic_loss(self, metrics: dict) -> torch.Tensor | float:
+        """The weighted SCA + MD loss of the recorded pass (0 without one); logs ``mosaic/sca|md``."""
+        if self.mosaic is None or self.mosaic.pending is None:
+            return 0.0
+        return self.mosaic.loss(self.state.global_step, metrics)
+
+    def sft_loss(self, model, inputs, return_outputs=False):
+        """``objective: sft``: the flow-matching (or ε) error of the winner images, plus MOSAIC losses."""
+        from .mosaic import winner_inputs
+
+        self.check_cached_encoders(inputs)
+        generator = torch.Generator().manual_seed(self.batch_seed(inputs["pair_ids"]))
+        prepared = winner_inputs(self.backbone.prepare(inputs, generator))
+        pred = self.policy_forward(model, inputs, prepared)
+        error = weighted_error(pred, prepared.target)
+        metrics = {"mse/policy_w": error.detach().mean()}
+        loss = self.guard_non_finite(error.mean() + self.mosaic_loss(metrics), model, inputs["pair_ids"])
+        empty = error.new_zeros(0)
+        self.store_metrics(metrics, empty, empty, None)
         return (loss, pred) if return_outputs else loss
 
     def check_cached_encoders(self, inputs: dict) -> None:
