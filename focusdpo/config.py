@@ -189,7 +189,9 @@ class LossConfig:
         if self.sdpo_mu is not None and not (isinstance(self.sdpo_mu, (int, float)) and 0 <= self.sdpo_mu < 1):
             raise ConfigError(f"sdpo_mu={self.sdpo_mu!r} must be in [0, 1) (e.g. 0.1), or empty to switch the "
                               "safeguard off")
-        check_positive("winner_drift_window", self.winner_drift_window, allow_zero=True)
+        window = self.winner_drift_window
+        if not isinstance(window, int) or window == 1 or window < 0:
+            raise ConfigError(f"winner_drift_window={self.winner_drift_window!r} must be 0 (off) or an integer >= 2")
 
 
 @dataclass

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -254,9 +255,13 @@ class PairCollator:
         ``crop_top_left`` ``(2B, 2)`` ``[winners; losers]`` (a row gives ``[h, w]`` for both images or
         ``[[h, w], [h, w]]`` for chosen and rejected; missing: the training size and ``(0, 0)``)."""
         out = {}
-        for key in ("pair_weight", "preference"):
+        for key, (low, high) in (("pair_weight", (0.0, math.inf)), ("preference", (0.5, 1.0))):
             if key in rows[0]:
-                out[key] = torch.tensor([1.0 if row[key] is None else float(row[key]) for row in rows])
+                values = [1.0 if row[key] is None else float(row[key]) for row in rows]
+                for row, value in zip(rows, values):
+                    if not low <= value <= high:
+                        raise PairDataError(f"pair {row['pair_id']}: {key}={value} must be in [{low}, {high}]")
+                out[key] = torch.tensor(values)
         for key, default in (("original_size", self.resolution), ("crop_top_left", 0)):
             if key in rows[0]:
                 sizes = [torch.tensor(row[key] if row[key] is not None else [default, default], dtype=torch.float32)

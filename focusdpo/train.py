@@ -16,26 +16,22 @@ import math
 import os
 import shutil
 import sys
-import warnings
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, parse_config
 from .data import PairCollator, load_pairs
 from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
 from .models import Backbone, DenoiseInputs, load_backbone
+from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 
 TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the message names the step, the pairs and the saved last good state."""
 
 
 class PolicyModel(torch.nn.Module):
@@ -112,17 +108,7 @@ class MetricsFileCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
-class SkippedStepCallback(TrainerCallback):
-    """Right after the Trainer stepped its LR scheduler: put it back if the optimizer step was skipped."""
-
-    def __init__(self, trainer: "FocusDPOTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.restore_after_skipped_step()
-
-
-class FocusDPOTrainer(Trainer):
+class FocusDPOTrainer(StepGuards, Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
     def __init__(self, backbone: Backbone, args: FocusDPOConfig, train_dataset, model_config: ModelConfig,
@@ -141,7 +127,11 @@ class FocusDPOTrainer(Trainer):
             cast_training_params(backbone.denoiser, torch.float32)
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
-            self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+            self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False)
+            # The policy's mode unless dropout is active: eval mode alone changes GroupNorm results on CPU
+            # (measured 7e-7), which β turns into a step-0 loss off ln 2; without dropout both modes are equal.
+            self.frozen_copy.train(not any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                           for m in self.frozen_copy.modules()))
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
                          callbacks=[SkippedStepCallback(self), MetricsFileCallback(), *(callbacks or [])])
@@ -151,14 +141,7 @@ class FocusDPOTrainer(Trainer):
         self.focus_mapper = None
         self._accepted_cache_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._step_metrics: dict[str, list] = defaultdict(list)  # this optimizer step's, until it is kept
-        self._step_pair_ids: list[str] = []
-        self._skip_pending = False  # a micro-batch of this step had a non-finite loss (nan_policy: skip)
-        self._skipped_state = None  # (scheduler state, learning rates) to restore after a skipped step
-        self._skipped_steps = self._skipped_in_window = 0
-        self._kept_loss = [0.0, 0]  # sum and count of kept micro-batch losses this session (train_loss)
-        self._drift: list[float] = []
-        self._drift_warned = False
+        self.init_guards()
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -245,77 +228,6 @@ class FocusDPOTrainer(Trainer):
             return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         self.stop_non_finite(f"loss is {loss.item()}", model, pair_ids)
 
-    def stop_non_finite(self, what: str, model, pair_ids: list[str]) -> None:
-        """Save the weights as the last good state if they are finite (else name the previous checkpoint); raise."""
-        step = self.state.global_step
-        if all(bool(torch.isfinite(p).all()) for p in self.trainable_parameters(model)):
-            self._save_checkpoint(model, trial=None)  # the optimizer has not stepped on the bad batch
-            saved = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-            where = f"The last good state is saved in {saved}; resume from it with --resume_from_checkpoint {saved}"
-        else:
-            previous = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            where = ("The trainable weights are no longer finite, so nothing was saved; " +
-                     (f"the last good state is {previous}; resume from it with --resume_from_checkpoint {previous}"
-                      if previous else "no earlier checkpoint exists: restart the run"))
-        raise NonFiniteLossError(
-            f"{what} at step {step} on process {self.args.process_index} (pairs {pair_ids}). {where}, "
-            "after lowering the learning rate or beta, or set nan_policy: skip")
-
-    # ---- the optimizer step: gradient norm, clipping and the gradient guard -----------------------
-    # The Trainer's own `_clip_grad_norm` / `_get_grad_norm` walk model.parameters(), the frozen base included,
-    # and clip a NaN norm into NaN weights. These two private hooks are the only place to act between backward
-    # and optimizer.step; both go through the public accelerator.clip_grad_norm_ on the trainable parameters.
-    def _clip_grad_norm(self, model):
-        return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), self.args.max_grad_norm)
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        if grad_norm is None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.trainable_parameters(model), float("inf"))
-        return self.guard_step(model, grad_norm)
-
-    def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
-        if getattr(self, "_trainable", None) is None:
-            self._trainable = [p for p in model.parameters() if p.requires_grad]
-        return self._trainable
-
-    def guard_step(self, model, grad_norm):
-        """Before ``optimizer.step``: keep the step, stop on a non-finite gradient norm, or skip the step.
-
-        A skipped step leaves no trace: no gradients reach the optimizer (AdamW then changes no weight and no
-        moment), the LR scheduler is put back after the Trainer steps it, and its metrics are dropped.
-        """
-        pair_ids, self._step_pair_ids = self._step_pair_ids, []
-        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())  # None: DeepSpeed
-        skip, self._skip_pending = self._skip_pending or not finite, False
-        step_metrics, self._step_metrics = self._step_metrics, defaultdict(list)
-        if not skip:
-            for name, values in step_metrics.items():
-                self._metrics[name].extend(values)
-            self._kept_loss[0] += sum(step_metrics.get("_loss", []))
-            self._kept_loss[1] += len(step_metrics.get("_loss", []))
-            return grad_norm
-        if not finite and self.loss_config.nan_policy == "stop":
-            self.stop_non_finite(f"gradient norm is {float(grad_norm)}", model, pair_ids)
-        for param in self.trainable_parameters(model):
-            param.grad = None
-        self._skipped_state = (copy.deepcopy(self.lr_scheduler.state_dict()),
-                               [group["lr"] for group in self.optimizer.param_groups])
-        self._skipped_steps += 1
-        self._skipped_in_window += 1
-        what = "loss" if finite else f"gradient norm ({float(grad_norm)})"
-        print(f"[focusdpo] non-finite {what} at step {self.state.global_step} (pairs {pair_ids}); step skipped",
-              file=sys.stderr)
-        return None
-
-    def restore_after_skipped_step(self) -> None:
-        """Undo the LR scheduler's step on a skipped optimizer step (called from on_step_end)."""
-        if self._skipped_state is not None:
-            state, lrs = self._skipped_state
-            self.lr_scheduler.load_state_dict(state)
-            for group, lr in zip(self.optimizer.param_groups, lrs):
-                group["lr"] = lr
-            self._skipped_state = None
-
     # ---- metrics --------------------------------------------------------------------------------
     def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
         """Average metrics over processes (one collective) and keep them until the next log."""
@@ -349,29 +261,6 @@ class FocusDPOTrainer(Trainer):
         if "train_loss" in logs and self._skipped_steps and self._kept_loss[1]:
             logs["train_loss"] = self._kept_loss[0] / self._kept_loss[1]  # skipped steps left out
         super().log(logs, start_time)
-
-    def average_kept_steps(self, logs: dict) -> None:
-        """The Trainer averages skipped steps in as zero losses: average the kept ones instead."""
-        kept = self._metrics.pop("_loss", [])
-        if self._skipped_in_window:
-            if kept:
-                logs["loss"] = sum(kept) / len(kept)
-            else:  # only skipped steps since the last log: there is no loss to report
-                del logs["loss"]
-        self._skipped_in_window = 0
-        logs["train/skipped_steps"] = self._skipped_steps
-
-    def watch_winner_drift(self, drift: float) -> None:
-        """Warn once when e_θ(w) − e_ref(w) stays positive and grows over ``winner_drift_window`` logs."""
-        self._drift.append(drift)
-        if not self._drift_warned and winner_drift_growing(self._drift, self.loss_config.winner_drift_window):
-            self._drift_warned = True
-            if self.is_world_process_zero():
-                warnings.warn(f"mse/winner_drift (policy − reference error on the winners) has been positive and "
-                              f"growing for {self.loss_config.winner_drift_window} logged values up to step "
-                              f"{self.state.global_step}: the policy is getting worse on the preferred images too "
-                              "(the known Diffusion-DPO failure). Set sdpo_mu (e.g. 0.1) for the winner-preserving "
-                              "safeguard, or lower the learning rate or beta", stacklevel=2)
 
     # ---- saving and resuming --------------------------------------------------------------------
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
@@ -420,15 +309,6 @@ class FocusDPOTrainer(Trainer):
 def half_dtype(args: FocusDPOConfig) -> torch.dtype:
     """The dtype of frozen weights: bf16/fp16 under mixed precision, else fp32."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def winner_drift_growing(history: list[float], window: int) -> bool:
-    """The last ``window`` values are all positive and their second half averages above their first half."""
-    recent = history[-window:] if window > 0 else []
-    if len(recent) < max(window, 2) or min(recent) <= 0:
-        return False
-    half = window // 2
-    return sum(recent[half:]) / (window - half) > sum(recent[:half]) / half
 
 
 def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:

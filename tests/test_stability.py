@@ -2,13 +2,11 @@
 and soft labels, and the noise conventions users bring from diffusers."""
 
 import copy
-import json
 import math
 import os
 import subprocess
 import sys
 import types
-import warnings
 
 import numpy as np
 import pytest
@@ -20,12 +18,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from focusdpo.config import ConfigError, LossConfig, ModelConfig, parse_config
-from focusdpo.data import PairCollator
+from focusdpo.data import PairCollator, PairDataError
 from focusdpo.losses import (diffusion_dpo_loss, error_output_gradient, scale_loser_gradient, sdpo_loser_scale,
                              weighted_error)
 from focusdpo.models import load_backbone
 from focusdpo.models.base import LORA_WEIGHTS_NAME
-from focusdpo.train import FocusDPOTrainer, NonFiniteLossError, build_trainer, winner_drift_growing
+from focusdpo.guards import winner_drift_growing
+from focusdpo.train import FocusDPOTrainer, NonFiniteLossError, build_trainer
 
 from conftest import REPO
 from test_train import read_metrics, tiny_argv
@@ -268,6 +267,8 @@ def test_collator_passes_optional_pair_columns():
     assert batch["original_size"].tolist() == [[64, 48], [20, 30], [64, 48], [40, 50]]  # [winners; losers]
     assert batch["crop_top_left"].tolist() == [[0, 0], [1, 2], [0, 0], [1, 2]]
     assert "pair_weight" not in PairCollator(16)([row])
+    with pytest.raises(PairDataError, match=r"pair p: preference=0.2 must be in \[0.5, 1.0\]"):
+        PairCollator(16)([dict(row, preference=0.2)])
 
 
 # ---- winner drift warning and config checks --------------------------------------------------------------

@@ -117,7 +117,8 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
 
     def add_size_conditioning(self, kwargs: dict, batch: dict, resolution: int) -> None:
         """``time_ids`` = (original size, crop top-left, target size) per image, as the SDXL pipeline builds them,
-        from the optional ``original_size`` / ``crop_top_left`` columns ``(2B, 2)``; else (resolution, 0, resolution)."""
+        from the optional ``original_size`` / ``crop_top_left`` columns ``(2B, 2)``; defaults: the resolution
+        and (0, 0)."""
         if batch.get("original_size") is None and batch.get("crop_top_left") is None:
             return
         time_ids = kwargs["added_cond_kwargs"]["time_ids"]
