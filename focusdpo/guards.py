@@ -27,7 +27,7 @@ class NonFiniteLossError(FloatingPointError):
 class SkippedStepCallback(TrainerCallback):
     """Right after the Trainer stepped its LR scheduler: put it back if the optimizer step was skipped."""
 
-    def __init__(self, trainer: "FocusDPOTrainer"):
+    def __init__(self, trainer: "StepGuards"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -131,12 +131,13 @@ class StepGuards:
 
     def watch_winner_drift(self, drift: float) -> None:
         """Warn once when e_θ(w) − e_ref(w) stays positive and grows over ``winner_drift_window`` logs."""
-        self._drift.append(drift)
+        window = self.loss_config.winner_drift_window
+        self._drift = [*(self._drift[-window:] if window else []), drift]
         if not self._drift_warned and winner_drift_growing(self._drift, self.loss_config.winner_drift_window):
             self._drift_warned = True
             if self.is_world_process_zero():
                 warnings.warn(f"mse/winner_drift (policy − reference error on the winners) has been positive and "
-                              f"growing for {self.loss_config.winner_drift_window} logged values up to step "
+                              f"growing for {window} logged values up to step "
                               f"{self.state.global_step}: the policy is getting worse on the preferred images too "
                               "(the known Diffusion-DPO failure). Set sdpo_mu (e.g. 0.1) for the winner-preserving "
                               "safeguard, or lower the learning rate or beta", stacklevel=2)
