@@ -36,6 +36,7 @@ FEATURE_BACKBONES = ("dinov2", *CNN_LAYERS)
 OBJECTIVES = ("dpo", "sft")
 MD_DIVERGENCES = ("jsd", "sym_kl")
 MD_ROWS = ("matched", "all")
+FLOW_SHIFT_MODES = ("pipeline", "none", "static")
 
 
 class ConfigError(ValueError):
@@ -123,11 +124,18 @@ class ModelConfig:
     # Flow-matching transformers (flux2, flux_kontext) only.
     flow_density: str = field(default="uniform", metadata={
         "help": f"σ density for flow models: {', '.join(FLOW_DENSITIES)}."})
-    logit_mean: float = field(default=0.0, metadata={"help": "Mean of the logit_normal σ density."})
+    logit_mean: float = field(default=0.0, metadata={
+        "help": "Mean m of the logit_normal density, as diffusers' compute_density_for_timestep_sampling and its "
+                "training scripts read it: u ~ sigmoid(N(m, s)) indexes the descending schedule, so σ = 1 − u "
+                "and m > 0 favours LOW noise (logit σ has mean −m)."})
     logit_std: float = field(default=1.0, metadata={"help": "Std of the logit_normal σ density."})
     mode_scale: float = field(default=1.29, metadata={"help": "Scale of the 'mode' σ density."})
+    flow_shift_mode: str = field(default="pipeline", metadata={
+        "help": "How training σ is shifted: 'pipeline' as the family's pipeline shifts its inference schedule "
+                "(FLUX.2: compute_empirical_mu; FLUX.1/Kontext: calculate_shift; a scheduler without dynamic "
+                "shifting: its static shift), 'none' (the diffusers dreambooth scripts), 'static' (flow_shift)."})
     flow_shift: float | None = field(default=None, metadata={
-        "help": "σ shift (1 = none); empty uses the scheduler's (dynamic) shift."})
+        "help": "Static σ shift s for flow_shift_mode: static: σ' = s·σ / (1 + (s − 1)·σ)."})
     guidance_scale: float | None = field(default=None, metadata={
         "help": "Guidance fed to a guidance embedding; empty uses the pipeline's sampling default."})
     reference_ids: str = field(default="kontext", metadata={
@@ -157,6 +165,13 @@ class ModelConfig:
             check_int("reference_size", self.reference_size, 8)
         check_choice("family", self.family, FAMILIES)
         check_choice("flow_density", self.flow_density, FLOW_DENSITIES)
+        check_choice("flow_shift_mode", self.flow_shift_mode, FLOW_SHIFT_MODES)
+        if (self.flow_shift is not None) != (self.flow_shift_mode == "static"):
+            raise ConfigError(f"flow_shift={self.flow_shift!r} with flow_shift_mode={self.flow_shift_mode!r}: a "
+                              "static shift needs both (flow_shift_mode: static and flow_shift: s > 0); "
+                              "otherwise leave flow_shift empty")
+        if self.flow_shift is not None:
+            check_positive("flow_shift", self.flow_shift)
         check_choice("reference_ids", self.reference_ids, REFERENCE_ID_SCHEMES)
         check_choice("mixed_reference_counts", self.mixed_reference_counts, MIXED_REFERENCE_COUNTS)
         check_choice("reference_mode", self.reference_mode, REFERENCE_MODES)
@@ -180,7 +195,8 @@ class ModelConfig:
         if self.family not in FLOW_FAMILIES:
             return {}
         options = dict(flow_density=self.flow_density, logit_mean=self.logit_mean, logit_std=self.logit_std,
-                       mode_scale=self.mode_scale, flow_shift=self.flow_shift, guidance_scale=self.guidance_scale,
+                       mode_scale=self.mode_scale, flow_shift_mode=self.flow_shift_mode,
+                       flow_shift=self.flow_shift, guidance_scale=self.guidance_scale,
                        max_references=max_references, reference_size=self.reference_size,
                        mixed_reference_counts=self.mixed_reference_counts,
                        max_sequence_length=self.max_sequence_length)
@@ -230,7 +246,14 @@ class LossConfig:
     label_smoothing: float = field(default=0.0, metadata={
         "help": "Label-noise rate ε for sigmoid (cDPO) and robust losses, in [0, 0.5)."})
     nan_policy: str = field(default="stop", metadata={
-        "help": "On a NaN/inf loss: 'stop' (save the last good state and raise) or 'skip' the batch."})
+        "help": "On a NaN/inf loss or gradient norm: 'stop' (save the last good state and raise) or 'skip' the "
+                "step (no weight, optimizer or scheduler change; counted as train/skipped_steps)."})
+    sdpo_mu: float | None = field(default=None, metadata={
+        "help": "Winner-preserving safeguard (Diffusion-SDPO, arXiv 2511.03317): scale the loser's gradient so "
+                "the winner's error cannot rise (first order); μ in [0, 1) is the kept margin. Empty = off."})
+    winner_drift_window: int = field(default=50, metadata={
+        "help": "Warn once when mse/winner_drift (e_θ(w) − e_ref(w)) stays positive and grows over this many "
+                "logged values; 0 = no warning."})
 
     # MOSAIC (arXiv 2509.01977) auxiliary attention losses, flux2 / flux_kontext only (docs/mosaic.md).
     objective: str = field(default="dpo", metadata={
@@ -266,6 +289,15 @@ class LossConfig:
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
+            raise ConfigError(f"label_smoothing={self.label_smoothing} has no meaning for loss_type="
+                              f"{self.loss_type!r}; use loss_type sigmoid (cDPO) or robust (rDPO), or set 0")
+        if self.sdpo_mu is not None and not (isinstance(self.sdpo_mu, (int, float)) and 0 <= self.sdpo_mu < 1):
+            raise ConfigError(f"sdpo_mu={self.sdpo_mu!r} must be in [0, 1) (e.g. 0.1), or empty to switch the "
+                              "safeguard off")
+        window = self.winner_drift_window
+        if not isinstance(window, int) or window == 1 or window < 0:
+            raise ConfigError(f"winner_drift_window={self.winner_drift_window!r} must be 0 (off) or an integer >= 2")
         check_choice("objective", self.objective, OBJECTIVES)
         check_choice("md_divergence", self.md_divergence, MD_DIVERGENCES)
         check_choice("md_rows", self.md_rows, MD_ROWS)

@@ -277,7 +277,27 @@ class PairCollator:
             maps = torch.stack([as_tensor(row["focus_maps"]) for row in rows])
             batch["focus_maps"] = torch.cat([maps[:, 0], maps[:, 1]])
             batch["focus_key"] = rows[0]["focus_key"]
+        batch.update(self.optional_pair_columns(rows))
         return batch
+
+    def optional_pair_columns(self, rows: list[dict]) -> dict:
+        """``pair_weight`` / ``preference`` ``(B,)`` (missing values: 1) and SDXL's ``original_size`` /
+        ``crop_top_left`` ``(2B, 2)`` ``[winners; losers]`` (a row gives ``[h, w]`` for both images or
+        ``[[h, w], [h, w]]`` for chosen and rejected; missing: the training size and ``(0, 0)``)."""
+        out = {}
+        for key, (low, high) in (("pair_weight", (0.0, math.inf)), ("preference", (0.5, 1.0))):
+            if key in rows[0]:
+                values = [1.0 if row[key] is None else float(row[key]) for row in rows]
+                for row, value in zip(rows, values):
+                    if not low <= value <= high:
+                        raise PairDataError(f"pair {row['pair_id']}: {key}={value} must be in [{low}, {high}]")
+                out[key] = torch.tensor(values)
+        for key, default in (("original_size", self.resolution), ("crop_top_left", 0)):
+            if key in rows[0]:
+                sizes = [torch.tensor(row[key] if row[key] is not None else [default, default], dtype=torch.float32)
+                         .expand(2, 2) for row in rows]
+                out[key] = torch.cat([torch.stack([s[0] for s in sizes]), torch.stack([s[1] for s in sizes])])
+        return out
 
     def parse(self, row: dict) -> dict:
         pair_id, size = row["pair_id"], self.resolution

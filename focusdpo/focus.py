@@ -4,8 +4,9 @@ Everything that does not depend on the timestep is computed once per pair by
 :func:`static_focus_maps`, as two channels on the loss (latent) grid, for both targets stacked
 ``[winners; losers]``:
 
-* channel 0, structure: ``conf · α_a · Δ``
-* channel 1, detail:    ``conf · α_a · D · S``
+* channel 0, structure: ``conf · Δ``
+* channel 1, detail:    ``conf · α_a · D · S`` (α scales the detail term only: a flat reference has little
+  detail to learn, but a swapped flat subject is exactly the structure error to catch)
 
 Each training step then only runs :func:`focus_weights`:
 ``W = 1 + λ_s·g(u)·structure + λ_d·(1 − g(u))·detail``, rescaled to mean 1 per image.
@@ -123,6 +124,11 @@ def _resize(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None].float(), size=tuple(grid), **mode)[:, 0]
 
 
+def area_resize(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(N, H, W)`` -> ``(N, *grid)`` by area: each cell is the mean of the pixels it covers."""
+    return F.adaptive_avg_pool2d(maps[:, None].float(), tuple(grid))[:, 0]
+
+
 def _alignment(aligned, prior_mask, batch: int, mode: str, device) -> torch.Tensor:
     """``(B,)`` bool: which pairs use the misalignment map. 'auto' adds pairs with a non-empty prior."""
     if mode != "auto":
@@ -150,7 +156,6 @@ def focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_
         nearest), ``confidence``, ``subject``, ``complexity``, ``delta`` each ``(2B, h, w)``.
     """
     B = feats_w.shape[0]
-    dino_grid = tuple(feats_w.shape[-2:])
     sims = torch.cat([similarity_maps(f, ref_feats, ref_masks, cfg.top_n) for f in (feats_w, feats_l)])
     assign = assign_subjects(sims)  # (2B, hd, wd)
     conf = confidence(sims, cfg.confidence_scale)
@@ -161,22 +166,27 @@ def focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_
                                      grid=tuple(ref_feats.shape[-2:]))
     alpha_a = alpha.repeat(2, 1).gather(1, assign.flatten(1)).view_as(conf)
     # Aligned pairs share one Δ (where the loser fails the winner's reference); others use S.
-    prior = None if prior_mask is None else _resize(prior_mask.float(), dino_grid)
-    delta_aligned = misalignment_map(sims[:B], sims[B:], assign[:B], prior).repeat(2, 1, 1)
-    is_aligned = _alignment(aligned, prior_mask, B, cfg.pair_alignment, sims.device).repeat(2)
-    delta = torch.where(is_aligned[:, None, None], delta_aligned, subject)
+    gap = misalignment_map(sims[:B], sims[B:], assign[:B]).repeat(2, 1, 1)
+    is_aligned = _alignment(aligned, prior_mask, B, cfg.pair_alignment, sims.device).repeat(2)[:, None, None]
+    # Products on the DINO grid, one resize each: resizing factors separately would blur edges twice. The prior
+    # goes straight to the loss grid by area (through the coarser DINO grid a one-cell prior would smear away);
+    # conf·max(prior, gap) = max(conf·prior, conf·gap) as conf >= 0.
+    structure = _resize(conf * torch.where(is_aligned, gap, subject), grid)
+    delta = _resize(torch.where(is_aligned, gap, subject), grid)
+    if prior_mask is not None:
+        prior = area_resize(prior_mask.float(), grid).repeat(2, 1, 1) * is_aligned
+        structure = torch.maximum(structure, _resize(conf, grid) * prior)
+        delta = torch.maximum(delta, prior)
     complexity = complexity_map(torch.cat([images_w, images_l]), grid, cfg.entropy_bins, cfg.entropy_sigma)
-    # Products on the DINO grid, one resize each: resizing factors separately would blur edges twice.
-    gain = conf * alpha_a
-    static = torch.stack([_resize(gain * delta, grid), _resize(gain * subject, grid) * complexity], dim=1)
+    static = torch.stack([structure, _resize(conf * alpha_a * subject, grid) * complexity], dim=1)
     nearest = F.interpolate(assign[:, None].float(), size=tuple(grid), mode="nearest")[:, 0].long()
     return dict(static=static, assignment=nearest, confidence=_resize(conf, grid), subject=_resize(subject, grid),
-                complexity=complexity, delta=_resize(delta, grid))
+                complexity=complexity, delta=delta)
 
 
 def static_focus_maps(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_images, grid,
                       cfg: FocusConfig, prior_mask=None, aligned: bool | torch.Tensor = False) -> torch.Tensor:
-    """The timestep-free focus maps ``(2B, 2, h, w)``, ``[w; l]``: channel 0 ``conf·α_a·Δ``
+    """The timestep-free focus maps ``(2B, 2, h, w)``, ``[w; l]``: channel 0 ``conf·Δ``
     (structure), channel 1 ``conf·α_a·D·S`` (detail). Arguments as in :func:`focus_parts`."""
     return focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_images, grid,
                        cfg, prior_mask, aligned)["static"]

@@ -85,19 +85,28 @@ def preference_loss(inside: torch.Tensor, beta: float, loss_type: str = "sigmoid
 
 
 def diffusion_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: float,
-                       loss_type: str = "sigmoid", label_smoothing: float = 0.0
+                       loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                       pair_weight: torch.Tensor | None = None, preference: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Diffusion-DPO loss and TRL-named metrics from per-sample errors.
 
     Args:
         policy_err, ref_err: ``(2B,)`` errors ``[w; l]`` from :func:`weighted_error`.
+        pair_weight: ``(B,)`` optional per-pair loss weights (VideoDPO-style; ``None`` = all ones).
+        preference: ``(B,)`` optional soft labels p in [0.5, 1] (SmPO-style): ``inside`` is scaled by
+            ``2p − 1``, so p = 1 is a hard label and p = 0.5 gives no gradient.
 
     Returns:
         ``(loss, metrics)``: scalar mean loss; metrics are detached scalars named as TRL names them
         (``rewards/chosen`` is the implicit reward ``−½·β·(e_θ(w) − e_ref(w))``).
     """
     inside = dpo_inside(policy_err, ref_err, beta)
-    loss = preference_loss(inside, beta, loss_type, label_smoothing).mean()
+    if preference is not None:
+        inside = inside * (2 * preference.to(inside) - 1)
+    per_pair = preference_loss(inside, beta, loss_type, label_smoothing)
+    if pair_weight is not None:
+        per_pair = per_pair * pair_weight.to(per_pair)
+    loss = per_pair.mean()
     pol_w, pol_l = split_pairs(policy_err.detach().float())
     ref_w, ref_l = split_pairs(ref_err.detach().float())
     chosen, rejected = -0.5 * beta * (pol_w - ref_w), -0.5 * beta * (pol_l - ref_l)
@@ -108,8 +117,66 @@ def diffusion_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: fl
         "rewards/accuracies": (chosen > rejected).float().mean(),
         "mse/policy_w": pol_w.mean(), "mse/policy_l": pol_l.mean(),
         "mse/ref_w": ref_w.mean(), "mse/ref_l": ref_l.mean(),
+        "mse/winner_drift": (pol_w - ref_w).mean(),
     }
     return loss, metrics
+
+
+# ---- winner-preserving safeguard (Diffusion-SDPO, arXiv 2511.03317) ------------------------------------------
+def error_output_gradient(pred: torch.Tensor, target: torch.Tensor,
+                          weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``∂e/∂pred`` of :func:`weighted_error`, analytically (no backward through the model).
+
+    Args:
+        pred, target: ``(N, C, h, w)``; weights: ``(N, h, w)`` or ``None``.
+
+    Returns:
+        ``(N, C, h, w)`` float32: ``2·(pred − target)·W_q / (C·Σ_q W_q)``.
+    """
+    diff = pred.detach().float() - target.float()
+    if weights is None:
+        return diff * (2.0 / diff[0].numel())  # mean over C·h·w
+    w = weights.float()
+    return diff * (2 * w / (diff.shape[1] * w.flatten(1).sum(1).clamp_min(1e-12).view(-1, 1, 1)))[:, None]
+
+
+def sdpo_loser_scale(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None,
+                     mu: float) -> torch.Tensor:
+    """Per-pair λ that keeps the winner's error from rising (first order, in output space).
+
+    ``λ = clamp((1 − μ)·‖g_w‖² / ⟨g_l, g_w⟩, 0, 1)`` where ``⟨g_l, g_w⟩ > 0``, else 1; ``g_w``, ``g_l`` are the
+    output-space gradients of the winner's and loser's errors.
+
+    Args:
+        pred, target: ``(2B, C, h, w)`` ``[w; l]``; weights: ``(2B, h, w)`` or ``None``; mu: μ in [0, 1).
+
+    Returns:
+        ``(B,)`` float32, detached.
+    """
+    g_w, g_l = split_pairs(error_output_gradient(pred, target, weights).flatten(1))
+    dot = (g_w * g_l).sum(1)
+    ratio = (1 - mu) * g_w.pow(2).sum(1) / torch.where(dot > 0, dot, torch.ones_like(dot))
+    return torch.where(dot > 0, ratio.clamp(0, 1), torch.ones_like(dot))
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+def scale_loser_gradient(policy_err: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``(2B,)`` errors ``[w; l]`` with the same values and the losers' gradients multiplied by ``scale`` ``(B,)``."""
+    pol_w, pol_l = split_pairs(policy_err)
+    return torch.cat([pol_w, _ScaleGradient.apply(pol_l, scale.detach().to(pol_l))])
 
 
 # ---- MOSAIC auxiliary losses on reference→target attention (arXiv 2509.01977) ----------------------------------

@@ -31,9 +31,15 @@ STATIC_FIELDS = ("feature_backbone", "feature_layer", "feature_weights",
                  "reference_complexity", "pair_alignment")
 
 
+# Bumped when the meaning of a cached channel changes (2: α_k on the detail term only, prior mask by area),
+# so caches made by older code are refused instead of read with the old meaning.
+MAPS_VERSION = 2
+
+
 def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int]) -> str:
     """A readable key naming the extractor, the grid and a hash of every static-map setting."""
     settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
+    settings["maps_version"] = MAPS_VERSION
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{feature_name(cfg)}/grid{grid[0]}x{grid[1]}/{digest}"
 

@@ -21,26 +21,23 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, config_fields, parse_config
 from .data import PairCollator, load_pairs
 from .export import export_lora
 from .interrupts import SaveOnSignal
-from .losses import diffusion_dpo_loss, dpo_inside, weighted_error
+from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
+from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_personalization_lora, check_resume_settings,
-                         keep_segment_configs, numerics_advice, prepare_output_dir, release_lock, resolve_resume)
+                         keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
 from .safe_write import disk_full_names
 
 TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN/inf; the message names the step, the pairs and the saved last good state."""
 
 
 class PolicyModel(torch.nn.Module):
@@ -57,6 +54,19 @@ class PolicyModel(torch.nn.Module):
 
     def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
         return self.backbone[0].predict(self.denoiser, inputs)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        if getattr(self, "_trainable", None) is None:
+            self._trainable = [p for p in self.parameters() if p.requires_grad]
+        return self._trainable
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Only the trainable parameters (the LoRA) hold gradients: skip the walk over the frozen base."""
+        for param in self.trainable_parameters():
+            if set_to_none:
+                param.grad = None
+            elif param.grad is not None:
+                param.grad.zero_()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
                                         offload: bool = False) -> None:
@@ -108,7 +118,7 @@ class MetricsFileCallback(TrainerCallback):
                 f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-class FocusDPOTrainer(Trainer):
+class FocusDPOTrainer(StepGuards, Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
     def __init__(self, backbone: Backbone, args: FocusDPOConfig, train_dataset, model_config: ModelConfig,
@@ -117,6 +127,7 @@ class FocusDPOTrainer(Trainer):
         self.backbone, self.model_config, self.loss_config = backbone, model_config, loss_config
         self.focus_config = focus_config or FocusConfig()
         data_config = self.data_config = data_config or DataConfig()
+        set_seed(args.seed)  # the LoRA's A matrices come from the global RNG: same seed, same LoRA
         add_dpo_lora(backbone, model_config)
         if model_config.lora_rank > 0 and (args.bf16 or args.fp16):
             # Frozen base in half precision, trainable LoRA in fp32 for stable optimizer updates.
@@ -128,16 +139,21 @@ class FocusDPOTrainer(Trainer):
         args.recipe_sections = config_fields(model_config, data_config, loss_config, self.focus_config)
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
-            self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+            self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False)
+            # The policy's mode unless dropout is active: eval mode alone changes GroupNorm results on CPU
+            # (measured 7e-7), which β turns into a step-0 loss off ln 2; without dropout both modes are equal.
+            self.frozen_copy.train(not any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                           for m in self.frozen_copy.modules()))
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
-                         callbacks=[MetricsFileCallback(), *(callbacks or [])])
+                         callbacks=[SkippedStepCallback(self), MetricsFileCallback(), *(callbacks or [])])
         backbone.to(self.args.device, half_dtype(self.args))
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
         self.focus_mapper = None
         self._accepted_cache_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self.init_guards()
         self.mosaic = self.build_mosaic()
 
     # ---- the loss -------------------------------------------------------------------------------
@@ -156,11 +172,21 @@ class FocusDPOTrainer(Trainer):
         policy_err = weighted_error(pred, prepared.target, weights)
         ref_err = weighted_error(ref_pred, prepared.target, weights)
         cfg = self.loss_config
-        loss, metrics = diffusion_dpo_loss(policy_err, ref_err, cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        loser_scale = None
+        if cfg.sdpo_mu is not None:  # winner-preserving safeguard: acts in backward only
+            loser_scale = sdpo_loser_scale(pred, prepared.target, weights, cfg.sdpo_mu)
+            policy_err = scale_loser_gradient(policy_err, loser_scale)
+        loss, metrics = diffusion_dpo_loss(policy_err, ref_err, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+                                           inputs.get("pair_weight"), inputs.get("preference"))
         loss = loss + self.mosaic_loss(metrics)
+        if loser_scale is not None:
+            metrics["sdpo/loser_scale"] = loser_scale.mean()
+        self._step_pair_ids.extend(inputs["pair_ids"])
         loss = self.guard_non_finite(loss, model, inputs["pair_ids"])
-        inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
-        self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
+        if not self._skip_pending:
+            inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
+            metrics["_loss"] = loss.detach()
+            self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
         return (loss, pred) if return_outputs else loss
 
     # ---- MOSAIC auxiliary losses and the SFT objective (focusdpo/mosaic.py, docs/mosaic.md) -------------------
@@ -202,9 +228,12 @@ class FocusDPOTrainer(Trainer):
         pred = self.policy_forward(model, inputs, prepared)
         error = weighted_error(pred, prepared.target)
         metrics = {"mse/policy_w": error.detach().mean()}
+        self._step_pair_ids.extend(inputs["pair_ids"])
         loss = self.guard_non_finite(error.mean() + self.mosaic_loss(metrics), model, inputs["pair_ids"])
-        empty = error.new_zeros(0)
-        self.store_metrics(metrics, empty, empty, None)
+        if not self._skip_pending:
+            empty = error.new_zeros(0)
+            metrics["_loss"] = loss.detach()
+            self.store_metrics(metrics, empty, empty, None)
         return (loss, pred) if return_outputs else loss
 
     def check_cached_encoders(self, inputs: dict) -> None:
@@ -253,20 +282,14 @@ class FocusDPOTrainer(Trainer):
         return self.focus_mapper.batch_maps(inputs, tuple(grid))
 
     def guard_non_finite(self, loss: torch.Tensor, model, pair_ids: list[str]) -> torch.Tensor:
-        """Agree across processes whether the loss is finite; then stop (saving state) or skip."""
+        """Agree across processes whether the loss is finite; then stop (saving state) or skip the step."""
         bad = self.accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), reduction="sum")
         if bad.item() == 0:
             return loss
-        step = self.state.global_step
         if self.loss_config.nan_policy == "skip":
-            print(f"[focusdpo] non-finite loss at step {step} (pairs {pair_ids}); batch skipped", file=sys.stderr)
+            self._skip_pending = True  # the optimizer step this micro-batch belongs to is skipped
             return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-        self._save_checkpoint(model, trial=None)  # the weights are still those of the last good step
-        saved = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {step} on process {self.args.process_index} (pairs {pair_ids}). "
-            f"The last good state is saved in {saved}; resume from it with --resume_from_checkpoint {saved}, "
-            f"after you {numerics_advice(self.args, self.model_config, self.loss_config, self.focus_config)}")
+        self.stop_non_finite(f"loss is {loss.item()}", model, pair_ids)
 
     # ---- metrics --------------------------------------------------------------------------------
     def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
@@ -281,12 +304,14 @@ class FocusDPOTrainer(Trainer):
         total = self.accelerator.reduce(local, reduction="sum")
         world = self.accelerator.num_processes
         for name, value in zip(names, total[: len(names)].tolist()):
-            self._metrics[name].append(value / world)
-        self._metrics["_bucket_sums"].append(total[len(names):-TIMESTEP_BUCKETS].tolist())
-        self._metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:].tolist())
+            self._step_metrics[name].append(value / world)
+        self._step_metrics["_bucket_sums"].append(total[len(names):-TIMESTEP_BUCKETS].tolist())
+        self._step_metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:].tolist())
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if self._metrics and "loss" in logs:  # training logs only
+        if "loss" in logs:  # training logs only
+            self.average_kept_steps(logs)
+        if self._metrics and "loss" in logs:
             sums = torch.tensor(self._metrics.pop("_bucket_sums")).sum(0)
             counts = torch.tensor(self._metrics.pop("_bucket_counts")).sum(0)
             logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
@@ -295,6 +320,10 @@ class FocusDPOTrainer(Trainer):
                     lo, hi = i / TIMESTEP_BUCKETS, (i + 1) / TIMESTEP_BUCKETS
                     logs[f"rewards/margins_u{lo:.2f}-{hi:.2f}"] = (sums[i] / counts[i]).item()
             self._metrics.clear()
+            if "mse/winner_drift" in logs:  # DPO only: SFT has no reference pass
+                self.watch_winner_drift(logs["mse/winner_drift"])
+        if "train_loss" in logs and self._skipped_steps and self._kept_loss[1]:
+            logs["train_loss"] = self._kept_loss[0] / self._kept_loss[1]  # skipped steps left out
         super().log(logs, start_time)
 
     # ---- saving and resuming --------------------------------------------------------------------

@@ -95,23 +95,24 @@ def test_winner_and_loser_share_noise_and_sigma(family):
 
 
 def test_sigma_density_and_scheduler_shift():
-    backbone = kontext(flow_shift=1.0)
+    backbone = kontext(flow_shift_mode="none")
     u = compute_density_for_timestep_sampling("none", 5, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(backbone.sample_sigmas(5, TOKENS, torch.Generator().manual_seed(3)), u)
-    backbone.flow_shift = 3.0
+    sigma = 1 - u  # u indexes the descending schedule, as in the diffusers training scripts
+    torch.testing.assert_close(backbone.sample_sigmas(5, TOKENS, torch.Generator().manual_seed(3)), sigma)
+    backbone.flow_shift_mode, backbone.flow_shift = "static", 3.0
     torch.testing.assert_close(backbone.sample_sigmas(5, TOKENS, torch.Generator().manual_seed(3)),
-                               3 * u / (1 + 2 * u))
-    backbone.flow_shift = None  # the tiny scheduler has FLUX's use_dynamic_shifting: shift depends on L
+                               3 * sigma / (1 + 2 * sigma))
+    backbone.flow_shift_mode = "pipeline"  # the tiny scheduler has FLUX's use_dynamic_shifting: shift depends on L
     config = backbone.pipeline.scheduler.config
     for seq_len in (64, 4096):
         mu = calculate_shift(seq_len, config.base_image_seq_len, config.max_image_seq_len, config.base_shift,
                              config.max_shift)
-        expected = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        expected = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
         torch.testing.assert_close(backbone.sample_sigmas(5, seq_len, torch.Generator().manual_seed(3)), expected)
-    normal = kontext(flow_density="logit_normal", logit_mean=1.0, logit_std=0.5, flow_shift=1.0)
+    normal = kontext(flow_density="logit_normal", logit_mean=1.0, logit_std=0.5, flow_shift_mode="none")
     sigma = normal.sample_sigmas(4000, TOKENS, torch.Generator().manual_seed(0))
-    logit = torch.log(sigma / (1 - sigma))
-    assert abs(logit.mean().item() - 1.0) < 0.05 and abs(logit.std().item() - 0.5) < 0.05
+    logit = torch.log(sigma / (1 - sigma))  # diffusers' sign: logit σ has mean −logit_mean
+    assert abs(logit.mean().item() + 1.0) < 0.05 and abs(logit.std().item() - 0.5) < 0.05
 
 
 @families

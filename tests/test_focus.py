@@ -150,11 +150,39 @@ def test_identical_winner_and_loser_give_zero_structure_on_aligned_pairs():
     prior = torch.zeros(1, 32, 32)
     prior[:, 4:12, 12:20] = 1
     with_prior = focus_parts(*args, prior_mask=prior)
-    prior_on_dino_grid = F.adaptive_avg_pool2d(prior[None], (16, 16))[0]  # K = 1: conf = best sim = box
-    expected = F.interpolate((box * prior_on_dino_grid)[None], size=(32, 32), mode="bilinear")[0]
-    torch.testing.assert_close(with_prior["static"][:, 0], expected.expand(2, 32, 32))
-    torch.testing.assert_close(with_prior["delta"][0], F.interpolate(prior_on_dino_grid[None], size=(32, 32),
-                                                                     mode="bilinear")[0, 0])
+    # K = 1: conf = best sim = box, resized to the loss grid; the prior lands on the loss grid directly (by area).
+    conf = F.interpolate(box.float()[None, None], size=(32, 32), mode="bilinear")[0, 0]
+    torch.testing.assert_close(with_prior["static"][:, 0], (conf * prior).expand(2, 32, 32))
+    torch.testing.assert_close(with_prior["delta"][0], prior[0])
+
+
+def test_a_one_cell_prior_keeps_its_whole_weight_at_its_cell():
+    feats = box_features(torch.ones(4, 4, dtype=torch.bool), (4, 4))  # DINO grid 4x4, coarser than the loss grid
+    refs = torch.zeros(1, 1, 4, 2, 2)
+    refs[:, :, 0] = 1
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prior = torch.zeros(1, 64, 64)
+    prior[:, 24:32, 40:48] = 1  # exactly loss cell (3, 5) at 8 px per cell
+    parts = focus_parts(feats, feats, refs, None, images, images, images[:, None], (8, 8), FocusConfig(),
+                        prior_mask=prior)
+    expected = torch.zeros(8, 8)
+    expected[3, 5] = 1
+    torch.testing.assert_close(parts["delta"][0], expected)
+    torch.testing.assert_close(parts["static"][0, 0], expected)  # conf = 1 everywhere here
+
+
+def test_reference_complexity_scales_the_detail_term_only():
+    feats = box_features(torch.ones(4, 4, dtype=torch.bool), (4, 4))  # every patch matches reference 0 only
+    refs = torch.zeros(1, 2, 4, 2, 2)
+    refs[:, 0, 0] = 1
+    refs[:, 1, 2] = 1
+    images = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    flat_and_textured = torch.stack([torch.full((3, 32, 32), 0.5), images[0]])[None]  # α = (0, 2)
+    args = (feats, feats, refs, None, images, images, flat_and_textured, (4, 4))
+    on = static_focus_maps(*args, FocusConfig(reference_complexity=True), aligned=False)
+    off = static_focus_maps(*args, FocusConfig(reference_complexity=False), aligned=False)
+    torch.testing.assert_close(on[:, 0], off[:, 0])  # a flat reference keeps its structure weight
+    assert not torch.allclose(on[:, 1], off[:, 1])
 
 
 def test_aligned_pairs_use_the_winner_loser_gap():

@@ -5,10 +5,14 @@ builders, ``encode_prompt``) and differ only in how latents are packed and how r
 
 Forward process (rectified flow, as FLUX is trained): ``x_t = (1 − σ)·x0 + σ·ε``, target ``ε − x0``.
 σ is drawn per pair from a density over [0, 1] (``uniform``, ``logit_normal``, ``mode``; diffusers'
-``compute_density_for_timestep_sampling``) and then shifted like the pipeline's scheduler shifts its inference
-sigmas: the resolution-dependent shift (``calculate_shift`` + ``scheduler.time_shift``) when the scheduler has
-``use_dynamic_shifting``, its static ``shift`` otherwise, or ``flow_shift`` when given. The transformer gets σ
-itself as ``timestep`` (it multiplies by 1000 inside) and ``noise_level = σ``.
+``compute_density_for_timestep_sampling``) read as the diffusers training scripts read it: ``u`` indexes the
+descending schedule, so ``σ = 1 − u`` (a positive ``logit_mean`` favours low noise). ``flow_shift_mode`` then
+shifts σ: ``pipeline`` as the family's pipeline shifts its inference sigmas when the scheduler has
+``use_dynamic_shifting`` (FLUX.2 and Klein: ``compute_empirical_mu`` at the pipeline's default step count;
+FLUX.1 / Kontext: ``calculate_shift``; both through ``scheduler.time_shift``), the scheduler's static ``shift``
+otherwise; ``none`` leaves σ as drawn (what the diffusers dreambooth scripts train with); ``static`` applies
+``flow_shift``. The transformer gets σ itself as ``timestep`` (it multiplies by 1000 inside) and
+``noise_level = σ``.
 
 Tokens: ``[target (L); reference 1 (l); …; reference K (l)]``. Every reference shares the target's timestep
 modulation and is noise-free. The prediction is the first ``L`` tokens, unpacked to the packed token grid
@@ -33,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from ..config import FLOW_DENSITIES, MIXED_REFERENCE_COUNTS, REFERENCE_ID_SCHEMES
+from ..config import FLOW_DENSITIES, FLOW_SHIFT_MODES, MIXED_REFERENCE_COUNTS, REFERENCE_ID_SCHEMES
 from ..config import check_choice as _check_choice
 from .base import Backbone, DenoiseInputs
 from .sd import repeat_pairs
@@ -60,7 +64,8 @@ class FlowMatchingBackbone(Backbone):
     lora_suffixes: tuple[str, ...]
 
     def __init__(self, pipeline, *, flow_density: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
-                 mode_scale: float = 1.29, flow_shift: float | None = None, guidance_scale: float | None = None,
+                 mode_scale: float = 1.29, flow_shift_mode: str = "pipeline", flow_shift: float | None = None,
+                 guidance_scale: float | None = None,
                  max_references: int = 6, reference_size: int | None = None,
                  mixed_reference_counts: str = "pad", max_sequence_length: int = 512):
         super().__init__(pipeline)
@@ -75,8 +80,10 @@ class FlowMatchingBackbone(Backbone):
         _check_choice("mixed_reference_counts", mixed_reference_counts, MIXED_REFERENCE_COUNTS)
         if logit_std <= 0:
             raise ValueError(f"logit_std={logit_std} must be > 0")
-        if flow_shift is not None and flow_shift <= 0:
-            raise ValueError(f"flow_shift={flow_shift} must be > 0 (1.0 = no shift), or None for the scheduler's")
+        _check_choice("flow_shift_mode", flow_shift_mode, FLOW_SHIFT_MODES)
+        if (flow_shift_mode == "static") != (flow_shift is not None and flow_shift > 0):
+            raise ValueError(f"flow_shift={flow_shift} with flow_shift_mode={flow_shift_mode!r}: 'static' needs a "
+                             "flow_shift > 0 (1.0 = no shift); the other modes take none")
         if max_references < 0:
             raise ValueError(f"max_references={max_references} must be >= 0")
         if reference_size is not None and reference_size % self.pack_factor:
@@ -84,7 +91,7 @@ class FlowMatchingBackbone(Backbone):
                              "(VAE downsampling × 2×2 packing)")
         self.flow_density, self.logit_mean, self.logit_std = flow_density, logit_mean, logit_std
         self.mode_scale = mode_scale
-        self.flow_shift = flow_shift
+        self.flow_shift_mode, self.flow_shift = flow_shift_mode, flow_shift
         if guidance_scale is None:  # the value the pipeline samples with
             guidance_scale = inspect.signature(type(pipeline).__call__).parameters["guidance_scale"].default
         self.guidance_scale = float(guidance_scale)
@@ -198,23 +205,29 @@ class FlowMatchingBackbone(Backbone):
                              "(VAE downsampling × 2×2 packing): choose another resolution")
 
     def sample_sigmas(self, pairs: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-        """σ per pair: ``u`` from the density, then the scheduler's shift for ``seq_len`` target tokens."""
+        """σ per pair: ``1 − u`` with ``u`` from the density (diffusers' scripts index the descending schedule with
+        it), then shifted by ``flow_shift_mode`` for ``seq_len`` target tokens."""
         u = compute_density_for_timestep_sampling(DENSITY_ALIASES.get(self.flow_density, self.flow_density), pairs,
                                                   self.logit_mean, self.logit_std, self.mode_scale,
                                                   generator=generator)
-        return self.shift_sigmas(u.clamp(0.0, 1.0), seq_len)
+        return self.shift_sigmas(1.0 - u.clamp(0.0, 1.0), seq_len)
 
     def shift_sigmas(self, sigma: torch.Tensor, seq_len: int) -> torch.Tensor:
-        scheduler = self.pipeline.scheduler
-        config = scheduler.config
-        if self.flow_shift is None and config.get("use_dynamic_shifting", False):
-            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-            mu = calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-            return scheduler.time_shift(mu, 1.0, sigma)
-        shift = self.flow_shift if self.flow_shift is not None else config.get("shift", 1.0)
+        config = self.pipeline.scheduler.config
+        if self.flow_shift_mode == "none":
+            return sigma
+        if self.flow_shift_mode == "pipeline" and config.get("use_dynamic_shifting", False):
+            return self.pipeline.scheduler.time_shift(self.pipeline_mu(seq_len), 1.0, sigma)
+        shift = self.flow_shift if self.flow_shift_mode == "static" else config.get("shift", 1.0)
         return shift * sigma / (1 + (shift - 1) * sigma)
+
+    def pipeline_mu(self, seq_len: int) -> float:
+        """The resolution-dependent shift μ FLUX.1 / Kontext pipelines use for ``seq_len`` image tokens."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.pipeline.scheduler.config
+        return calculate_shift(seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                               config.get("base_shift", 0.5), config.get("max_shift", 1.15))
 
     def reference_tokens(self, batch: dict, pairs: int, h: int, w: int, generator: torch.Generator):
         """Per-sample reference tokens ``(B, K·l, C)``, which of them are real ``(B, K·l)``, and their ids.
@@ -347,6 +360,14 @@ class Flux2Backbone(FlowMatchingBackbone):
         singles = tuple(f"single_transformer_blocks.{i}.attn.to_out"
                         for i in range(len(self.denoiser.single_transformer_blocks)))
         return self.lora_suffixes + singles
+
+    def pipeline_mu(self, seq_len: int) -> float:
+        """FLUX.2 pipelines shift with ``compute_empirical_mu`` (it depends on the step count: the pipeline's
+        default ``num_inference_steps`` is used), not FLUX.1's ``calculate_shift``."""
+        from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+
+        steps = inspect.signature(type(self.pipeline).__call__).parameters["num_inference_steps"].default
+        return compute_empirical_mu(seq_len, steps)
 
     def encode_grid(self, pixels, generator):
         vae = self.pipeline.vae

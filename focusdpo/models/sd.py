@@ -74,7 +74,18 @@ class StableDiffusionBackbone(Backbone):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
         kwargs = {"sample": noisy, "timestep": t, **self.encode_prompts(batch["prompts"], resolution)}
-        return DenoiseInputs(kwargs, target, noise_level=t.float() / (num_train - 1))
+        self.add_size_conditioning(kwargs, batch, resolution)
+        return DenoiseInputs(kwargs, target, noise_level=self.flow_equivalent_sigma(t))
+
+    def flow_equivalent_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """``u`` of DDPM timesteps: the flow σ with the same SNR, ``√(1−ᾱ) / (√ᾱ + √(1−ᾱ))``, so a focus schedule
+        means the same noise level on UNets and flow transformers (DESIGN.md, "The focus method")."""
+        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        return (noise / (signal + noise)).float()
+
+    def add_size_conditioning(self, kwargs: dict, batch: dict, resolution: int) -> None:
+        """SDXL's per-image size/crop ids; SD 1.x/2.x UNets take none."""
 
     def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
         kwargs = dict(inputs.model_kwargs)
@@ -103,3 +114,25 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         time_ids = time_ids.to(self.device).repeat(2 * len(prompts), 1)
         return {"encoder_hidden_states": repeat_pairs(embeds),
                 "added_cond_kwargs": {"text_embeds": repeat_pairs(pooled), "time_ids": time_ids}}
+
+    def add_size_conditioning(self, kwargs: dict, batch: dict, resolution: int) -> None:
+        """``time_ids`` = (original size, crop top-left, target size) per image, as the SDXL pipeline builds them,
+        from the optional ``original_size`` / ``crop_top_left`` columns ``(2B, 2)``; defaults: the resolution
+        and (0, 0)."""
+        if batch.get("original_size") is None and batch.get("crop_top_left") is None:
+            return
+        time_ids = kwargs["added_cond_kwargs"]["time_ids"]
+        size = time_ids.new_tensor([resolution, resolution]).expand(len(time_ids), 2)
+        original = batch.get("original_size")
+        crop = batch.get("crop_top_left")
+        original = size if original is None else torch.as_tensor(original).to(time_ids)
+        crop = torch.zeros_like(size) if crop is None else torch.as_tensor(crop).to(time_ids)
+        kwargs["added_cond_kwargs"]["time_ids"] = torch.cat([original, crop, size], dim=1)
+
+    def to(self, device, dtype: torch.dtype | None = None) -> "StableDiffusionXLBackbone":
+        """As for every backbone, but a VAE whose config says ``force_upcast`` stays in float32 (the SDXL VAE
+        overflows in fp16/bf16; the diffusers SDXL DPO script keeps it in fp32 to avoid NaN losses)."""
+        super().to(device, dtype)
+        if self.pipeline.vae.config.get("force_upcast", False):
+            self.pipeline.vae.to(torch.float32)
+        return self
