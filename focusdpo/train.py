@@ -114,9 +114,14 @@ class FocusDPOTrainer(Trainer):
 
             backbone.denoiser.to(half_dtype(args))
             cast_training_params(backbone.denoiser, torch.float32)
+        if model_config.channels_last:
+            backbone.use_channels_last()
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
             self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False).eval()
+        if args.torch_compile:  # in place: policy and reference run one compiled module (see _build_accelerator_args)
+            for module in filter(None, (backbone.denoiser, self.frozen_copy)):
+                module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
                          callbacks=[MetricsFileCallback(), *(callbacks or [])])
@@ -126,6 +131,18 @@ class FocusDPOTrainer(Trainer):
         self.focus_mapper = None
         self._accepted_cache_keys: set[str] = set()
         self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """transformers compiles the whole model it wraps when ``torch_compile`` is set; here the denoiser is
+        compiled in place instead (``__init__``), so the reference pass runs the same compiled module and the
+        PolicyModel's Python stays eager. Overridden (a private Trainer hook: no public one builds the accelerator)
+        only to switch the Trainer's own compilation off."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.torch_compile:
+            from accelerate.utils import TorchDynamoPlugin
+
+            accelerator_args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return accelerator_args
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
