@@ -79,7 +79,9 @@ def interleaved(arms: dict, steps: int, warmup: int) -> dict[str, float]:
 
 
 def profile_share(args, dataset: str) -> dict[str, float]:
-    """Per-step ms of the Trainer's step, of the denoiser's forwards and of the backward, from a profile."""
+    """Per-step ms of the Trainer's step, of the denoiser's forwards and of the backward: first ``tp_steps`` steps
+    under ``torch.profiler`` (wall time; the profiler's per-op cost inflates the many small ops outside the model),
+    then ``tp_steps`` steps timed by the same range marks in this thread's CPU time (``cpu_`` keys)."""
     import torch
     from torch.autograd.profiler import record_function
     from transformers import TrainerCallback
@@ -88,16 +90,24 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     from focusdpo.train import build_trainer
 
     warmup, steps = 2, args.tp_steps
-    argv = [*base_argv(args, tempfile.mkdtemp(), dataset), "--max_steps", str(warmup + steps)]
+    argv = [*base_argv(args, tempfile.mkdtemp(), dataset), "--max_steps", str(warmup + 2 * steps)]
     trainer = build_trainer(*parse_config(argv))
     open_ranges: list = []
+    totals: dict[str, float] = {}
+    profiling = [False]
 
     def enter(name: str) -> None:
-        open_ranges.append(record_function(name))
-        open_ranges[-1].__enter__()
+        mark = record_function(name) if profiling[0] else None
+        if mark is not None:
+            mark.__enter__()
+        open_ranges.append((name, mark, time.thread_time()))
 
     def leave() -> None:
-        open_ranges.pop().__exit__(None, None, None)
+        name, mark, start = open_ranges.pop()
+        if mark is not None:
+            mark.__exit__(None, None, None)
+        else:
+            totals[f"cpu_{name}"] = totals.get(f"cpu_{name}", 0.0) + (time.thread_time() - start) * 1000 / steps
 
     denoiser = trainer.backbone.denoiser
     denoiser.register_forward_pre_hook(lambda *_: enter("denoiser_forward"))
@@ -118,18 +128,20 @@ def profile_share(args, dataset: str) -> dict[str, float]:
 
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == warmup:
+                profiling[0] = True
                 profiler.start()
-            if state.global_step >= warmup:
-                enter("step")
+            if state.global_step == warmup + steps:
+                profiler.stop()
+                profiling[0] = False
+            if state.global_step < warmup:  # not counted: drop what the warm-up steps' marks add
+                totals.clear()
+            enter("step")
 
         def on_step_end(self, a, state, control, **kw):
-            if state.global_step > warmup:
-                leave()
+            leave()
 
     trainer.add_callback(StepRanges())
     trainer.train()
-    profiler.stop()
-    totals: dict[str, float] = {}
     for event in profiler.events():
         if event.name in ("step", "denoiser_forward", "backward"):
             totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / steps
@@ -166,11 +178,15 @@ def throughput_section(args) -> None:
 
 
 def print_throughput(args, totals: dict[str, float], rows: list) -> None:
-    step, forward, backward = totals.get("step", 0.0), totals.get("denoiser_forward", 0.0), totals.get("backward", 0.0)
-    outside = step - forward - backward
-    print(f"\nprofile, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, cached latents, W = 1 "
-          f"({args.tp_steps} steps): step {step:.1f} ms = denoiser forward (policy + reference) {forward:.1f} + "
-          f"backward {backward:.1f} + outside {outside:.1f} ms -> outside share {outside / step:.1%}")
+    print(f"\nprofile, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, cached latents, W = 1, "
+          f"{args.tp_steps} steps each:")
+    for prefix, how in (("", "torch.profiler, wall"), ("cpu_", "range marks, CPU time")):
+        step, forward, backward = (totals.get(prefix + k, 0.0) for k in ("step", "denoiser_forward", "backward"))
+        outside = step - forward - backward
+        print(f"  {how:<22} step {step:7.1f} ms = denoiser forward (policy + reference) {forward:6.1f} + backward "
+              f"{backward:6.1f} + outside {outside:5.1f} ms -> outside share {outside / max(step, 1e-9):.1%}")
+    if not rows:
+        return
     print(f"\n| A/B, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, CPU time | A (ms) | B (ms) | B / A |")
     print("| --- | ---: | ---: | ---: |")
     for name, medians in rows:
