@@ -98,6 +98,17 @@ class MetricsFileCallback(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+class PlacementCallback(TrainerCallback):
+    """Re-read the denoiser's device and dtype once training starts: accelerate/DeepSpeed may have moved or cast it
+    in ``prepare`` (backbones cache both, see ``Backbone.resolve_placement``)."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.backbone.resolve_placement()
+
+
 class FocusDPOTrainer(Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
@@ -124,7 +135,7 @@ class FocusDPOTrainer(Trainer):
                 module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
-                         callbacks=[MetricsFileCallback(), *(callbacks or [])])
+                         callbacks=[MetricsFileCallback(), PlacementCallback(backbone), *(callbacks or [])])
         backbone.to(self.args.device, half_dtype(self.args))
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)

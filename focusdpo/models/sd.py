@@ -43,24 +43,24 @@ class StableDiffusionBackbone(Backbone):
 
     @torch.no_grad()
     def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [-1, 1] → the VAE posterior on the scaled latent grid: mean and std stacked on the
-        channel axis, ``(N, 2C, H/f, W/f)`` (float32). This, not a sample, is what ``embed --latents`` caches."""
-        vae = self.pipeline.vae
-        dist = vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        scale = vae.config.scaling_factor
-        return torch.cat([(dist.mean - shift) * scale, dist.std * scale], dim=1).float()
+        """``(N, 3, H, W)`` in [-1, 1] → the VAE posterior, mean and std stacked on the channel axis,
+        ``(N, 2C, H/f, W/f)`` (float32, before the VAE's shift and scale). This, not a sample, is what
+        ``embed --latents`` caches."""
+        dist = self.pipeline.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).float()
 
     def sample_latents(self, distribution: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One draw ``(N, C, h, w)`` from a posterior ``(N, 2C, h, w)`` (mean ‖ std), from ``generator``: drawn
-        every step, so cached and live encodings give the same latents and no epoch reuses one frozen sample."""
+        """One scaled draw ``(N, C, h, w)`` from a posterior ``(N, 2C, h, w)`` (mean ‖ std), from ``generator``:
+        drawn every step, so cached and live encodings give the same latents and no epoch reuses one sample."""
         channels = self.denoiser.config.in_channels
         if distribution.shape[1] != 2 * channels:
             raise ValueError(f"cached latents have {distribution.shape[1]} channels but this UNet needs the VAE "
                              f"posterior's mean and std ({2 * channels}): re-run `focusdpo embed --latents`")
         mean, std = distribution.chunk(2, dim=1)
         noise = torch.randn(mean.shape, generator=generator).to(mean)  # the CPU generator: same draw on any device
-        return mean + std * noise
+        config = self.pipeline.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * config.scaling_factor  # = dist.sample(), then the pipeline's scaling
 
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """``(N, 3, H, W)`` in [-1, 1] → scaled latents ``(N, C, H/f, W/f)`` (float32), sampled from the posterior."""
