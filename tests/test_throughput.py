@@ -81,16 +81,27 @@ def test_latents_cached_before_the_posterior_format_are_refused(tmp_path):
 def test_a_training_step_reads_no_device_or_dtype_from_the_models(family, tmp_path, monkeypatch):
     """diffusers' ``.device``/``.dtype`` walk every submodule: resolved once at setup, never per step."""
     from diffusers import ModelMixin
+    from transformers import TrainerCallback
 
     args = [*TINY, "--family", family]
     cached = embed_latents(tmp_path, args)
     trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run"), "--dataset", cached]))
-    reads = []
+    reads, counting = [], [False]
     for name in ("device", "dtype"):
         original = getattr(ModelMixin, name)
-        monkeypatch.setattr(ModelMixin, name, property(lambda self, o=original, n=name: reads.append(n) or o.fget(self)))
+        monkeypatch.setattr(ModelMixin, name, property(
+            lambda self, o=original, n=name: (counting[0] and reads.append(n)) or o.fget(self)))
+
+    class CountInsideSteps(TrainerCallback):  # setup (train begin) may read them once
+        def on_step_begin(self, *args, **kwargs):
+            counting[0] = True
+
+        def on_step_end(self, *args, **kwargs):
+            counting[0] = False
+
+    trainer.add_callback(CountInsideSteps())
     trainer.train()
-    assert reads == []
+    assert reads == [] and trainer.state.global_step == 3
     assert step_losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
