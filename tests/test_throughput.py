@@ -47,7 +47,7 @@ def test_cached_latents_prepare_the_same_inputs_as_live_encoding(family, tmp_pat
     torch.testing.assert_close(from_cache.target, live.target, atol=2e-3, rtol=2e-3)  # float16 cache vs fp32
     if family == "sd":  # the cache holds the posterior: another seed draws another latent sample
         other = backbone.prepare(cached_batch, torch.Generator().manual_seed(8))
-        mean, std = cached_batch["latents"].chunk(2, dim=1)
+        _, std = cached_batch["latents"].chunk(2, dim=1)
         assert std.abs().min() > 0
         drawn = backbone.sample_latents(cached_batch["latents"], torch.Generator().manual_seed(8))
         assert not torch.allclose(drawn, backbone.sample_latents(cached_batch["latents"],
