@@ -166,7 +166,8 @@ def focus_overhead(args) -> float:
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
             times[focus].append(time.perf_counter() - start)
-    return statistics.median(times[True][8:]) / statistics.median(times[False][8:]) - 1
+    settled = {focus: values[len(values) // 4:] for focus, values in times.items()}  # drop the warm-up quarter
+    return statistics.median(settled[True]) / statistics.median(settled[False]) - 1
 
 
 def print_table(rows: list[dict], base_name: str) -> None:
