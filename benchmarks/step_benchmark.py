@@ -1,6 +1,6 @@
 """Step time and peak memory of training variants, side by side in one run, on the tiny generator.
 
-    python benchmarks/step_benchmark.py [--steps 20] [--batch 2] [--resolution 32]
+    python benchmarks/step_benchmark.py [--steps 20] [--batch 2] [--resolution 32] [--sections variants throughput]
 
 Variants (each in its own process, so peak memory is its own):
   sft          supervised fine-tuning on the winners only (LoRA)
@@ -11,6 +11,12 @@ Variants (each in its own process, so peak memory is its own):
 Each variant runs --repeats times, interleaved; the table shows its fastest median step time.
 Ratios are against dpo_copy (SD rows) and flux2_k1 (FLUX rows). Peak memory: CUDA max allocated on
 GPU, peak RSS (VmHWM, reset after setup) on CPU.
+
+The ``throughput`` section (benchmarks/throughput.py) runs in this process on the tiny SD step at
+--tp_resolution px with --tp_pairs pairs: a profile of the Trainer's own loop (the share of a step outside
+the denoiser's forward/backward and the reference forward), then A/B ratios with the two arms' steps
+interleaved on the same batches: cached vs live VAE latents, channels_last, torch_compile (--compile; inductor
+takes minutes on a CPU), cached vs on-the-fly focus maps.
 """
 
 from __future__ import annotations
@@ -160,7 +166,8 @@ def focus_overhead(args) -> float:
             trainer.optimizer.step()
             trainer.optimizer.zero_grad()
             times[focus].append(time.perf_counter() - start)
-    return statistics.median(times[True][8:]) / statistics.median(times[False][8:]) - 1
+    settled = {focus: values[len(values) // 4:] for focus, values in times.items()}  # drop the warm-up quarter
+    return statistics.median(settled[True]) / statistics.median(settled[False]) - 1
 
 
 def print_table(rows: list[dict], base_name: str) -> None:
@@ -178,6 +185,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="Runs per variant; the fastest median counts.")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--sections", nargs="+", default=["variants", "throughput"],
+                        choices=["variants", "throughput"], help="Which tables to run.")
+    parser.add_argument("--tp_resolution", type=int, default=64, help="throughput: image size (px).")
+    parser.add_argument("--tp_pairs", type=int, default=4, help="throughput: pairs per step.")
+    parser.add_argument("--tp_steps", type=int, default=6, help="throughput: timed steps per arm (after warm-up).")
+    parser.add_argument("--compile", action="store_true", help="throughput: also time torch_compile on/off.")
     # internal: the parent runs each variant in a child process with these
     parser.add_argument("--variant", choices=VARIANTS + FLUX_VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--cached_pairs", help=argparse.SUPPRESS)
@@ -185,6 +198,14 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args)))
         return
+    if "variants" in args.sections:
+        variants_section(args)
+    if "throughput" in args.sections:
+        from throughput import throughput_section  # beside this script
+        throughput_section(args)
+
+
+def variants_section(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cached = os.path.join(tmp, "cached")
         throughput = cache_pairs(args, cached)

@@ -153,6 +153,9 @@ class ModelConfig:
         "help": "Free the text encoders during training; needs prompt embeddings cached by `focusdpo embed`."})
     text_encoder_out_layers: list[int] = field(default_factory=list, metadata={
         "help": "flux2: text-encoder hidden layers to stack; empty uses the pipeline's default."})
+    channels_last: bool = field(default=False, metadata={
+        "help": "UNets (sd, sdxl): store conv weights and feed inputs channels-last (NHWC kernels, faster on "
+                "tensor-core GPUs). Refused for flow transformers, which have no convolutions to speed up."})
 
     def __post_init__(self):
         check_types(self)
@@ -189,6 +192,9 @@ class ModelConfig:
             raise ConfigError(f"lora_rank={self.lora_rank} trains all weights: use reference_mode: frozen_copy")
         if self.save_kohya_format and self.lora_rank <= 0:
             raise ConfigError("save_kohya_format exports a LoRA: a full fine-tune (lora_rank: 0) has none")
+        if self.channels_last and self.family in FLOW_FAMILIES:
+            raise ConfigError(f"channels_last=True is for UNet families (sd, sdxl), not family={self.family!r}: "
+                              "its transformer has no convolutions on the token path; remove channels_last")
 
     def adapter_options(self, max_references: int) -> dict:
         """Keyword arguments for the family's adapter (flow transformers only; UNets take none)."""

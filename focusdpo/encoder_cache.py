@@ -11,25 +11,29 @@ cache made for another model, resolution or reference size is refused, never sil
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 
 import numpy as np
 import torch
-from datasets import Dataset
-from tqdm.auto import tqdm
+from datasets import Dataset, Features, Value
 
 from .config import DataConfig, ModelConfig
-from .data import ENCODER_CACHE_COLUMNS, PairCollator, add_array_column, load_pairs
+from .data import ENCODER_CACHE_COLUMNS, PairCollator, array_feature, load_pairs
 from .models import Backbone, load_backbone
 
 # ModelConfig/DataConfig fields that change what the encoders produce.
 ENCODER_FIELDS = ("family", "pretrained_path", "tiny_seed", "reference_size", "max_sequence_length",
                   "text_encoder_out_layers")
+# Bumped when the meaning of a cached column changes (2: UNet latents hold the posterior's mean and std, not a
+# sample), so caches written by an older version are refused instead of misread.
+CACHE_FORMAT = 2
 
 
 def encoder_cache_key(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
     settings = {name: getattr(model_cfg, name) for name in ENCODER_FIELDS}
     settings["resolution"] = data_cfg.resolution
+    settings["format"] = CACHE_FORMAT
     return json.dumps(settings, sort_keys=True)
 
 
@@ -40,31 +44,38 @@ def check_encoder_key(key: str, model_cfg: ModelConfig, data_cfg: DataConfig) ->
                          f"{expected}: re-run `focusdpo embed` with this recipe, or train on the uncached pairs")
 
 
-def encode_pairs(pairs: Dataset, backbone: Backbone, resolution: int, text: bool, latents: bool,
-                 batch_size: int, seed: int = 0) -> dict[str, list[np.ndarray]]:
-    """Per-pair float16 arrays of every requested encoder output."""
-    collate, generator = PairCollator(resolution), torch.Generator().manual_seed(seed)
-    columns: dict[str, list[np.ndarray]] = {}
-    for start in tqdm(range(0, len(pairs), batch_size), desc="encoding pairs", unit="batch"):
-        rows = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-        outputs = dict(backbone.text_cache([r["prompt"] for r in rows])) if text else {}
-        if latents:
-            outputs.update(backbone.latent_cache(collate(rows), generator))
-        for name, values in outputs.items():
-            columns.setdefault(name, []).extend(v.detach().float().cpu().half().numpy() for v in values)
-    return columns
+def encoder_outputs(rows: dict, backbone: Backbone, collate: PairCollator, text: bool, latents: bool,
+                    generator: torch.Generator) -> dict[str, list[np.ndarray]]:
+    """Per-pair float16 arrays of every requested encoder output for a batch of rows (columns → lists)."""
+    listed = [dict(zip(rows, values)) for values in zip(*rows.values())]
+    outputs = dict(backbone.text_cache(rows["prompt"])) if text else {}
+    if latents:
+        outputs.update(backbone.latent_cache(collate(listed), generator))
+    return {name: [v.detach().float().cpu().half().numpy() for v in values] for name, values in outputs.items()}
 
 
 def cache_encoder_outputs(pairs: Dataset, backbone: Backbone, model_cfg: ModelConfig, data_cfg: DataConfig,
                           text: bool = True, latents: bool = False, batch_size: int = 16) -> Dataset:
-    """``pairs`` with cached prompt embeddings and/or VAE latents, and the ``encoder_key`` they were made with."""
-    columns = encode_pairs(pairs, backbone, data_cfg.resolution, text, latents, batch_size)
+    """``pairs`` with cached prompt embeddings and/or VAE latents, and the ``encoder_key`` they were made with.
+
+    Written by a batched ``Dataset.map``: one batch of arrays is in memory at a time, whatever the dataset's size.
+    The first pair is encoded once more up front to learn each column's array shape.
+    """
+    collate, generator = PairCollator(data_cfg.resolution, data_cfg.max_references), torch.Generator().manual_seed(0)
+    key = encoder_cache_key(model_cfg, data_cfg)
     pairs = pairs.remove_columns([c for c in ENCODER_CACHE_COLUMNS if c in pairs.column_names])
-    for name, values in columns.items():
-        if not any(v.size for v in values):
-            continue  # e.g. no pair has references
-        pairs = add_array_column(pairs, name, values, dynamic_first=name == "reference_latents")
-    return pairs.add_column("encoder_key", [encoder_cache_key(model_cfg, data_cfg)] * len(pairs))
+    probe = encoder_outputs(pairs[:1], backbone, collate, text, latents, generator)
+    features = Features({**pairs.features, "encoder_key": Value("string"), **{
+        name: array_feature(values[0].shape, dynamic_first=name == "reference_latents")
+        for name, values in probe.items()}})
+
+    def encode(rows: dict) -> dict:
+        out = encoder_outputs(rows, backbone, collate, text, latents, generator)
+        return {**out, "encoder_key": [key] * len(rows["prompt"])}
+
+    fingerprint = hashlib.sha256(f"{pairs._fingerprint}|{key}|{text}|{latents}".encode()).hexdigest()[:16]
+    return pairs.map(encode, batched=True, batch_size=batch_size, features=features, desc="encoding pairs",
+                     new_fingerprint=fingerprint, load_from_cache_file=False)  # the backbone is too big to hash
 
 
 def drop_text_encoders(backbone: Backbone, pairs: Dataset) -> None:

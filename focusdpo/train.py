@@ -118,6 +118,17 @@ class MetricsFileCallback(TrainerCallback):
                 f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
+class PlacementCallback(TrainerCallback):
+    """Re-read the denoiser's device and dtype once training starts: accelerate/DeepSpeed may have moved or cast it
+    in ``prepare`` (backbones cache both, see ``Backbone.resolve_placement``)."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.backbone.resolve_placement()
+
+
 class FocusDPOTrainer(StepGuards, Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
@@ -137,6 +148,8 @@ class FocusDPOTrainer(StepGuards, Trainer):
             cast_training_params(backbone.denoiser, torch.float32)
         # Trackers log args.to_dict() as the run config: give it every section, not only TrainingArguments.
         args.recipe_sections = config_fields(model_config, data_config, loss_config, self.focus_config)
+        if model_config.channels_last:
+            backbone.use_channels_last()
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
             self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False)
@@ -144,9 +157,13 @@ class FocusDPOTrainer(StepGuards, Trainer):
             # (measured 7e-7), which β turns into a step-0 loss off ln 2; without dropout both modes are equal.
             self.frozen_copy.train(not any(isinstance(m, torch.nn.Dropout) and m.p > 0
                                            for m in self.frozen_copy.modules()))
+        if args.torch_compile:  # in place: policy and reference run one compiled module (see _build_accelerator_args)
+            for module in filter(None, (backbone.denoiser, self.frozen_copy)):
+                module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
                          data_collator=PairCollator(data_config.resolution, data_config.max_references),
-                         callbacks=[SkippedStepCallback(self), MetricsFileCallback(), *(callbacks or [])])
+                         callbacks=[SkippedStepCallback(self), MetricsFileCallback(), PlacementCallback(backbone),
+                                    *(callbacks or [])])
         backbone.to(self.args.device, half_dtype(self.args))
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
@@ -155,6 +172,18 @@ class FocusDPOTrainer(StepGuards, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.init_guards()
         self.mosaic = self.build_mosaic()
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """transformers compiles the whole model it wraps when ``torch_compile`` is set; here the denoiser is
+        compiled in place instead (``__init__``), so the reference pass runs the same compiled module and the
+        PolicyModel's Python stays eager. Overridden (a private Trainer hook: no public one builds the accelerator)
+        only to switch the Trainer's own compilation off."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.torch_compile:
+            from accelerate.utils import TorchDynamoPlugin
+
+            accelerator_args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return accelerator_args
 
     # ---- the loss -------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -41,6 +41,16 @@ class Backbone(ABC):
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.offload_text_encoders = False  # True: text encoders stay on the CPU and encode there
+        self.channels_last = False  # True: UNet inputs are fed channels-last (see use_channels_last)
+        self.resolve_placement()
+
+    def resolve_placement(self) -> None:
+        """Read where the denoiser runs and in which dtype, once: diffusers' ``.device``/``.dtype`` walk every
+        submodule on each access (0.3–0.9 ms each), which adds up over the lookups of a training step.
+        :meth:`to` calls this again; call it after moving or casting the denoiser by other means."""
+        self.device: torch.device = self.denoiser.device
+        self.dtype: torch.dtype = self.denoiser.dtype  # the denoiser's compute dtype (frozen base weights)
+        self.vae_dtype: torch.dtype = self.pipeline.vae.dtype
 
     @property
     def text_device(self) -> torch.device:
@@ -64,8 +74,10 @@ class Backbone(ABC):
         """``(h, w)`` of the loss grid for square images of ``resolution`` pixels."""
 
     def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
-        """Per-pair VAE latents to store in the dataset: ``latents`` ``(2, C, h, w)`` = [chosen, rejected] and,
-        for in-context transformers, ``reference_latents`` ``(K, C, hr, wr)``."""
+        """Per-pair VAE latents to store in the dataset: ``latents`` ``(2, C', h, w)`` = [chosen, rejected] and,
+        for in-context transformers, ``reference_latents`` ``(K, C, hr, wr)``. What ``C'`` holds is the family's
+        choice, read back by its :meth:`prepare`: the posterior's mean and std for UNets (a fresh sample is drawn
+        every step), the posterior's mode for FLUX (their pipelines encode with the mode)."""
         raise NotImplementedError
 
     def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -81,7 +93,13 @@ class Backbone(ABC):
             if isinstance(module, torch.nn.Module):
                 cast = dtype not in (None, torch.float32) and name != self.denoiser_name
                 module.to(device, dtype) if cast else module.to(device)  # a dtype argument warns in diffusers
+        self.resolve_placement()
         return self
+
+    def use_channels_last(self) -> None:
+        """Store the denoiser's convolution weights channels-last and feed it channels-last inputs (UNets)."""
+        raise ValueError(f"channels_last is for UNet families (sd, sdxl); the {self.family} {self.denoiser_name} has "
+                         "no convolutions on its token path: remove channels_last from the recipe")
 
     def lora_state_dict(self, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
         """The adapter's LoRA weights; from ``state_dict`` (the denoiser's full one) when given: under

@@ -102,10 +102,6 @@ class FlowMatchingBackbone(Backbone):
 
     # ---- geometry -------------------------------------------------------------------------------
     @property
-    def device(self) -> torch.device:
-        return self.denoiser.device
-
-    @property
     def pack_factor(self) -> int:
         """Pixels per token side: VAE downsampling × 2×2 patch packing."""
         return self.pipeline.vae_scale_factor * 2
@@ -120,7 +116,10 @@ class FlowMatchingBackbone(Backbone):
 
     # ---- family hooks ---------------------------------------------------------------------------
     def encode_grid(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``(M, 3, H, W)`` in [-1, 1] → normalised packed latents on the token grid ``(M, C_packed, h, w)``."""
+        """``(M, 3, H, W)`` in [-1, 1] → normalised packed latents on the token grid ``(M, C_packed, h, w)``.
+
+        The pipelines' ``_encode_vae_image`` takes the posterior's mode (argmax), so encoding is deterministic and
+        a cached grid equals the live one: unlike the UNets' sampled latents, there is no per-step draw to keep."""
         raise NotImplementedError
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:
@@ -158,8 +157,10 @@ class FlowMatchingBackbone(Backbone):
         grid = self.encode_grid(pixels, generator)
         cache = {"latents": list(torch.stack(grid.chunk(2), dim=1))}  # per pair: [chosen, rejected]
         references = self.reference_latents(batch, len(batch["pair_ids"]), generator)
-        if references is not None:
-            cache["reference_latents"] = references
+        if references is not None:  # pairs without references get (0, C, hr, wr): one array shape per column
+            side = (self.reference_size or pixels.shape[-1]) // self.pack_factor
+            empty = grid.new_zeros(0, grid.shape[1], side, side)
+            cache["reference_latents"] = [r if r.ndim == 4 else empty for r in references]
         return cache
 
     # ---- preparing a batch ----------------------------------------------------------------------
@@ -306,7 +307,7 @@ class FlowMatchingBackbone(Backbone):
     # ---- running the transformer ----------------------------------------------------------------
     def denoiser_kwargs(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> dict:
         kw = inputs.model_kwargs
-        dtype = denoiser.dtype
+        dtype = self.dtype
         hidden = kw["tokens"]
         if "references" in kw:
             hidden = torch.cat([hidden, kw["references"]], dim=1)
@@ -370,8 +371,7 @@ class Flux2Backbone(FlowMatchingBackbone):
         return compute_empirical_mu(seq_len, steps)
 
     def encode_grid(self, pixels, generator):
-        vae = self.pipeline.vae
-        return self.pipeline._encode_vae_image(pixels.to(self.device, vae.dtype), generator).float()
+        return self.pipeline._encode_vae_image(pixels.to(self.device, self.vae_dtype), generator).float()
 
     def pack(self, grid):
         return self.pipeline._pack_latents(grid)
@@ -423,8 +423,7 @@ class FluxKontextBackbone(FlowMatchingBackbone):
         self.reference_id_scheme = reference_ids
 
     def encode_grid(self, pixels, generator):
-        vae = self.pipeline.vae
-        latents = self.pipeline._encode_vae_image(pixels.to(self.device, vae.dtype), generator)  # (x − shift)·scale
+        latents = self.pipeline._encode_vae_image(pixels.to(self.device, self.vae_dtype), generator)  # (x−shift)·scale
         n, c, hl, wl = latents.shape
         tokens = self.pipeline._pack_latents(latents, n, c, hl, wl)  # (n, hl/2·wl/2, 4c)
         return tokens.transpose(1, 2).reshape(n, 4 * c, hl // 2, wl // 2).float()

@@ -33,27 +33,42 @@ class StableDiffusionBackbone(Backbone):
             raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not supported; "
                              "focusdpo trains 'epsilon' and 'v_prediction' UNets")
 
-    @property
-    def device(self) -> torch.device:
-        return self.pipeline.vae.device
-
     def loss_grid(self, resolution: int) -> tuple[int, int]:
         side = resolution // self.pipeline.vae_scale_factor
         return side, side
 
+    def use_channels_last(self) -> None:
+        self.denoiser.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
     @torch.no_grad()
+    def latent_distribution(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` in [-1, 1] → the VAE posterior, mean and std stacked on the channel axis,
+        ``(N, 2C, H/f, W/f)`` (float32, before the VAE's shift and scale). This, not a sample, is what
+        ``embed --latents`` caches."""
+        dist = self.pipeline.vae.encode(pixels.to(self.device, self.vae_dtype)).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1).float()
+
+    def sample_latents(self, distribution: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One scaled draw ``(N, C, h, w)`` from a posterior ``(N, 2C, h, w)`` (mean ‖ std), from ``generator``:
+        drawn every step, so cached and live encodings give the same latents and no epoch reuses one sample."""
+        channels = self.denoiser.config.in_channels
+        if distribution.shape[1] != 2 * channels:
+            raise ValueError(f"cached latents have {distribution.shape[1]} channels but this UNet needs the VAE "
+                             f"posterior's mean and std ({2 * channels}): re-run `focusdpo embed --latents`")
+        mean, std = distribution.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator).to(mean)  # the CPU generator: same draw on any device
+        config = self.pipeline.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return (mean + std * noise - shift) * config.scaling_factor  # = dist.sample(), then the pipeline's scaling
+
     def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [-1, 1] → scaled latents ``(N, C, H/f, W/f)`` (float32)."""
-        vae = self.pipeline.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=generator).to(dist.mean)
-        latents = dist.mean + dist.std * noise  # = dist.sample(), drawn from our CPU generator
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).float()
+        """``(N, 3, H, W)`` in [-1, 1] → scaled latents ``(N, C, H/f, W/f)`` (float32), sampled from the posterior."""
+        return self.sample_latents(self.latent_distribution(pixels), generator)
 
     def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
-        latents = self.encode_images(batch["pixel_values"], generator)
-        return {"latents": list(torch.stack(latents.chunk(2), dim=1))}  # per pair: [chosen, rejected]
+        posterior = self.latent_distribution(batch["pixel_values"])
+        return {"latents": list(torch.stack(posterior.chunk(2), dim=1))}  # per pair: [chosen, rejected]
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
@@ -62,10 +77,10 @@ class StableDiffusionBackbone(Backbone):
         return {"encoder_hidden_states": repeat_pairs(embeds.to(self.device))}
 
     def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
-        latents = batch.get("latents")
-        if latents is None:
-            latents = self.encode_images(batch["pixel_values"], generator)
-        latents = latents.to(self.device, torch.float32)
+        posterior = batch.get("latents")  # cached by `focusdpo embed --latents`: the posterior, not a sample
+        if posterior is None:
+            posterior = self.latent_distribution(batch["pixel_values"])
+        latents = self.sample_latents(posterior.to(self.device, torch.float32), generator)
         pairs = latents.shape[0] // 2
         resolution = latents.shape[-1] * self.pipeline.vae_scale_factor
         noise = repeat_pairs(torch.randn((pairs, *latents.shape[1:]), generator=generator)).to(latents)
@@ -89,10 +104,12 @@ class StableDiffusionBackbone(Backbone):
 
     def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
         kwargs = dict(inputs.model_kwargs)
-        sample = kwargs.pop("sample").to(denoiser.dtype)
-        cond = {k: v.to(denoiser.dtype) if v.is_floating_point() else v for k, v in
+        sample = kwargs.pop("sample").to(self.dtype)
+        if self.channels_last:
+            sample = sample.contiguous(memory_format=torch.channels_last)
+        cond = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in
                 kwargs.pop("added_cond_kwargs", {}).items()}
-        hidden = kwargs.pop("encoder_hidden_states").to(denoiser.dtype)
+        hidden = kwargs.pop("encoder_hidden_states").to(self.dtype)
         extra = {"added_cond_kwargs": cond} if cond else {}
         return denoiser(sample, kwargs["timestep"], encoder_hidden_states=hidden, return_dict=False, **extra)[0]
 
@@ -135,4 +152,5 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         super().to(device, dtype)
         if self.pipeline.vae.config.get("force_upcast", False):
             self.pipeline.vae.to(torch.float32)
+            self.resolve_placement()  # the cached VAE dtype follows the upcast
         return self

@@ -1,0 +1,140 @@
+"""Throughput options keep results exact: cached latents, no per-step model walks, channels_last, torch_compile."""
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from focusdpo.cli import main as cli
+from focusdpo.config import ConfigError, ModelConfig, parse_config
+from focusdpo.data import PairCollator, load_pairs
+from focusdpo.train import build_trainer, main
+
+from conftest import REPO
+
+TINY = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--toy_num_pairs", "4", "--max_steps", "3",
+        "--logging_steps", "1", "--save_steps", "100", "--lambda_structure", "0", "--lambda_detail", "0",
+        "--max_sequence_length", "32", "--sample_every_run", "false"]
+
+
+def step_losses(out):
+    return [m["loss"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def embed_latents(tmp_path, args) -> str:
+    folder = tmp_path / "cached"
+    cli(["embed", "--out", str(folder), "--device", "cpu", "--latents", "--no_text", *args])
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_cached_latents_prepare_the_same_inputs_as_live_encoding(family, tmp_path):
+    args = [*TINY, "--family", family]
+    cached = load_pairs(embed_latents(tmp_path, args))
+    trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run")]))
+    collate, rows = PairCollator(32), [cached[0], cached[1]]
+    live_batch = collate(rows)
+    cached_batch, live_batch = dict(live_batch), {k: v for k, v in live_batch.items() if "latents" not in k}
+    assert "latents" in cached_batch
+    backbone = trainer.backbone
+    live = backbone.prepare(live_batch, torch.Generator().manual_seed(7))
+    from_cache = backbone.prepare(cached_batch, torch.Generator().manual_seed(7))
+    first = "sample" if family == "sd" else "tokens"
+    torch.testing.assert_close(from_cache.model_kwargs[first], live.model_kwargs[first], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(from_cache.target, live.target, atol=2e-3, rtol=2e-3)  # float16 cache vs fp32
+    if family == "sd":  # the cache holds the posterior: another seed draws another latent sample
+        other = backbone.prepare(cached_batch, torch.Generator().manual_seed(8))
+        _, std = cached_batch["latents"].chunk(2, dim=1)
+        assert std.abs().min() > 0
+        drawn = backbone.sample_latents(cached_batch["latents"], torch.Generator().manual_seed(8))
+        assert not torch.allclose(drawn, backbone.sample_latents(cached_batch["latents"],
+                                                                 torch.Generator().manual_seed(9)))
+        assert not torch.equal(other.target, from_cache.target)
+
+
+def test_sd_run_on_cached_latents_matches_the_uncached_run(tmp_path):
+    """Same seeds, same losses, step by step (the posterior is cached; each step draws its sample)."""
+    cached = embed_latents(tmp_path, TINY)
+    main([*TINY, "--output_dir", str(tmp_path / "live")])
+    main([*TINY, "--output_dir", str(tmp_path / "cached_run"), "--dataset", cached])
+    live, from_cache = step_losses(tmp_path / "live"), step_losses(tmp_path / "cached_run")
+    assert live[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert from_cache == pytest.approx(live, rel=1e-3)
+
+
+def test_latents_cached_before_the_posterior_format_are_refused(tmp_path):
+    cached = load_pairs(embed_latents(tmp_path, TINY))
+    old_key = json.loads(cached[0]["encoder_key"])
+    old_key.pop("format")
+    stale = cached.map(lambda row: {"encoder_key": json.dumps(old_key, sort_keys=True)})
+    stale.save_to_disk(str(tmp_path / "stale"))
+    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):  # refused before the model loads
+        build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run"), "--dataset",
+                                     str(tmp_path / "stale")]))
+
+
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_a_training_step_reads_no_device_or_dtype_from_the_models(family, tmp_path, monkeypatch):
+    """diffusers' ``.device``/``.dtype`` walk every submodule: resolved once at setup, never per step."""
+    from diffusers import ModelMixin
+    from transformers import TrainerCallback
+
+    args = [*TINY, "--family", family]
+    cached = embed_latents(tmp_path, args)
+    trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run"), "--dataset", cached]))
+    reads, counting = [], [False]
+    for name in ("device", "dtype"):
+        original = getattr(ModelMixin, name)
+        monkeypatch.setattr(ModelMixin, name, property(
+            lambda self, o=original, n=name: (counting[0] and reads.append(n)) or o.fget(self)))
+
+    class CountInsideSteps(TrainerCallback):  # setup (train begin) may read them once
+        def on_step_begin(self, *args, **kwargs):
+            counting[0] = True
+
+        def on_step_end(self, *args, **kwargs):
+            counting[0] = False
+
+    trainer.add_callback(CountInsideSteps())
+    trainer.train()
+    assert reads == [] and trainer.state.global_step == 3
+    assert step_losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_channels_last_trains_like_the_default_layout(tmp_path):
+    main([*TINY, "--output_dir", str(tmp_path / "default")])
+    trainer = main([*TINY, "--output_dir", str(tmp_path / "nhwc"), "--channels_last", "true"])
+    conv = trainer.backbone.denoiser.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    default, nhwc = step_losses(tmp_path / "default"), step_losses(tmp_path / "nhwc")
+    assert nhwc[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert nhwc == pytest.approx(default, rel=1e-3)  # NHWC kernels round differently; β = 5000 amplifies it
+
+
+@pytest.mark.parametrize("family", ["flux2", "flux_kontext"])
+def test_channels_last_is_refused_for_transformers(family):
+    with pytest.raises(ConfigError, match="channels_last=True is for UNet families"):
+        ModelConfig(family=family, channels_last=True)
+
+
+def c_compiler() -> str | None:
+    return next((cc for cc in ("cc", "gcc", "clang", "g++") if shutil.which(cc)), None)
+
+
+@pytest.mark.skipif(c_compiler() is None, reason="inductor needs a C/C++ compiler on the CPU; none found on PATH")
+@pytest.mark.skipif(os.environ.get("FOCUSDPO_COMPILE_TESTS") != "1",
+                    reason="inductor takes 5-10 min to compile the tiny UNet on 2 shared CPU cores (policy, reference "
+                           "and backward graphs): set FOCUSDPO_COMPILE_TESTS=1 to run")
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_torch_compile_compiles_the_denoiser_in_place_and_starts_from_ln2(family, tmp_path):
+    out = tmp_path / "compiled"
+    trainer = main([*TINY, "--family", family, "--max_steps", "1", "--output_dir", str(out),
+                    "--torch_compile", "true"])
+    assert trainer.backbone.denoiser._compiled_call_impl is not None  # nn.Module.compile: policy and reference
+    assert not hasattr(trainer.model_wrapped, "_orig_mod")  # the Trainer did not compile the PolicyModel on top
+    # Not bit-exact: inductor compiles the no_grad reference as an inference graph and the policy as a training
+    # graph, which round differently (max |Δ| ≈ 2e-6 on the tiny UNet); β = 5000 turns that into ~1e-4 of loss.
+    assert step_losses(out)[0] == pytest.approx(math.log(2), abs=2e-4)
