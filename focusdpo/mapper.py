@@ -135,7 +135,8 @@ def precompute_main(argv: list[str]) -> None:
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
+                       split=data_cfg.dataset_split, max_samples=data_cfg.max_train_samples)
     grid = resolve_grid(model_cfg, data_cfg.resolution)
     cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device)
     save_dataset(cached, own.out)
@@ -171,7 +172,8 @@ def inspect_main(argv: list[str]) -> None:
         (("--noise_levels",), dict(type=float, nargs="+", default=[0.9, 0.5, 0.1], help="u values for W panels.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
+                       split=data_cfg.dataset_split, max_samples=data_cfg.max_train_samples)
     rows = [pairs[i] for i in range(min(own.num_pairs, len(pairs)))]
     grid = resolve_grid(model_cfg, data_cfg.resolution)
     paths = save_focus_panels(rows, FocusMapper(focus_cfg), grid, data_cfg.resolution, Path(own.out),

@@ -319,7 +319,8 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     """Load and check pairs and every input first (cheap, fails early), then the model, then the trainer."""
     dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
                          seed=train_cfg.seed, max_references=data_cfg.max_references,
-                         on_bad_pair=data_cfg.on_bad_pair)
+                         on_bad_pair=data_cfg.on_bad_pair, split=data_cfg.dataset_split,
+                         max_samples=data_cfg.max_train_samples)
     check_inputs(model_cfg, data_cfg, focus_cfg, dataset)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
