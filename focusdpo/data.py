@@ -143,14 +143,20 @@ def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_
 
 def undecoded(ds: Dataset) -> Dataset:
     """``ds`` with its image columns undecoded (the collator decodes: a broken file then names its pair
-    instead of failing deep in arrow). Only the features change: the arrow table, memory-mapped from the
-    user's files, is reused as is, whereas ``cast_column`` on a list of images rewrites every image's bytes."""
+    instead of failing deep in arrow)."""
+    return with_image_decoding(ds, False)
+
+
+def with_image_decoding(ds: Dataset, decode: bool) -> Dataset:
+    """``ds`` with its image columns' ``decode`` set. Only the features change: the arrow table, memory-mapped
+    from the user's files, is reused as is, whereas ``cast_column`` on a list of images rewrites every image."""
     if len(ds.data) != len(ds):
         ds = ds.flatten_indices()  # a selection: the table must hold exactly the selected rows
     info = ds.info.copy()
     info.features = Features(ds.features)
-    for column in IMAGE_COLUMNS:
-        info.features[column] = List(Image(decode=False)) if column.startswith("reference") else Image(decode=False)
+    for column in (c for c in IMAGE_COLUMNS if c in ds.column_names):
+        image = Image(decode=decode)
+        info.features[column] = List(image) if column.startswith("reference") else image
     return Dataset(ds.data, info=info)
 
 

@@ -16,6 +16,7 @@ from focusdpo.data import PairCollator, PairDataError, check_pairs, load_pairs
 from focusdpo.focus import complexity_map
 from focusdpo.mapper import precompute_focus_maps
 from focusdpo.pairs import make_toy_pairs
+from focusdpo.safe_write import save_dataset
 from focusdpo.train import build_trainer
 
 from conftest import REPO
@@ -101,7 +102,10 @@ def test_pickapic_is_copied_once(scratch):
         pairs = load_pairs(str(scratch / "p.parquet"))
     written = sum(folder_bytes(scratch).values()) - before
     assert image_bytes < written < 1.2 * image_bytes and not folder_bytes(scratch / "tmp")
-    assert len(pairs) == 12
+    save_dataset(pairs, str(scratch / "imported"))  # the import: its one copy of the output
+    saved = load_from_disk(str(scratch / "imported"))
+    assert saved.features["chosen"] == Image() and saved[0]["chosen"].size == (64, 64)  # decodable
+    assert load_pairs(str(scratch / "imported"))["pair_id"] == [f"pickapic-{i}" for i in range(12)]
 
 
 def test_detail_term_without_references():
