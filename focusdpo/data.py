@@ -160,6 +160,17 @@ def with_image_decoding(ds: Dataset, decode: bool) -> Dataset:
     return Dataset(ds.data, info=info)
 
 
+def first_pair_without_references(ds: Dataset) -> str | None:
+    """The id of the first pair with no reference images, or None; reads list lengths, not images."""
+    import pyarrow.compute as pc
+
+    for batch in ds.select_columns(["pair_id", "references"]).with_format("arrow").iter(batch_size=4096):
+        empty = pc.fill_null(pc.equal(pc.list_value_length(batch["references"]), 0), True)
+        if pc.any(empty).as_py():
+            return batch["pair_id"].filter(empty)[0].as_py()
+    return None
+
+
 def check_same_size(chosen: PILImage.Image, rejected: PILImage.Image, pair_id: str) -> None:
     if chosen.size != rejected.size:
         raise PairDataError(f"pair {pair_id}: chosen is {chosen.size[0]}x{chosen.size[1]} but rejected is "

@@ -120,3 +120,13 @@ def test_detail_term_without_references():
     with pytest.raises(PairDataError, match="pair toy-00000 has no references: the structure term"):
         precompute_focus_maps(pairs, FocusConfig(lambda_structure=1.0, **TINY), (8, 8), 32)
 
+
+
+def test_structure_term_on_pairs_without_references_is_refused_before_the_model_loads(tmp_path):
+    refs = make_toy_pairs(3, 32).map(lambda row, i: {"references": [] if i == 1 else row["references"],
+                                                     "reference_masks": []}, with_indices=True)
+    refs.save_to_disk(str(tmp_path / "pairs"))
+    argv = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path / "run"),
+            "--dataset", str(tmp_path / "pairs"), "--lambda_structure", "1"]
+    with pytest.raises(PairDataError, match="pair toy-00001 has no references: the structure term"):
+        build_trainer(*parse_config(argv))
