@@ -3,9 +3,9 @@
     python benchmarks/data_benchmark.py [--pairs 400] [--grid 64] [--pickapic_rows 600]
 
 Rows:
-  focus maps     extra peak RSS of `precompute_focus_maps` per 1000 pairs (after a warm-up run on 8 pairs): batched Dataset.map (now) vs the
-                 previous approach (a Python list of every map, then add_column of nested lists); each in its
-                 own process, peak RSS (VmHWM) reset after the pairs are made.
+  focus maps     extra peak RSS of `precompute_focus_maps` per 1000 pairs (after a warm-up run on 8 pairs):
+                 batched Dataset.map (now) vs the previous approach (a Python list of every map, then
+                 add_column of nested lists); each in its own process, peak RSS (VmHWM) reset after warm-up.
   saved load     time and bytes written (HF cache + temp dir + dataset folder) by loading a saved pair folder:
                  now vs the previous image-column casts (cast_column rewrites lists of images).
   pickapic       bytes written by loading Pick-a-Pic parquet and saving it as a pair folder (the import),
@@ -72,7 +72,8 @@ def old_undecoded(ds):
     from datasets import Image, List
     from focusdpo.data import IMAGE_COLUMNS
     for column in IMAGE_COLUMNS:
-        ds = ds.cast_column(column, List(Image(decode=False)) if column.startswith("reference") else Image(decode=False))
+        image = Image(decode=False)
+        ds = ds.cast_column(column, List(image) if column.startswith("reference") else image)
     return ds
 
 
@@ -164,7 +165,8 @@ def main() -> None:
     print(f"saved-folder load, {args.load_pairs} pairs ({new['dataset'] / 2**20:.1f} MiB on disk): bytes written "
           f"before {old['written'] / 2**20:.2f} MiB ({old['written'] / new['dataset']:.2f}x the dataset), "
           f"now {new['written'] / 2**20:.2f} MiB ({new['written'] / new['dataset']:.2f}x); "
-          f"time before {old['seconds']:.2f} s, now {new['seconds']:.2f} s (ratio {old['seconds'] / new['seconds']:.2f})")
+          f"time before {old['seconds']:.2f} s, now {new['seconds']:.2f} s "
+          f"(ratio {old['seconds'] / new['seconds']:.2f})")
     print(f"pickapic import, {args.pickapic_rows} rows: bytes written per kept image byte before "
           f"{disk['before']['import_written_x_kept']:.2f}x, now {disk['now']['import_written_x_kept']:.2f}x")
 

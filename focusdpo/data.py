@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
