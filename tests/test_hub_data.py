@@ -130,3 +130,19 @@ def test_structure_term_on_pairs_without_references_is_refused_before_the_model_
             "--dataset", str(tmp_path / "pairs"), "--lambda_structure", "1"]
     with pytest.raises(PairDataError, match="pair toy-00001 has no references: the structure term"):
         build_trainer(*parse_config(argv))
+
+
+def test_hub_pickapic_rows_are_converted_like_local_ones(scratch, monkeypatch):
+    """The online path past the offline guard, on a local folder (load_dataset reads both the same way)."""
+    from focusdpo.hub_data import load_hub_pairs
+    png = io.BytesIO()
+    PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
+    (scratch / "hub" / "data").mkdir(parents=True)
+    Dataset.from_dict({"jpg_0": [png.getvalue(), b"loser"], "jpg_1": [b"loser", png.getvalue()],
+                       "label_0": [1.0, 0.0], "caption": ["a", "b"]}).to_parquet(
+        str(scratch / "hub" / "data" / "train-00000-of-00001.parquet"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    pairs = load_hub_pairs(str(scratch / "hub"), "train")
+    assert pairs["prompt"] == ["a", "b"]
+    assert [pairs[i]["chosen"].getpixel((0, 0)) for i in range(2)] == [(255, 0, 0)] * 2  # the winners, swapped
