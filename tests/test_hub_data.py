@@ -135,10 +135,11 @@ def test_structure_term_on_pairs_without_references_is_refused_before_the_model_
 def test_hub_pickapic_rows_are_converted_like_local_ones(scratch, monkeypatch):
     """The online path past the offline guard, on a local folder (load_dataset reads both the same way)."""
     from focusdpo.hub_data import load_hub_pairs
-    png = io.BytesIO()
+    png, loser = io.BytesIO(), io.BytesIO()
     PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
+    PILImage.new("RGB", (8, 8), "blue").save(loser, format="PNG")
     (scratch / "hub" / "data").mkdir(parents=True)
-    Dataset.from_dict({"jpg_0": [png.getvalue(), b"loser"], "jpg_1": [b"loser", png.getvalue()],
+    Dataset.from_dict({"jpg_0": [png.getvalue(), loser.getvalue()], "jpg_1": [loser.getvalue(), png.getvalue()],
                        "label_0": [1.0, 0.0], "caption": ["a", "b"]}).to_parquet(
         str(scratch / "hub" / "data" / "train-00000-of-00001.parquet"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
