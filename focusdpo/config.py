@@ -25,7 +25,7 @@ REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 NAN_POLICIES = ("stop", "skip")
 LORA_LOADERS = ("strict", "pipeline")
-DATASET_FORMATS = ("auto", "pairs", "jsonl", "pickapic")
+DATASET_FORMATS = ("auto", "pairs", "splits", "jsonl", "pickapic", "parquet", "hub")
 FLOW_DENSITIES = ("uniform", "logit_normal", "mode")
 REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
 MIXED_REFERENCE_COUNTS = ("pad", "error")
@@ -220,9 +220,14 @@ class DataConfig:
     _argument_group_name = "data (DataConfig)"  # HfArgumentParser: one --help section per class
 
     dataset: str = field(default="toy", metadata={
-        "help": "Pair dataset: a datasets dir, a folder with pairs.jsonl, a Pick-a-Pic parquet/dir, "
-                "or 'toy' for pairs the project generates itself."})
+        "help": "Pair dataset: a datasets dir, a folder with pairs.jsonl, a parquet file or hub-style folder "
+                "(data/train-*.parquet; pair schema or Pick-a-Pic, told apart by the columns), a hub id "
+                "(online only), or 'toy' for pairs the project generates itself."})
     dataset_format: str = field(default="auto", metadata={"help": f"One of: {', '.join(DATASET_FORMATS)}."})
+    dataset_split: str = field(default="train", metadata={
+        "help": "Split to train on, for sources with splits (hub ids, parquet folders, DatasetDict folders)."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Keep only the first N pairs (after Pick-a-Pic ties are dropped); empty = all."})
     resolution: int = field(default=32, metadata={"help": "Training resolution in pixels (square)."})
     toy_num_pairs: int = field(default=32, metadata={"help": "Number of generated pairs when dataset='toy'."})
     max_references: int = field(default=6, metadata={"help": "Most reference subjects per pair."})
@@ -236,6 +241,10 @@ class DataConfig:
         check_int("max_references", self.max_references, 0)
         check_choice("on_bad_pair", self.on_bad_pair, ON_BAD_PAIR)
         check_choice("dataset_format", self.dataset_format, DATASET_FORMATS)
+        if self.max_train_samples is not None:
+            check_int("max_train_samples", self.max_train_samples, 1)
+        if not self.dataset_split:
+            raise ConfigError("dataset_split='' must name a split, e.g. 'train'")
         if self.resolution < 8 or self.resolution % 8:
             raise ConfigError(f"resolution={self.resolution} must be a positive multiple of 8")
 

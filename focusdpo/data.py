@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from datasets import Array2D, Array3D, Array4D, Dataset, Features, Image, List, 
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .hub_data import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
 from .pair_checks import PairDataError, check_jsonl_row, check_mask_size, preflight, to_eight_bit
 
 PAIR_FEATURES = Features({
@@ -48,26 +48,54 @@ REQUIRED_COLUMNS = ("prompt", "chosen", "rejected")
 TEXT_CACHE_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds")
 ENCODER_CACHE_COLUMNS = TEXT_CACHE_COLUMNS + ("latents", "reference_latents", "encoder_key")
 IMAGE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
-PICKAPIC_LABELS = (0, 0.5, 1)
 
+
+
+def load_recipe_pairs(data_cfg, seed: int = 0) -> Dataset:
+    """:func:`load_pairs` with every setting of a recipe's ``DataConfig`` (what each command trains or caches on)."""
+    return load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
+                      seed=seed, max_references=data_cfg.max_references, on_bad_pair=data_cfg.on_bad_pair,
+                      split=data_cfg.dataset_split, max_samples=data_cfg.max_train_samples)
 
 
 def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resolution: int = 32,
-               seed: int = 0, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
-    """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder or Pick-a-Pic files, and
-    check every pair (:func:`focusdpo.pair_checks.preflight`)."""
+               seed: int = 0, max_references: int | None = None, on_bad_pair: str = "error",
+               split: str = "train", max_samples: int | None = None) -> Dataset:
+    """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder, parquet (pair schema or
+    Pick-a-Pic, a file or a hub-style folder with split-named files) or a hub id, keep the first
+    ``max_samples`` of ``split``, and check every pair (:func:`focusdpo.pair_checks.preflight`)."""
     with no_cache_files():
         if source == "toy":
             from .pairs import make_toy_pairs
-            return check_pairs(make_toy_pairs(toy_num_pairs, resolution, seed), source, max_references,
-                               on_bad_pair)
+            return check_pairs(first(make_toy_pairs(toy_num_pairs, resolution, seed), max_samples), source,
+                               max_references, on_bad_pair)
         path = Path(source)
-        if not path.exists():
+        if not path.exists() and looks_like_hub_id(source) and fmt in ("auto", "hub"):
+            raw = load_hub_pairs(source, split)
+        elif not path.exists():
             raise PairDataError(f"dataset {source!r} does not exist; give a dataset folder, a folder with "
-                                "pairs.jsonl, a Pick-a-Pic parquet file, or 'toy'")
-        fmt = detect_format(path) if fmt == "auto" else fmt
-        loaders = {"pairs": load_saved, "jsonl": import_jsonl, "pickapic": import_pickapic}
-        return check_pairs(loaders[fmt](path), source, max_references, on_bad_pair)
+                                "pairs.jsonl, a parquet file or folder (pair schema or Pick-a-Pic), a hub id, "
+                                "or 'toy'")
+        else:
+            raw = load_local(path, detect_format(path) if fmt == "auto" else fmt, split)
+        return check_pairs(first(raw, max_samples), source, max_references, on_bad_pair)
+
+
+def load_local(path: Path, fmt: str, split: str) -> Dataset:
+    if fmt == "pairs":
+        return load_saved(path)
+    if fmt == "splits":
+        return load_saved_dict(path, split)
+    if fmt == "jsonl":
+        return import_jsonl(path)
+    if fmt == "hub":
+        raise PairDataError(f"dataset_format is 'hub' but {str(path)!r} is a local path")
+    return load_parquet_pairs(path, split, fmt)
+
+
+def first(ds: Dataset, count: int | None) -> Dataset:
+    """The first ``count`` rows (all when ``count`` is None): fewer pairs to check, cast and decode."""
+    return ds if count is None or count >= len(ds) else ds.select(range(count))
 
 
 @contextmanager
@@ -88,10 +116,12 @@ def detect_format(path: Path) -> str:
         return "jsonl"
     if path.is_dir() and (path / "state.json").is_file():
         return "pairs"
-    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
-        return "pickapic"
-    raise PairDataError(f"cannot tell the format of {path}: expected a datasets folder (state.json), a folder "
-                        "with pairs.jsonl, or Pick-a-Pic parquet files; or set dataset_format")
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        return "splits"
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.rglob("*.parquet"))):
+        return "auto"  # pair schema or Pick-a-Pic: told apart by the columns (focusdpo.hub_data)
+    raise PairDataError(f"cannot tell the format of {path}: expected a datasets folder (state.json or "
+                        "dataset_dict.json), a folder with pairs.jsonl, or parquet files; or set dataset_format")
 
 
 def load_saved(path: Path) -> Dataset:
@@ -115,11 +145,37 @@ def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_
     for column, empty in (("references", []), ("reference_masks", []), ("prior_mask", None)):
         if column not in ds.column_names:
             ds = ds.add_column(column, [empty] * len(ds), feature=PAIR_FEATURES[column])
-    # Decode in the collator instead: a broken file then names its pair instead of failing deep in arrow.
-    for column in IMAGE_COLUMNS:
-        feature = List(Image(decode=False)) if column.startswith("reference") else Image(decode=False)
-        ds = ds.cast_column(column, feature)
-    return preflight(ds, max_references, on_bad_pair)
+    return preflight(undecoded(ds), max_references, on_bad_pair)
+
+
+def undecoded(ds: Dataset) -> Dataset:
+    """``ds`` with its image columns undecoded (the collator decodes: a broken file then names its pair
+    instead of failing deep in arrow)."""
+    return with_image_decoding(ds, False)
+
+
+def with_image_decoding(ds: Dataset, decode: bool) -> Dataset:
+    """``ds`` with its image columns' ``decode`` set. Only the features change: the arrow table, memory-mapped
+    from the user's files, is reused as is, whereas ``cast_column`` on a list of images rewrites every image."""
+    if len(ds.data) != len(ds):
+        ds = ds.flatten_indices()  # a selection: the table must hold exactly the selected rows
+    info = ds.info.copy()
+    info.features = Features(ds.features)
+    for column in (c for c in IMAGE_COLUMNS if c in ds.column_names):
+        image = Image(decode=decode)
+        info.features[column] = List(image) if column.startswith("reference") else image
+    return Dataset(ds.data, info=info)
+
+
+def first_pair_without_references(ds: Dataset) -> str | None:
+    """The id of the first pair with no reference images, or None; reads list lengths, not images."""
+    import pyarrow.compute as pc
+
+    for batch in ds.select_columns(["pair_id", "references"]).with_format("arrow").iter(batch_size=4096):
+        empty = pc.fill_null(pc.equal(pc.list_value_length(batch["references"]), 0), True)
+        if pc.any(empty).as_py():
+            return batch["pair_id"].filter(empty)[0].as_py()
+    return None
 
 
 def check_same_size(chosen: PILImage.Image, rejected: PILImage.Image, pair_id: str) -> None:
@@ -162,40 +218,6 @@ def resolve_paths(row: dict, folder: Path, number: int) -> dict:
     return row
 
 
-def import_pickapic(path: Path) -> Dataset:
-    """Pick-a-Pic layout (``jpg_0``, ``jpg_1``, ``label_0``, ``caption``): ties dropped, winner first."""
-    files = [str(path)] if path.is_file() else sorted(str(p) for p in path.glob("*.parquet"))
-    raw = Dataset.from_parquet(files)
-    missing = [c for c in ("jpg_0", "jpg_1", "label_0", "caption") if c not in raw.column_names]
-    if missing:
-        raise PairDataError(f"{path} is not in the Pick-a-Pic layout: missing {missing}")
-    raw = keep_preferences(raw, path)
-
-    def to_schema(row, index):
-        first_wins = row["label_0"] == 1
-        return {"pair_id": f"pickapic-{index}", "prompt": row["caption"],
-                "chosen": {"bytes": row["jpg_0" if first_wins else "jpg_1"], "path": None},
-                "rejected": {"bytes": row["jpg_1" if first_wins else "jpg_0"], "path": None}}
-
-    return raw.map(to_schema, with_indices=True, remove_columns=raw.column_names,
-                   features=Features({k: PAIR_FEATURES[k] for k in ("pair_id", "prompt", "chosen", "rejected")}))
-
-
-def keep_preferences(raw: Dataset, path: Path) -> Dataset:
-    """Rows with a preference (``label_0`` 0 or 1); ties (0.5) and invalid labels are dropped and reported."""
-    labels = raw["label_0"]
-    valid = [isinstance(v, (int, float)) and not math.isnan(v) and v in PICKAPIC_LABELS for v in labels]
-    ties = sum(1 for v, ok in zip(labels, valid) if ok and v == 0.5)
-    invalid = len(labels) - sum(valid)
-    kept = [i for i, (v, ok) in enumerate(zip(labels, valid)) if ok and v != 0.5]
-    why = f"{ties} ties (label_0 = 0.5) and {invalid} invalid label_0 values (valid: 0, 0.5, 1)"
-    if not kept:
-        raise PairDataError(f"no pairs left in {path}: of {len(labels)} rows, {why}")
-    if ties or invalid:
-        print(f"[focusdpo] {path}: {len(kept)} of {len(labels)} rows kept; dropped {why}", file=sys.stderr)
-    return raw.select(kept)
-
-
 def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PILImage.Image:
     """Decode an undecoded datasets Image value fully (so truncation is caught here) in ``mode``."""
     source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
@@ -232,13 +254,6 @@ def array_feature(shape: tuple[int, ...], dynamic_first: bool = False):
         return Sequence(Value("float16"))
     shape = (None, *shape[1:]) if dynamic_first else tuple(shape)
     return {2: Array2D, 3: Array3D, 4: Array4D}[len(shape)](shape=shape, dtype="float16")
-
-
-def add_array_column(pairs: Dataset, name: str, values: list[np.ndarray], dynamic_first: bool = False) -> Dataset:
-    shape = max((v.shape for v in values), key=len)
-    # Pairs without references come out as empty 1-D arrays: give them the (0, C, h, w) shape of the others.
-    values = [v if v.ndim == len(shape) else np.zeros((0, *shape[1:]), v.dtype) for v in values]
-    return pairs.add_column(name, [v.tolist() for v in values], feature=array_feature(shape, dynamic_first))
 
 
 class PairCollator:

@@ -19,7 +19,7 @@ import torch
 from datasets import Dataset, Features, Value
 
 from .config import DataConfig, ModelConfig
-from .data import ENCODER_CACHE_COLUMNS, PairCollator, array_feature, load_pairs
+from .data import ENCODER_CACHE_COLUMNS, PairCollator, array_feature, load_recipe_pairs
 from .models import Backbone, load_backbone
 
 # ModelConfig/DataConfig fields that change what the encoders produce.
@@ -103,7 +103,7 @@ def embed_main(argv: list[str]) -> None:
     own, rest = parser.parse_known_args(argv)
     _, model_cfg, data_cfg, _, _ = parse_config(rest)
     check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_recipe_pairs(data_cfg)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references)).to(own.device)
     cached = cache_encoder_outputs(pairs, backbone, model_cfg, data_cfg, not own.no_text, own.latents,

@@ -197,13 +197,19 @@ def compute_static_maps(dino_model, winners, losers, references, ref_masks, grid
     """DINOv2 features + :func:`static_focus_maps` from images.
 
     Args:
-        winners, losers: ``(B, 3, H, W)`` in [0, 1]; references: ``(B, K, 3, Hr, Wr)``, K >= 1.
+        winners, losers: ``(B, 3, H, W)`` in [0, 1]; references: ``(B, K, 3, Hr, Wr)``; K = 0 (no
+            references) only with ``cfg.lambda_structure == 0``: see :func:`reference_free_parts`.
         ref_masks: ``(B, K, Hr, Wr)`` pixel masks of the subjects, or ``None``.
         parts: return the :func:`focus_parts` dict instead of the ``(2B, 2, h, w)`` tensor.
     """
-    if references.ndim != 5 or references.shape[1] == 0:
+    if references.ndim != 5 or (references.shape[1] == 0 and cfg.lambda_structure):
         raise ValueError(f"references must be (B, K, 3, H, W) with K >= 1, got {tuple(references.shape)}: "
-                         "focus maps need at least one reference subject (use λ_s = λ_d = 0 without references)")
+                         "the structure term (lambda_structure) compares the images with reference subjects, so "
+                         "it needs at least one; without references set lambda_structure: 0 (the detail term, "
+                         "lambda_detail, then uses the complexity map alone)")
+    if references.shape[1] == 0:
+        out = reference_free_parts(winners, losers, grid, cfg)
+        return out if parts else out["static"]
     B, K = references.shape[:2]
     feats = patch_features(dino_model, torch.cat([winners, losers]), cfg.dino_image_size)
     ref_feats = patch_features(dino_model, references.flatten(0, 1), cfg.dino_image_size).unflatten(0, (B, K))
@@ -216,6 +222,18 @@ def compute_static_maps(dino_model, winners, losers, references, ref_masks, grid
     out = focus_parts(feats[:B], feats[B:], ref_feats, ref_masks, winners, losers, references, grid,
                       cfg, prior_mask, aligned)
     return out if parts else out["static"]
+
+
+def reference_free_parts(winners, losers, grid, cfg: FocusConfig) -> dict[str, torch.Tensor]:
+    """:func:`focus_parts` for pairs without references (e.g. Pick-a-Pic): nothing to match, so S = conf =
+    α_a = 1 everywhere and Δ = 0: structure is 0 and detail is the complexity map D alone.
+
+    Returns the :func:`focus_parts` dict for ``winners``, ``losers`` ``(B, 3, H, W)`` in [0, 1].
+    """
+    complexity = complexity_map(torch.cat([winners, losers]), grid, cfg.entropy_bins, cfg.entropy_sigma)
+    zeros, ones = torch.zeros_like(complexity), torch.ones_like(complexity)
+    return dict(static=torch.stack([zeros, complexity], dim=1), assignment=zeros.long(), confidence=ones,
+                subject=ones, complexity=complexity, delta=zeros)
 
 
 def schedule(u, center: float, width: float) -> torch.Tensor:

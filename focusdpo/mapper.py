@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from datasets import Dataset
-from tqdm.auto import tqdm
+from datasets import Dataset, Features, Value, concatenate_datasets
 
 from .config import RECIPE_EPILOG, FocusConfig, parse_config
-from .data import PairCollator, PairDataError, add_array_column, load_pairs
+from .data import PairCollator, PairDataError, array_feature, load_recipe_pairs
 from .features import feature_name, load_feature_extractor
 from .focus import compute_static_maps, focus_weights
 from .safe_write import check_out_is_not_input, save_dataset
@@ -61,9 +60,10 @@ class FocusMapper:
         pairs = len(batch["pair_ids"])
         images = (batch["pixel_values"].float().to(self.device) + 1) / 2
         for i, refs in enumerate(batch["references"]):
-            if len(refs) == 0:
-                raise PairDataError(f"pair {batch['pair_ids'][i]} has no references: focus weights need at least "
-                                    "one (add references, or set lambda_structure and lambda_detail to 0)")
+            if len(refs) == 0 and self.cfg.lambda_structure:
+                raise PairDataError(f"pair {batch['pair_ids'][i]} has no references: the structure term "
+                                    "(lambda_structure) needs at least one; add references, or set "
+                                    "lambda_structure: 0 (lambda_detail then weights by image complexity alone)")
         results: list = [None] * pairs
         for count in sorted({len(r) for r in batch["references"]}):
             index = [i for i, r in enumerate(batch["references"]) if len(r) == count]
@@ -92,18 +92,23 @@ class FocusMapper:
 
 def precompute_focus_maps(pairs: Dataset, cfg: FocusConfig, grid: tuple[int, int], resolution: int,
                           batch_size: int = 8, device=None) -> Dataset:
-    """Add ``focus_maps`` (float16 ``(2, 2, h, w)`` per pair) and ``focus_key`` columns to ``pairs``."""
-    mapper = FocusMapper(cfg, device)
-    collate = PairCollator(resolution)
-    maps = []
-    for start in tqdm(range(0, len(pairs), batch_size), desc="focus maps", unit="batch"):
-        rows = [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))]
-        out = mapper.batch_maps(collate(rows), grid).cpu()
-        count = len(rows)
-        maps.extend(torch.stack([out[:count], out[count:]], dim=1).half().numpy())
+    """Add ``focus_maps`` (float16 ``(2, 2, h, w)`` per pair) and ``focus_key`` columns to ``pairs``.
+
+    Written by a batched ``Dataset.map``: one batch of maps is in memory at a time, whatever the dataset's size.
+    """
+    mapper, collate, key = FocusMapper(cfg, device), PairCollator(resolution), focus_cache_key(cfg, grid)
+
+    def batch_columns(rows: dict) -> dict:
+        out = mapper.batch_maps(collate([dict(zip(rows, values)) for values in zip(*rows.values())]), grid).cpu()
+        count = len(rows["pair_id"])
+        return {"focus_maps": torch.stack([out[:count], out[count:]], dim=1).half().numpy(), "focus_key": [key] * count}
+
     pairs = pairs.remove_columns([c for c in ("focus_maps", "focus_key") if c in pairs.column_names])
-    pairs = add_array_column(pairs, "focus_maps", maps)
-    return pairs.add_column("focus_key", [focus_cache_key(cfg, grid)] * len(pairs))
+    features = Features({"focus_maps": array_feature((2, 2, *grid)), "focus_key": Value("string")})
+    # Only the new columns are written (then joined side by side): the image bytes are not copied again.
+    maps = pairs.map(batch_columns, batched=True, batch_size=batch_size, features=features,
+                     remove_columns=pairs.column_names, desc="focus maps")
+    return concatenate_datasets([pairs, maps], axis=1)
 
 
 def check_cache_key(key: str, cfg: FocusConfig, grid: tuple[int, int]) -> None:
@@ -136,7 +141,7 @@ def precompute_main(argv: list[str]) -> None:
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_recipe_pairs(data_cfg)
     grid = resolve_grid(model_cfg, data_cfg.resolution)
     cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device)
     save_dataset(cached, own.out)
@@ -178,7 +183,7 @@ def inspect_main(argv: list[str]) -> None:
         (("--noise_levels",), dict(type=float, nargs="+", default=[0.9, 0.5, 0.1], help="u values for W panels.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_recipe_pairs(data_cfg)
     rows = [pairs[i] for i in range(min(own.num_pairs, len(pairs)))]
     grid = resolve_grid(model_cfg, data_cfg.resolution)
     paths = save_focus_panels(rows, FocusMapper(focus_cfg), grid, data_cfg.resolution, Path(own.out),

@@ -147,7 +147,7 @@ def precompute_points(pairs, cfg: FocusConfig, target_grid, reference_grid, reso
 
 def precompute_main(argv: list[str]) -> None:
     """``focusdpo correspond --out DIR --config recipe.yaml``: the recipe's pairs with cached MOSAIC points."""
-    from .data import load_pairs
+    from .data import load_recipe_pairs
     from .mapper import recipe_and_options, resolve_grid
 
     own, configs = recipe_and_options(argv, "focusdpo correspond", "Precompute MOSAIC correspondence points.", [
@@ -155,7 +155,7 @@ def precompute_main(argv: list[str]) -> None:
         (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
-    pairs = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution)
+    pairs = load_recipe_pairs(data_cfg)
     target = resolve_grid(model_cfg, data_cfg.resolution)
     reference = resolve_grid(model_cfg, model_cfg.reference_size or data_cfg.resolution)
     cached = precompute_points(pairs, focus_cfg, target, reference, data_cfg.resolution, own.device)

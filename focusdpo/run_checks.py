@@ -255,6 +255,12 @@ def check_personalization_lora(path: str) -> None:
 
 
 def check_focus_inputs(model_cfg, data_cfg, focus_cfg, dataset) -> None:
+    from .data import PairDataError, first_pair_without_references
+
+    if focus_cfg.lambda_structure and (pair := first_pair_without_references(dataset)):  # cached maps too
+        raise PairDataError(f"pair {pair} has no references: the structure term (lambda_structure) needs at least "
+                            "one; add references, or set lambda_structure: 0 (lambda_detail then weights by "
+                            "image complexity alone)")
     if "focus_maps" in dataset.column_names:
         from .mapper import check_cache_key, resolve_grid
 

@@ -12,6 +12,8 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from .data import with_image_decoding
+
 
 class OutputError(OSError):
     """An output folder cannot be written as asked; the message names the folder and the fix."""
@@ -46,7 +48,7 @@ def save_dataset(dataset, out: str) -> None:
     staging, old = (target.parent / f".{target.name}.{tag}" for tag in ("staging", "old"))
     shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier kill
     with disk_full_names(target.parent, staging):
-        dataset.save_to_disk(str(staging))
+        with_image_decoding(dataset, True).save_to_disk(str(staging))  # saved images decode for any user
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)

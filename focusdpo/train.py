@@ -25,13 +25,13 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, config_fields, parse_config
-from .data import PairCollator, load_pairs
+from .data import PairCollator, load_recipe_pairs
 from .export import export_lora
 from .interrupts import SaveOnSignal
 from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
-from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
+from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)  # noqa: F401  (NonFiniteLossError: re-exported)
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_personalization_lora, check_resume_settings,
                          keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
@@ -423,9 +423,7 @@ def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
 def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
                   focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
     """Load and check pairs and every input first (cheap, fails early), then the model, then the trainer."""
-    dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
-                         seed=train_cfg.seed, max_references=data_cfg.max_references,
-                         on_bad_pair=data_cfg.on_bad_pair)
+    dataset = load_recipe_pairs(data_cfg, seed=train_cfg.seed)
     check_inputs(model_cfg, data_cfg, focus_cfg, dataset)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))

@@ -260,7 +260,8 @@ def test_compute_static_maps_one_to_six_references(tiny_dino, k):
 def test_compute_static_maps_rejects_zero_references(tiny_dino):
     images = torch.rand(1, 3, 28, 28)
     with pytest.raises(ValueError, match="K >= 1"):
-        compute_static_maps(tiny_dino, images, images, torch.zeros(1, 0, 3, 28, 28), None, (4, 4), FocusConfig())
+        compute_static_maps(tiny_dino, images, images, torch.zeros(1, 0, 3, 28, 28), None, (4, 4),
+                            FocusConfig(lambda_structure=1.0))
 
 
 def test_compute_static_maps_rejects_bad_masks(tiny_dino):
