@@ -31,7 +31,7 @@ from .interrupts import SaveOnSignal
 from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
-from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)  # noqa: F401  (NonFiniteLossError: re-exported)
+from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_personalization_lora, check_resume_settings,
                          keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
