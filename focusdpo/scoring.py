@@ -127,7 +127,7 @@ def collapse(regions: torch.Tensor, found: torch.Tensor, collapse_iou: float) ->
 
 def subject_scores(generated: torch.Tensor, references: torch.Tensor, ref_masks: torch.Tensor | None = None,
                    boxes: torch.Tensor | None = None, image_size: tuple[int, int] | None = None,
-                   top_n: int = 1, min_similarity: float = 0.3, peak_ratio: float = 0.8,
+                   top_n: int = 4, min_similarity: float = 0.3, peak_ratio: float = 0.8,
                    collapse_iou: float = 0.5) -> SubjectScores:
     """Grounded per-subject scores of generated images against their references, from features.
 
@@ -138,7 +138,9 @@ def subject_scores(generated: torch.Tensor, references: torch.Tensor, ref_masks:
         boxes: ``(B, K, 4)`` pixel layout boxes (MS-Bench style) on an ``image_size`` image: region of
             subject ``k`` = box ``k``, found when its ``S[k, k]`` reaches ``min_similarity``.
             ``None``: regions come from the correspondence scores.
-        top_n: patch cosines averaged per generated patch; 1 makes an image against itself score 1.
+        top_n: reference patch cosines averaged per generated patch (FocusConfig.top_n's default). With 1 an
+            image scored against itself gets exactly 1; more averages in next-best patches (self < 1),
+            which separates similar subjects better on real photos.
         min_similarity, peak_ratio: region threshold (:func:`threshold_regions`).
         collapse_iou: regions overlapping this much count as one generated subject.
     """

