@@ -19,7 +19,7 @@ COMMANDS = {
 
 
 def pairs_command(argv: list[str]) -> None:
-    from .pairs import make_toy_pairs
+    from .toy_pairs import make_toy_pairs
 
     parser = argparse.ArgumentParser(prog="focusdpo pairs", description=COMMANDS["pairs"])
     parser.add_argument("--out", required=True, help="Folder to write the dataset to (save_to_disk).")

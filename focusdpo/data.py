@@ -52,7 +52,7 @@ def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resoluti
                seed: int = 0) -> Dataset:
     """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder or Pick-a-Pic files."""
     if source == "toy":
-        from .pairs import make_toy_pairs
+        from .toy_pairs import make_toy_pairs
         return check_pairs(make_toy_pairs(toy_num_pairs, resolution, seed), source)
     path = Path(source)
     if not path.exists():

@@ -1,4 +1,4 @@
-"""Preference-pair generation. Today: a procedural multi-subject pair set built by instance disruption.
+"""The procedural toy pair set: multi-subject scenes disrupted by construction (no model, no downloads).
 
 Each toy pair has 2–3 reference subjects (coloured, patterned shapes, each on its own canvas with a
 mask). The winner shows every subject as referenced; the loser is the same image with one subject
