@@ -128,7 +128,7 @@ def collapse(regions: torch.Tensor, found: torch.Tensor, collapse_iou: float) ->
 def subject_scores(generated: torch.Tensor, references: torch.Tensor, ref_masks: torch.Tensor | None = None,
                    boxes: torch.Tensor | None = None, image_size: tuple[int, int] | None = None,
                    top_n: int = 4, min_similarity: float = 0.3, peak_ratio: float = 0.8,
-                   collapse_iou: float = 0.5) -> SubjectScores:
+                   collapse_iou: float = 0.5, subject_views: list[list[int]] | None = None) -> SubjectScores:
     """Grounded per-subject scores of generated images against their references, from features.
 
     Args:
@@ -143,12 +143,16 @@ def subject_scores(generated: torch.Tensor, references: torch.Tensor, ref_masks:
             which separates similar subjects better on real photos.
         min_similarity, peak_ratio: region threshold (:func:`threshold_regions`).
         collapse_iou: regions overlapping this much count as one generated subject.
+        subject_views: several views per subject (DreamBench folders): the reference indices of each
+            subject; a patch's score for a subject is its best over the views. ``None``: one view each.
     """
     B = generated.shape[0]
     refs = references.expand(B, *references.shape) if references.ndim == 4 else references
     masks = None if ref_masks is None else (ref_masks.expand(B, *ref_masks.shape) if ref_masks.ndim == 3
                                             else ref_masks)
     sims = similarity_maps(generated, refs, masks, top_n=top_n)  # (B, K, h, w)
+    if subject_views is not None:
+        sims = torch.stack([sims[:, views].amax(1) for views in subject_views], dim=1)  # (B, subjects, h, w)
     if boxes is None:
         regions = threshold_regions(sims, min_similarity, peak_ratio)
     else:

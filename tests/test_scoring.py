@@ -149,3 +149,10 @@ def test_pretrained_cnn_prefers_the_right_subject_in_a_dreambench_composite(drea
     assert dog_fidelity[0] > dog_fidelity[1] + 0.05, dog_fidelity
     assert scores.found.all() and scores.collapsed.tolist() == [0.0, 0.0]
     assert scores.fidelity[0, 1] == pytest.approx(scores.fidelity[1, 1].item(), abs=0.05)  # same teapot in both
+
+
+def test_views_of_one_subject_count_as_one_subject():
+    generated = one_hot_grid([[0, 0, 1, 1]])[None]
+    refs = torch.stack([one_hot_grid([[2]]), one_hot_grid([[0]]), one_hot_grid([[1]])])  # views: {0, 1} and {2}
+    scores = subject_scores(generated, refs, subject_views=[[0, 1], [2]])
+    assert scores.fidelity.tolist() == [[1.0, 1.0]] and scores.collapsed.tolist() == [0.0]
