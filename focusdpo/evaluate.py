@@ -44,9 +44,16 @@ class Scorers:
 
 
 def build_scorers(cfg: EvalConfig, focus_cfg: FocusConfig, device=None) -> Scorers:
+    scorers = Scorers(tuple(cfg.metrics), names={})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # a randomly initialised extractor (toy runs) is the same on every run
+        load_extractors(scorers, cfg, focus_cfg, device)
+    return scorers
+
+
+def load_extractors(scorers: Scorers, cfg: EvalConfig, focus_cfg: FocusConfig, device) -> None:
     from .eval_features import ClipScorer, load_dino_v1, load_subject_extractor
 
-    scorers = Scorers(tuple(cfg.metrics), names={})
     if {"subject", "backbone_i"} & set(cfg.metrics):
         scorers.subject = load_subject_extractor(focus_cfg, device)
         scorers.names["subject"] = scorers.names["backbone_i"] = scorers.subject.name
@@ -56,7 +63,6 @@ def build_scorers(cfg: EvalConfig, focus_cfg: FocusConfig, device=None) -> Score
     if {"clip_i", "clip_t"} & set(cfg.metrics):
         scorers.clip = ClipScorer(cfg.clip_model, device)
         scorers.names["clip_i"] = scorers.names["clip_t"] = scorers.clip.name
-    return scorers
 
 
 def subject_groups(item) -> list[list[int]]:
@@ -169,8 +175,10 @@ def load_variants(cfg: EvalConfig, model_cfg: ModelConfig, device):
             raise EvalInputError(f"loras: {path!r} does not exist; give a LoRA folder or .safetensors file")
         try:
             backbone.add_lora_adapter(path, name, model_cfg.personalization_lora_loader)
-        except ValueError as e:
-            raise EvalInputError(f"loras: {path} cannot be evaluated on this model: {e}") from None
+        except (ValueError, RuntimeError) as e:  # unknown module names / shape mismatches (another model)
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2])
+            raise EvalInputError(f"loras: {path} does not fit this {model_cfg.family} model "
+                                 f"({model_cfg.pretrained_path or 'tiny'}): {detail[:400]}") from None
     backbone.to(device)
     backbone.denoiser.eval()
     return backbone, personal
