@@ -15,6 +15,7 @@ COMMANDS = {
     "focus": "precompute static focus maps into a pair dataset",
     "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
+    "evaluate": "score base vs post-trained LoRA(s) on a benchmark: JSON, Markdown table, PNGs",
 }
 
 
@@ -46,13 +47,18 @@ def inspect_command(argv: list[str]) -> None:
     inspect_main(argv)
 
 
+def evaluate_command(argv: list[str]) -> None:
+    from .evaluate import main
+    main(argv)
+
+
 def train_command(argv: list[str]) -> None:
     from .train import main
     main(argv)
 
 
 HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
-            "inspect": inspect_command}
+            "inspect": inspect_command, "evaluate": evaluate_command}
 
 
 def main(argv: list[str] | None = None) -> None:
