@@ -223,6 +223,13 @@ class FocusDPOConfig(TrainingArguments):
         "help": "Pin batches in page-locked memory (CUDA only; switched off without a GPU)."})
     num_sample_prompts: int = field(default=3, metadata={"help": "Prompts in the before/after PNG."})
     sample_steps: int = field(default=8, metadata={"help": "Denoising steps for the before/after samples."})
+    subject_eval_steps: int = field(default=0, metadata={
+        "help": "Every N steps, score per-subject fidelity/IP-Conf of policy vs reference samples (0 = off)."})
+    subject_eval_prompts: int = field(default=4, metadata={"help": "Prompts in the training-time evaluation."})
+    subject_eval_benchmark: str | None = field(default=None, metadata={
+        "help": "Benchmark file for the training-time evaluation; empty uses the first training pairs."})
+    subject_eval_data_root: str | None = field(default=None, metadata={
+        "help": "Folder the subject_eval_benchmark's image paths are relative to."})
 
 
     def __post_init__(self):

@@ -162,13 +162,16 @@ def overlay_regions(tile: Image.Image, regions: torch.Tensor | None) -> Image.Im
     return out
 
 
-def save_prompt_grid(path: Path, prompt: str, references: torch.Tensor, shown: dict) -> Path:
-    """One PNG row: the references (framed in their subject colour) | each variant with its regions tinted.
+def save_prompt_grid(path: Path, prompt: str, references: torch.Tensor, shown: dict,
+                     groups: list[list[int]] | None = None) -> Path:
+    """One PNG row: the references framed in their subject's colour | each variant with its regions tinted.
 
-    ``references``: ``(K, 3, S, S)``; ``shown``: variant -> (image ``(3, H, W)``, regions ``(K, h, w)`` or None).
-    References are framed per view; with several views per subject the colours follow the subject order.
+    ``references``: ``(V, 3, S, S)`` views; ``groups``: the view indices of each subject (default one each);
+    ``shown``: variant -> (image ``(3, H, W)``, regions ``(K, h, w)`` or None), regions in subject order.
     """
-    panels = [(f"ref {k}", to_pil(r)) for k, r in enumerate(references)]
+    groups = groups or [[v] for v in range(len(references))]
+    subject_of = {v: k for k, views in enumerate(groups) for v in views}
+    panels = [(f"subject {subject_of[v]}", to_pil(r)) for v, r in enumerate(references)]
     panels += [(name, overlay_regions(to_pil(image), regions)) for name, (image, regions) in shown.items()]
     canvas = Image.new("RGB", (TILE * len(panels), TILE + 28), "white")
     draw = ImageDraw.Draw(canvas)
@@ -176,6 +179,9 @@ def save_prompt_grid(path: Path, prompt: str, references: torch.Tensor, shown: d
     for i, (title, tile) in enumerate(panels):
         canvas.paste(tile, (i * TILE, 28))
         draw.text((i * TILE + 2, 14), title, fill="black")
+    for v in range(len(references)):
+        colour = tuple(int(c * 255) for c in PALETTE[subject_of[v] % len(PALETTE)])
+        draw.rectangle([v * TILE, 28, (v + 1) * TILE - 1, 28 + TILE - 1], outline=colour, width=3)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path

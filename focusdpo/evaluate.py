@@ -82,24 +82,30 @@ def read_image(path, size: int | None = None) -> torch.Tensor:
 
 def reference_features(scorers: Scorers, cfg: EvalConfig, item) -> dict:
     """Everything about an entry's references the scores need, computed once for all variants and images."""
-    groups = subject_groups(item)
-    refs = torch.stack([read_image(p, cfg.score_size) for p in item.references])
+    return reference_embeddings(scorers, cfg, [read_image(p) for p in item.references], subject_groups(item),
+                                item.prompt)
+
+
+def reference_embeddings(scorers: Scorers, cfg: EvalConfig, views: list[torch.Tensor], groups: list[list[int]],
+                         prompt: str) -> dict:
+    """Reference views (``(3, H, W)`` in [0, 1], any sizes) grouped per subject -> embeddings per metric."""
+    refs = torch.stack([resize_square(v, cfg.score_size) for v in views])
     out = {"refs": refs, "groups": groups}
     if scorers.subject is not None:
         with torch.no_grad():
-            views = pooled_embedding(scorers.subject(refs))
-        out["backbone_i"] = [views[g] for g in groups]
-    if scorers.dino is not None:
-        views = torch.cat([scorers.dino(read_image(p)[None]) for p in item.references])
-        out["dino"] = [views[g] for g in groups]
+            pooled = pooled_embedding(scorers.subject(refs))
+        out["backbone_i"] = [pooled[g] for g in groups]
+    if scorers.dino is not None:  # the DINO protocol resizes and crops each view itself
+        pooled = torch.cat([scorers.dino(v[None]) for v in views])
+        out["dino"] = [pooled[g] for g in groups]
     if scorers.clip is not None:
-        views = torch.cat([scorers.clip.images(read_image(p)[None]) for p in item.references])
-        out["clip_i"] = [views[g] for g in groups]
-        out["clip_t"] = scorers.clip.texts([item.prompt])
+        pooled = torch.cat([scorers.clip.images(v[None]) for v in views])
+        out["clip_i"] = [pooled[g] for g in groups]
+        out["clip_t"] = scorers.clip.texts([prompt])
     return out
 
 
-def score_image(scorers: Scorers, cfg: EvalConfig, image: torch.Tensor, refs: dict, prompt: str):
+def score_image(scorers: Scorers, cfg: EvalConfig, image: torch.Tensor, refs: dict):
     """All chosen metrics of one ``(3, H, W)`` image; returns (scores dict, subject regions or None)."""
     scores, regions = {}, None
     metrics = set(scorers.metrics)
@@ -252,12 +258,12 @@ def score_items(scorers: Scorers, cfg: EvalConfig, items, variants: list[str], i
                                     "reason": f"image not found: {path}"})
                     continue
                 image = read_image(path)
-                record["variants"][variant], regions = score_image(scorers, cfg, image, refs, item.prompt)
+                record["variants"][variant], regions = score_image(scorers, cfg, image, refs)
                 shown[variant] = (image, regions)
             if record["variants"]:
                 records.append(record)
             if grid_dir is not None and item.item_id in grid_ids and number == 0 and shown:
-                save_prompt_grid(grid_dir / f"{item.item_id}.png", item.prompt, refs["refs"], shown)
+                save_prompt_grid(grid_dir / f"{item.item_id}.png", item.prompt, refs["refs"], shown, refs["groups"])
     return records, skipped
 
 

@@ -177,3 +177,19 @@ def test_dino_v1_protocol_takes_the_normalised_cls_of_a_centre_crop():
     assert torch.allclose(out, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="dino_v1_weights"):
         load_dino_v1("no/such/file.pth")
+
+
+def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
+    from conftest import REPO
+    from focusdpo.train import main as train
+
+    train(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path), "--max_steps", "2",
+           "--toy_num_pairs", "4", "--save_steps", "10", "--logging_steps", "1", "--sample_steps", "2",
+           "--sample_every_run", "false", "--subject_eval_steps", "2", "--subject_eval_prompts", "2",
+           "--report_to", "tensorboard"])
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in logs if "subject_eval/fidelity_mean" in m]
+    assert [m["step"] for m in evals] == [2] and any("loss" in m for m in logs)
+    assert {"subject_eval/fidelity_min_delta", "subject_eval/subject_count", "subject_eval/backbone_i"} <= set(evals[0])
+    assert (tmp_path / "subject_eval" / "step-000002.png").is_file()
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # the grid and scalars went to TensorBoard
