@@ -11,7 +11,7 @@ import sys
 
 COMMANDS = {
     "train": "train with a recipe: focusdpo train [--config recipes/X.yaml] [--field value ...]",
-    "pairs": "generate the toy multi-subject pair set into a dataset folder",
+    "pairs": "generate pairs with a generator: focusdpo pairs --config recipes/X.yaml (--out DIR: the toy set)",
     "focus": "precompute static focus maps into a pair dataset",
     "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
@@ -20,6 +20,10 @@ COMMANDS = {
 
 
 def pairs_command(argv: list[str]) -> None:
+    if "--config" in argv:  # sample -> score -> select (or disrupt) with a generator: focusdpo.pairs
+        from .pairs import pairs_main
+        pairs_main(argv)
+        return
     from .toy_pairs import make_toy_pairs
 
     parser = argparse.ArgumentParser(prog="focusdpo pairs", description=COMMANDS["pairs"])

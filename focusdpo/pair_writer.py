@@ -82,8 +82,9 @@ def merge_shards(out: str | Path, provenance: dict) -> Dataset | None:
     parts = [load_from_disk(str(s / "pairs")) for s in sorted(shard_dir(out).glob("item-*")) if (s / "pairs").is_dir()]
     if not parts:
         return None
-    merged = concatenate_datasets(parts).sort("item_index")
-    merged = merged.flatten_indices()  # write rows in sorted order, not an index mapping
+    merged = concatenate_datasets(parts)
+    order = sorted(range(len(merged)), key=merged["item_index"].__getitem__)
+    merged = merged.select(order).flatten_indices()  # rows in entry order, written as such (no index map)
     merged.info.description = json.dumps(provenance, sort_keys=True)
     staging = out / ".staging-dataset"
     shutil.rmtree(staging, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import fields
 from pathlib import Path
 
 import datasets
@@ -269,9 +270,20 @@ def parse_pair_args(argv: list[str]) -> dict:
     return values
 
 
+def pairs_help() -> str:
+    lines = ["usage: focusdpo pairs --config recipe.yaml [--field value ...]", ""]
+    for cls in PAIR_CONFIG_CLASSES:
+        lines.append(f"{cls.__name__}:")
+        lines += [f"  --{f.name:<24} {f.metadata.get('help', '')}" for f in fields(cls) if f.init]
+    return "\n".join(lines)
+
+
 def pairs_main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(pairs_help())
+        return
     values = parse_pair_args(argv)
-    names = {f for cls in PAIR_CONFIG_CLASSES for f in cls.__dataclass_fields__}
+    names = {f.name for cls in PAIR_CONFIG_CLASSES for f in fields(cls)}
     unknown = [k for k in values if k not in names]
     if unknown:
         raise ConfigError(f"unknown pair-config field(s) {unknown}; see `focusdpo pairs --help`")
