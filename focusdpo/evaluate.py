@@ -267,14 +267,22 @@ def score_items(scorers: Scorers, cfg: EvalConfig, items, variants: list[str], i
     return records, skipped
 
 
+def process_state():
+    """accelerate's process state. Without CUDA it must be told to use CPU processes (gloo): otherwise
+    every process of ``accelerate launch --num_processes N`` believes it is alone and does all the work."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available()))
+
+
 def run(cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path:
     """Evaluate and write the report; returns the report folder. Every process calls it (accelerate)."""
-    from accelerate import PartialState
-
     from .eval_report import write_report
     from .prompt_sets import PromptSetError, load_prompt_set
 
-    state = PartialState()
+    state = process_state()
     try:
         prompt_set = load_prompt_set(cfg.benchmark, cfg.benchmark_layout, cfg.data_root)
     except PromptSetError as e:

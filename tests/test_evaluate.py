@@ -193,3 +193,15 @@ def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
     assert {"subject_eval/fidelity_min_delta", "subject_eval/subject_count", "subject_eval/backbone_i"} <= set(evals[0])
     assert (tmp_path / "subject_eval" / "step-000002.png").is_file()
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # the grid and scalars went to TensorBoard
+
+
+def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
+    from conftest import accelerate_launch
+
+    # One image per sampler call: a batch of another composition may differ in the last float bit.
+    single = evaluate(tmp_path / "one", "--batch_size", "1")
+    args = ["--benchmark", str(UNO_MULTI), "--data_root", str(SHARED_DATA / "dreambench"), "--output_dir",
+            str(tmp_path / "two"), "--max_prompts", "3", "--batch_size", "1", *TOY]
+    accelerate_launch(["-m", "focusdpo.evaluate", *args], processes=2, port=29637)
+    assert (tmp_path / "two" / "report.json").read_bytes() == (single / "report.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["scores-0.json", "scores-1.json"]
