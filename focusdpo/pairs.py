@@ -209,11 +209,13 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     """Run the generator in this process (one of ``accelerate launch``'s, or alone); returns the summary on the
     main process. ``backbone`` / ``inpainter`` / ``extractor`` replace the configured ones (tests, notebooks)."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from .disrupt import check_inpainter, load_inpainter
     from .pair_scoring import CandidateScorer
 
-    state = PartialState()
+    # accelerate only starts a multi-process CPU group when told to use the CPU (ACCELERATE_USE_CPU, --cpu)
+    state = PartialState(cpu=pair_cfg.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
     datasets.disable_progress_bars()  # one bar: the generator's own
     prompt_set = load_prompt_set(pair_cfg.prompts, pair_cfg.prompt_layout, pair_cfg.data_root,
                                  pair_cfg.missing_references, pair_cfg.unique_token)

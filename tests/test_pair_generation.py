@@ -168,7 +168,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(uno, reference_run, tmp_pat
     proc.wait()
     written = len(list((tmp_path / "shards").glob("item-*")))
     assert 1 <= written < 4 and not (tmp_path / "dataset").exists()
-    subprocess.run([sys.executable, *cli_args(tmp_path, uno)], env=env, check=True, capture_output=True)
+    run(tmp_path, uno, family="sd", max_items=4, num_candidates=2, steps=3, margin_threshold=0.0)  # the restart
     assert raw_rows(tmp_path / "dataset") == raw_rows(reference_run / "dataset")
     assert json.loads((tmp_path / "summary.json").read_text())["counts"]["kept"] == 4
 
