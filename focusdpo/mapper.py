@@ -1,7 +1,8 @@
-"""The DINO correspondence mapper: static focus maps for batches of pairs, a cache, and PNG panels.
+"""The correspondence mapper: static focus maps for batches of pairs, a cache, and PNG panels.
 
 Static maps (everything but the timestep schedule) are computed once per pair, by
-:func:`focusdpo.focus.compute_static_maps` on DINOv2 features, either on the fly by the trainer or
+:func:`focusdpo.focus.compute_static_maps` on patch features (DINOv2 or an offline ImageNet CNN,
+``feature_backbone``), either on the fly by the trainer or
 ahead of time by ``focusdpo focus`` into the pair dataset (float16, keyed by extractor + config +
 grid so a stale cache is refused, never silently reused).
 """
@@ -17,13 +18,13 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .config import RECIPE_EPILOG, ConfigError, FocusConfig, parse_config
+from .config import RECIPE_EPILOG, FocusConfig, parse_config
 from .data import PairCollator, PairDataError, add_array_column, load_pairs
-from .features import load_dino
+from .features import feature_name, load_feature_extractor
 from .focus import compute_static_maps, focus_weights
 
 # FocusConfig fields that shape the static maps; λ and the schedule act per step and are not cached.
-STATIC_FIELDS = ("dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
+STATIC_FIELDS = ("feature_backbone", "feature_layer", "feature_weights", "dino_model", "dino_weights", "dino_random_weights", "dino_depth", "dino_image_size", "top_n",
                  "subject_threshold", "subject_temperature", "confidence_scale", "entropy_bins", "entropy_sigma",
                  "reference_complexity", "pair_alignment")
 
@@ -32,28 +33,21 @@ def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int]) -> str:
     """A readable key naming the extractor, the grid and a hash of every static-map setting."""
     settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.dino_model}@{cfg.dino_image_size}/grid{grid[0]}x{grid[1]}/{digest}"
+    return f"{feature_name(cfg)}/grid{grid[0]}x{grid[1]}/{digest}"
 
 
 class FocusMapper:
-    """Holds the DINOv2 extractor and turns collated batches into static focus maps."""
+    """Holds the feature extractor and turns collated batches into static focus maps."""
 
     def __init__(self, cfg: FocusConfig, device=None):
-        if not cfg.dino_weights and not cfg.dino_random_weights:
-            raise ConfigError("focus weights need DINOv2 features: set dino_weights to a local weights file, or "
-                              "dino_random_weights: true for toy runs (maps then carry no semantics)")
         self.cfg = cfg
-        with torch.random.fork_rng(devices=[]):  # random weights are seeded: a cache matches a live run
-            torch.manual_seed(0)
-            self.model = load_dino(cfg.dino_model, cfg.dino_weights or None, cfg.dino_image_size, device=device)
-        if cfg.dino_depth:
-            self.model.blocks = self.model.blocks[: cfg.dino_depth]
+        self.model = load_feature_extractor(cfg, device)
         self.device = device
 
     def batch_maps(self, batch: dict, grid: tuple[int, int], parts: bool = False):
         """Static maps ``(2B, 2, h, w)`` (``[w; l]``) for a batch from :class:`~focusdpo.data.PairCollator`.
 
-        Pairs are grouped by reference count K so each group runs DINOv2 in one batched call.
+        Pairs are grouped by reference count K so each group runs the extractor in one batched call.
         With ``parts`` returns the per-pair dicts of :func:`focusdpo.focus.focus_parts` instead.
         """
         pairs = len(batch["pair_ids"])

@@ -299,6 +299,9 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     """Load pairs first (cheap, fails early on bad data), then the model, then the trainer."""
     dataset = load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
                          seed=train_cfg.seed)
+    if focus_cfg.enabled and "focus_maps" not in dataset.column_names:
+        from .features import check_feature_weights
+        check_feature_weights(focus_cfg)  # the extractor loads at the first step: fail before it
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
     backbone.offload_text_encoders = model_cfg.offload_text_encoders
