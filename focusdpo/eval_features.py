@@ -55,16 +55,21 @@ def load_dino_v1(weights: str | None, device=None, model=None):
 class ClipScorer:
     """CLIP image and text embeddings from a local transformers ``CLIPModel`` folder (with its processor)."""
 
-    def __init__(self, folder: str, device=None):
+    def __init__(self, folder: str | None, device=None, model=None, processor=None):
+        """From a local folder; or from a built ``model`` and ``processor`` (benchmarks with random weights)."""
         from transformers import CLIPModel, CLIPProcessor
 
-        if not (Path(folder).expanduser() / "config.json").is_file():
-            raise FileNotFoundError(f"clip_model={folder!r} is not a CLIPModel folder (no config.json): give a "
-                                    "local save_pretrained folder of CLIP ViT-B/32, or drop clip_i/clip_t from metrics")
-        self.model = CLIPModel.from_pretrained(folder, local_files_only=True).requires_grad_(False).eval().to(device)
-        self.processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        if model is None:
+            if not (Path(folder or "").expanduser() / "config.json").is_file():
+                raise FileNotFoundError(f"clip_model={folder!r} is not a CLIPModel folder (no config.json): give a "
+                                        "local save_pretrained folder of CLIP ViT-B/32, or drop clip_i/clip_t from "
+                                        "metrics")
+            model = CLIPModel.from_pretrained(folder, local_files_only=True)
+            processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        self.model = model.requires_grad_(False).eval().to(device)
+        self.processor = processor
         self.device = device
-        self.name = f"CLIPModel {Path(folder).name}"
+        self.name = f"CLIPModel {Path(folder).name if folder else type(model).__name__}"
 
     @staticmethod
     def _pooled(out) -> torch.Tensor:
@@ -87,28 +92,11 @@ class ClipScorer:
 
 
 def load_subject_extractor(focus_cfg, device=None):
-    """The project's patch backbone for per-subject scores: ``extractor(images01) -> (B, C, h, w)``, ``.name``."""
-    from . import features
+    """The project's patch backbone (``FocusConfig.feature_backbone``) for per-subject scores:
+    ``extractor(images01) -> (B, C, h, w)`` unit-norm, with ``.name`` (named in every report)."""
+    from .features import load_feature_extractor
 
-    if hasattr(features, "load_feature_extractor"):
-        return features.load_feature_extractor(focus_cfg, device=device)
-    return dinov2_extractor(focus_cfg, device)
-
-
-def dinov2_extractor(focus_cfg, device=None):
-    """Adapter over the DINOv2 path until ``features.load_feature_extractor`` exists (then delete this)."""
-    from .features import PATCH, load_dino, patch_features
-
-    if focus_cfg.dino_weights is None and not focus_cfg.dino_random_weights:
-        raise ValueError("per-subject scores need a feature backbone: set dino_weights to a local DINOv2 file, "
-                         "or dino_random_weights: true for toy runs (the scores then mean nothing)")
-    overrides = {"depth": focus_cfg.dino_depth} if focus_cfg.dino_depth else {}
-    model = load_dino(focus_cfg.dino_model, focus_cfg.dino_weights, focus_cfg.dino_image_size, device=device,
-                      **overrides)
-
-    def extract(images: torch.Tensor) -> torch.Tensor:
-        return patch_features(model, images, focus_cfg.dino_image_size)
-
-    weights = "random" if focus_cfg.dino_weights is None else Path(focus_cfg.dino_weights).name
-    extract.name, extract.stride = f"{focus_cfg.dino_model} ({weights} weights)", PATCH
-    return extract
+    extractor = load_feature_extractor(focus_cfg, device=device)
+    if focus_cfg.dino_random_weights and not (focus_cfg.dino_weights or focus_cfg.feature_weights):
+        extractor.name += " (random weights: scores test plumbing only)"
+    return extractor

