@@ -97,7 +97,8 @@ def merge_shards(out: str | Path, provenance: dict) -> Dataset | None:
 def write_summary(out: str | Path, records: dict[str, dict], skipped: list[tuple[str, str]]) -> dict:
     """Counts per status and every item that was not kept, with its reason; also ``out/summary.json``."""
     rows = sorted(records.values(), key=lambda r: r["item_index"])
-    rows += [{"item_id": item_id, "item_index": -1, "status": "skipped", "reason": reason} for item_id, reason in skipped]
+    rows += [{"item_id": item_id, "item_index": -1, "status": "skipped", "reason": reason}
+             for item_id, reason in skipped]
     counts = Counter(r["status"] for r in rows)
     summary = {"counts": {s: counts.get(s, 0) for s in STATUSES}, "total": len(rows),
                "not_kept": [{k: r[k] for k in ("item_id", "status", "reason")} for r in rows if r["status"] != "kept"]}

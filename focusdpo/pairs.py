@@ -199,9 +199,9 @@ def provenance(pair_cfg, model_cfg, scorer, inpainter, layout: str, dtype) -> di
             "selection": {k: getattr(pair_cfg, k) for k in ("strategy", "loser_rule", "margin_threshold",
                                                             "min_fidelity_drop", "disrupt_subject", "region_source")},
             "scorer": scorer.settings(),
-            "inpainter": None if inpainter is None else {"class": type(inpainter).__name__,
-                                                         "path": pair_cfg.inpaint_path, "prompt": pair_cfg.inpaint_prompt,
-                                                         "steps": pair_cfg.inpaint_steps}}
+            "inpainter": None if inpainter is None else {
+                "class": type(inpainter).__name__, "path": pair_cfg.inpaint_path, "prompt": pair_cfg.inpaint_prompt,
+                "steps": pair_cfg.inpaint_steps, "strength": pair_cfg.inpaint_strength}}
 
 
 def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None, inpainter=None,
@@ -293,4 +293,5 @@ def pairs_main(argv: list[str]) -> None:
     summary = generate_pairs(pair_cfg, model_cfg, focus_cfg)
     if summary is not None:
         counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if v)
-        print(f"[focusdpo] pairs: {counts}; dataset: {summary['dataset']}; summary: {Path(pair_cfg.out) / 'summary.json'}")
+        print(f"[focusdpo] pairs: {counts}; dataset: {summary['dataset']}; "
+              f"summary: {Path(pair_cfg.out) / 'summary.json'}")

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from datasets import Image as ImageFeature
 from datasets import load_from_disk
-from PIL import Image
 
 from focusdpo.config import ConfigError
 from focusdpo.data import load_pairs
@@ -222,9 +221,44 @@ def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     good = str(dreambench / "can" / "01.jpg")
-    path = jsonl(tmp_path, [{"prompt": "a can", "references": [str(broken)]}, {"prompt": "a can", "references": [good]}])
+    path = jsonl(tmp_path, [{"prompt": "a can", "references": [str(broken)]},
+                            {"prompt": "a can", "references": [good]}])
     summary = run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
                   scorer_weight=0.5)
     assert summary["counts"]["failed"] == 1 and summary["counts"]["kept"] == 1
     assert "cannot be read" in summary["not_kept"][0]["reason"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["failed"] == 1
+
+
+# ---- pure parts -----------------------------------------------------------------------------------------------
+def test_ranking_loser_rules_and_seeds():
+    from focusdpo.pairs import item_seeds, pick_loser, ranking
+
+    order = ranking([0.2, 0.9, 0.2, -0.1])
+    assert order == [1, 0, 2, 3]  # ties keep the lower index first
+    assert [pick_loser(order, r) for r in ("worst", "second", "median")] == [3, 0, 2]
+    cfg, _, _ = build_pair_configs({"prompts": "p.json", "out": "o", "num_candidates": 3, "seed": 10})
+    assert item_seeds(cfg, 2) == [16, 17, 18]
+
+
+def test_leakage_is_the_mean_off_diagonal_region_similarity():
+    import torch
+
+    from focusdpo.pair_scoring import leakage
+
+    s = torch.tensor([[[0.9, 0.3, float("nan")], [0.1, 0.8, 0.5], [0.2, 0.4, 0.7]]])
+    assert leakage(s).item() == pytest.approx((0.3 + 0.1 + 0.5 + 0.2 + 0.4) / 5)
+    assert leakage(torch.tensor([[[0.9]]])).item() == 0.0  # one subject: nothing to leak
+
+
+def test_sampler_image_depends_on_its_seed_not_its_batch(dreambench):
+    from focusdpo.models import load_backbone
+    from focusdpo.sampling import sample_images
+    from PIL import Image
+
+    backbone = load_backbone("flux2")
+    ref = [Image.open(dreambench / "can" / "01.jpg")]
+    pair = sample_images(backbone, ["a can"] * 2, [ref, ref], [3, 4], 32, 2, batch_size=2)
+    alone = sample_images(backbone, ["a can"], [ref], [4], 32, 2, batch_size=1)
+    assert np.array_equal(np.asarray(pair[1]), np.asarray(alone[0]))
+    assert not np.array_equal(np.asarray(pair[0]), np.asarray(pair[1]))
