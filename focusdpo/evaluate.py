@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import ConfigError, EvalConfig, FocusConfig, ModelConfig
-from .scoring import pooled_embedding, score_subjects, subject_averaged_similarity, text_image_similarity
+from .scoring import pooled_embedding, subject_averaged_similarity, subject_scores, text_image_similarity
 
 BASE = "base"
 
@@ -93,7 +93,8 @@ def reference_embeddings(scorers: Scorers, cfg: EvalConfig, views: list[torch.Te
     out = {"refs": refs, "groups": groups}
     if scorers.subject is not None:
         with torch.no_grad():
-            pooled = pooled_embedding(scorers.subject(refs))
+            out["patches"] = scorers.subject(refs)  # (V, C, hr, wr), reused by every image of the entry
+        pooled = pooled_embedding(out["patches"])
         out["backbone_i"] = [pooled[g] for g in groups]
     if scorers.dino is not None:  # the DINO protocol resizes and crops each view itself
         pooled = torch.cat([scorers.dino(v[None]) for v in views])
@@ -109,20 +110,20 @@ def score_image(scorers: Scorers, cfg: EvalConfig, image: torch.Tensor, refs: di
     """All chosen metrics of one ``(3, H, W)`` image; returns (scores dict, subject regions or None)."""
     scores, regions = {}, None
     metrics = set(scorers.metrics)
-    if "subject" in metrics:
+    patches = None
+    if {"subject", "backbone_i"} & metrics:
         with torch.no_grad():
-            result = score_subjects(scorers.subject, resize_square(image, cfg.score_size)[None], refs["refs"],
-                                    top_n=cfg.subject_top_n, min_similarity=cfg.subject_min_similarity,
-                                    peak_ratio=cfg.subject_peak_ratio, collapse_iou=cfg.collapse_iou,
-                                    subject_views=refs["groups"])
+            patches = scorers.subject(resize_square(image, cfg.score_size)[None])  # (1, C, h, w)
+    if "subject" in metrics:
+        result = subject_scores(patches, refs["patches"], top_n=cfg.subject_top_n,
+                                min_similarity=cfg.subject_min_similarity, peak_ratio=cfg.subject_peak_ratio,
+                                collapse_iou=cfg.collapse_iou, subject_views=refs["groups"])
         scores.update({name: value.item() for name, value in result.summary().items()})
         scores["subject_fidelity"] = result.fidelity[0].tolist()
         scores["subject_found"] = result.found[0].tolist()
         regions = result.regions[0]
     if "backbone_i" in metrics:
-        with torch.no_grad():
-            generated = pooled_embedding(scorers.subject(resize_square(image, cfg.score_size)[None]))
-        scores["backbone_i"] = subject_averaged_similarity(generated, refs["backbone_i"])[0].item()
+        scores["backbone_i"] = subject_averaged_similarity(pooled_embedding(patches), refs["backbone_i"])[0].item()
     if "dino" in metrics:
         scores["dino"] = subject_averaged_similarity(scorers.dino(image[None]), refs["dino"])[0].item()
     if {"clip_i", "clip_t"} & metrics:

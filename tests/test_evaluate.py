@@ -205,3 +205,11 @@ def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
     accelerate_launch(["-m", "focusdpo.evaluate", *args], processes=2, port=29637)
     assert (tmp_path / "two" / "report.json").read_bytes() == (single / "report.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["scores-0.json", "scores-1.json"]
+
+
+def test_eval_recipe_parses():
+    from conftest import REPO
+
+    cfg, model_cfg, focus_cfg = parse(["--config", str(REPO / "recipes" / "eval_tiny_cpu.yaml"), "--benchmark", "b.json"])
+    assert cfg.metrics == ["subject", "backbone_i"] and focus_cfg.feature_backbone == "mobilenet_v2"
+    assert model_cfg.family == "sd"
