@@ -76,6 +76,24 @@ class ShardWriter:
         self.records, self.rows = [], []
 
 
+def check_run_settings(out: str | Path, settings: dict, write: bool) -> None:
+    """Refuse to resume into ``out`` when it holds a run made with other settings (its pairs would mix).
+
+    ``write``: record ``settings`` when ``out`` has none yet (the main process, before the others check).
+    """
+    path = Path(out) / "run_settings.json"
+    text = json.dumps(settings, sort_keys=True, indent=1, default=str)
+    if write and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(text)
+        os.replace(path.with_suffix(".tmp"), path)
+    if path.is_file() and path.read_text() != text:
+        old, new = json.loads(path.read_text()), json.loads(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ValueError(f"{out} holds a pair run made with other settings (changed: {changed}); resume with the "
+                         "same recipe, or write to a new out folder")
+
+
 def merge_shards(out: str | Path, provenance: dict) -> Dataset | None:
     """All shards' pairs as one dataset in ``out/dataset`` (ordered by item index); None when no pair was kept."""
     out = Path(out)

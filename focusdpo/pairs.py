@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import ConfigError
 from .pair_config import PAIR_CONFIG_CLASSES, PairGenConfig, build_pair_configs, read_pair_recipe
-from .pair_writer import ShardWriter, finished_items, merge_shards, write_summary
+from .pair_writer import ShardWriter, check_run_settings, finished_items, merge_shards, write_summary
 from .prompt_sets import PromptItem, load_prompt_set
 from .sampling import REFERENCE_FAMILIES, apply_loras, sample_images
 
@@ -232,8 +232,11 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     generator = PairGenerator(pair_cfg, backbone, scorer, inpainter,
                               model_cfg.guidance_scale if backbone.family in ("sd", "sdxl") else None)
 
+    info = provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype)
+    check_run_settings(pair_cfg.out, info, write=state.is_main_process)
     done = finished_items(pair_cfg.out)
     state.wait_for_everyone()  # every process sees the same finished set before anyone writes
+    check_run_settings(pair_cfg.out, info, write=False)
     todo = [(i, item) for i, item in items if item.item_id not in done][state.process_index::state.num_processes]
     writer = ShardWriter(pair_cfg.out, state.process_index, pair_cfg.items_per_shard)
     bar = tqdm(todo, desc=f"pairs[{state.process_index}]", position=state.process_index, unit="prompt")
@@ -249,7 +252,7 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
-    merged = merge_shards(pair_cfg.out, provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype))
+    merged = merge_shards(pair_cfg.out, info)
     summary = write_summary(pair_cfg.out, finished_items(pair_cfg.out), prompt_set.skipped)
     summary["dataset"] = str(Path(pair_cfg.out) / "dataset") if merged is not None else None
     return summary

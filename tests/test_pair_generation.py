@@ -228,6 +228,9 @@ def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
     assert summary["counts"]["failed"] == 1 and summary["counts"]["kept"] == 1
     assert "cannot be read" in summary["not_kept"][0]["reason"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["failed"] == 1
+    with pytest.raises(ValueError, match=r"other settings \(changed: \['sampling'\]\)"):  # no mixed runs in one out
+        run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
+            scorer_weight=0.5, steps=3)
 
 
 # ---- pure parts -----------------------------------------------------------------------------------------------
