@@ -76,6 +76,9 @@ def preflight(cfg: PairGenConfig, family: str, items: list[tuple[int, PromptItem
     """Refuse inputs that cannot work, naming the entries, before any model loads."""
     if not items:
         raise PairGenError(f"{cfg.prompts} holds no usable prompt entries (see the skipped list)")
+    if cfg.scorer:
+        from .pair_scoring import load_user_scorer
+        load_user_scorer(cfg.scorer)  # an unknown module or function fails here, before any model loads
     if family in REFERENCE_FAMILIES:
         bare = [item.item_id for _, item in items if not item.references]
         if bare:
