@@ -86,8 +86,8 @@ def test_dreambench_prompts_and_xverse_layout(dreambench):
 
 
 # ---- generation -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["flux2", "flux_kontext"])
-def test_flow_families_generate_loadable_pairs(family, uno, tmp_path):
+@pytest.mark.parametrize("family", ["flux2", "flux_kontext", "sdxl"])
+def test_each_family_generates_loadable_pairs(family, uno, tmp_path):
     summary = run(tmp_path, uno, family=family)
     assert summary["counts"]["kept"] == 1
     ds = load_pairs(summary["dataset"])
