@@ -96,6 +96,9 @@ def test_each_family_generates_loadable_pairs(family, uno, tmp_path):
     assert len(row["candidate_scores"]) == 2 and row["margin"] >= 0 and len(row["references"]) == 2
     info = json.loads(load_from_disk(summary["dataset"]).info.description)
     assert info["generator"]["family"] == family and info["scorer"]["weights"]
+    if family == "flux2":  # and a FLUX.2 policy trains on its own pairs (SD trains in the round test)
+        out = train_two_steps(summary["dataset"], tmp_path / "train", "--family", "flux2", "--beta", "500")
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
 
 
 def train_two_steps(dataset, out, *extra):
