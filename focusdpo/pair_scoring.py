@@ -52,6 +52,14 @@ def leakage(region_similarity: torch.Tensor) -> torch.Tensor:
     return torch.where(valid.any(-1), total / valid.sum(-1).clamp(min=1), 0.0)
 
 
+def subject_views(item) -> list[list[int]] | None:
+    """Reference indices per subject when several references show one subject (DreamBench folders), else None."""
+    names = list(item.subjects)
+    if not names or len(set(names)) == len(names):
+        return None
+    return [[i for i, n in enumerate(names) if n == name] for name in dict.fromkeys(names)]
+
+
 class CandidateScorer:
     """Scores candidates of one prompt; holds the feature extractor, optional CLIP and the user scorer."""
 
@@ -82,7 +90,7 @@ class CandidateScorer:
         """Scores of N candidates: ``(combined (N,), parts {name: (N,)}, SubjectScores)``."""
         pixels = pil_batch(images).to(self.device)
         refs = reference_tensor(references, self.resolution).to(self.device)
-        subjects = score_subjects(self.extractor, pixels, refs, **self.options)
+        subjects = score_subjects(self.extractor, pixels, refs, subject_views=subject_views(item), **self.options)
         summary = subjects.summary()
         parts = {"fidelity": summary["fidelity_mean"], "min_fidelity": summary["fidelity_min"],
                  "leakage": leakage(subjects.region_similarity)}
@@ -102,12 +110,13 @@ class CandidateScorer:
         return values
 
     @torch.no_grad()
-    def region_fidelity(self, image: Image.Image, references: list[Image.Image], k: int,
+    def region_fidelity(self, image: Image.Image, references: list[Image.Image], views: list[int],
                         region: torch.Tensor) -> float:
-        """Mean ``s_k`` (the same correspondence score as fidelity) over a pixel region ``(H, W)`` bool."""
+        """Mean ``s_k`` (the same correspondence score as fidelity; best over the subject's reference ``views``)
+        over a pixel region ``(H, W)`` bool."""
         pixels = pil_batch([image]).to(self.device)
         refs = reference_tensor(references, self.resolution).to(self.device)
         target, ref_feats = self.extractor(pixels), self.extractor(refs)
-        sims = similarity_maps(target, ref_feats[None], top_n=self.options["top_n"])[0, k]  # (h, w)
+        sims = similarity_maps(target, ref_feats[None], top_n=self.options["top_n"])[0, views].amax(0)  # (h, w)
         cells = masks_to_grid(region[None].to(sims.device), tuple(sims.shape))[0]
         return float(sims[cells].mean()) if bool(cells.any()) else float("nan")

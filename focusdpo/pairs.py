@@ -124,7 +124,7 @@ class PairGenerator:
                 return {**record, "status": "dropped_margin", "margin": margin,
                         "reason": f"margin {margin:.4f} < margin_threshold {cfg.margin_threshold}"}, []
         else:
-            outcome = self.disrupt(index, item, images[winner], seeds[winner], refs, subjects, winner)
+            outcome = self.disrupt(item, images[winner], seeds[winner], refs, subjects, winner)
             if outcome["status"] != "kept":
                 return {**record, **outcome}, []
             rejected, rejected_seed, prior = outcome.pop("image"), seeds[winner], outcome.pop("mask")
@@ -138,11 +138,13 @@ class PairGenerator:
                "score_parts": json.dumps(detail, sort_keys=True), "margin": margin, "strategy": cfg.strategy}
         return {**record, "status": "kept", "margin": margin, "reason": ""}, [row]
 
-    def disrupt(self, index, item, winner_image, seed, refs, subjects, winner) -> dict:
+    def disrupt(self, item, winner_image, seed, refs, subjects, winner) -> dict:
         """Repaint one subject of the winner; ``status`` kept with ``image``/``mask``, or dropped_dip with why."""
         from .disrupt import inpaint_instance, mask_image, region_mask
+        from .pair_scoring import subject_views
 
         cfg = self.cfg
+        views = subject_views(item) or [[j] for j in range(len(item.references))]  # reference indices per subject
         fidelity = subjects.fidelity[winner].tolist()
         if cfg.disrupt_subject == "random":
             k = random.Random(seed).randrange(len(fidelity))
@@ -150,17 +152,18 @@ class PairGenerator:
             pick = min if cfg.disrupt_subject == "lowest" else max
             k = pick(range(len(fidelity)), key=lambda j: (fidelity[j], j))
         if cfg.region_source == "masks":
-            mask = Image.open(item.reference_masks[k]).convert("L").resize((cfg.resolution,) * 2, Image.NEAREST)
+            mask = Image.open(item.reference_masks[views[k][0]]).convert("L").resize((cfg.resolution,) * 2, Image.NEAREST)
             region = torch.from_numpy(np.asarray(mask) > 127)
         else:
             region = region_mask(subjects.regions[winner, k].cpu(), cfg.resolution, cfg.region_dilation)
+        cls = item.classes[views[k][0]]
         if not bool(region.any()):
-            return {"status": "dropped_dip", "reason": f"subject {k} ({item.classes[k]}) has no region to disrupt"}
-        prompt = cfg.inpaint_prompt.format(cls=item.classes[k])
+            return {"status": "dropped_dip", "reason": f"subject {k} ({cls}) has no region to disrupt"}
+        prompt = cfg.inpaint_prompt.format(cls=cls)
         loser = inpaint_instance(self.inpainter, winner_image, region, prompt, seed, cfg.inpaint_steps,
                                  cfg.inpaint_strength)
-        before = self.scorer.region_fidelity(winner_image, refs, k, region)
-        after = self.scorer.region_fidelity(loser, refs, k, region)
+        before = self.scorer.region_fidelity(winner_image, refs, views[k], region)
+        after = self.scorer.region_fidelity(loser, refs, views[k], region)
         if not before - after > cfg.min_fidelity_drop:
             return {"status": "dropped_dip", "reason": f"region fidelity of subject {k} did not fall by more than "
                     f"{cfg.min_fidelity_drop}: {before:.4f} → {after:.4f}"}
