@@ -196,7 +196,8 @@ def all_pairs_similarity(generated: torch.Tensor, references: torch.Tensor) -> t
     return (F.normalize(generated, dim=-1) @ F.normalize(references, dim=-1).T).mean()
 
 
-def subject_averaged_similarity(generated: torch.Tensor, references: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def subject_averaged_similarity(generated: torch.Tensor,
+                                references: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-subject whole-image score: all-pairs mean per subject, then the mean over subjects.
 
     Args:

@@ -210,6 +210,7 @@ def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
 def test_eval_recipe_parses():
     from conftest import REPO
 
-    cfg, model_cfg, focus_cfg = parse(["--config", str(REPO / "recipes" / "eval_tiny_cpu.yaml"), "--benchmark", "b.json"])
+    recipe = str(REPO / "recipes" / "eval_tiny_cpu.yaml")
+    cfg, model_cfg, focus_cfg = parse(["--config", recipe, "--benchmark", "b.json"])
     assert cfg.metrics == ["subject", "backbone_i"] and focus_cfg.feature_backbone == "mobilenet_v2"
     assert model_cfg.family == "sd"
