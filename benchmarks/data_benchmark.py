@@ -104,7 +104,7 @@ def disk_child(mode: str, pairs: int, rows: int) -> dict:
     import pyarrow.parquet as pq
     from focusdpo.data import check_pairs, load_pairs, no_cache_files
     from focusdpo.pair_checks import preflight
-    from focusdpo.pairs import make_toy_pairs
+    from focusdpo.toy_pairs import make_toy_pairs
     root = Path(tempfile.mkdtemp(prefix="data-benchmark-"))
     for name in ("hf-cache", "tmp"):
         (root / name).mkdir()

@@ -1,5 +1,6 @@
-"""Generate the toy multi-subject pair set (instance disruption) into a dataset folder.
+"""Generate preference pairs with a generator (``--config``), or the toy multi-subject set (``--out``).
 
+    python data_tools/generate_pairs.py --config recipes/pairs_tiny_cpu.yaml [--field value ...]
     python data_tools/generate_pairs.py --out data/toy_pairs --num_pairs 64 --resolution 64
 """
 

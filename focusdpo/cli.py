@@ -12,19 +12,24 @@ import sys
 
 COMMANDS = {
     "train": "train with a recipe: focusdpo train [--config recipes/X.yaml] [--field value ...]",
-    "pairs": "generate the toy multi-subject pair set into a dataset folder",
+    "pairs": "generate pairs with a generator: focusdpo pairs --config recipes/X.yaml (--out DIR: the toy set)",
     "focus": "precompute static focus maps into a pair dataset",
     "embed": "cache prompt embeddings (and VAE latents) in a pair dataset: encoders skipped in training",
     "inspect": "write focus-map PNGs for a few pairs",
     "export": "write a trained LoRA for A1111/ComfyUI/kohya (SD/SDXL) or ComfyUI (FLUX): focusdpo export RUN",
     "plot": "draw loss, reward margins, accuracy and per-noise-level margins of a run: focusdpo plot RUN",
     "correspond": "precompute MOSAIC correspondence points (mosaic_points) into a pair dataset",
+    "evaluate": "score base vs post-trained LoRA(s) on a benchmark: JSON, Markdown table, PNGs",
 }
 
 
 def pairs_command(argv: list[str]) -> None:
-    from .pairs import make_toy_pairs
+    if "--config" in argv:  # sample -> score -> select (or disrupt) with a generator: focusdpo.pairs
+        from .pairs import pairs_main
+        pairs_main(argv)
+        return
     from .safe_write import save_dataset
+    from .toy_pairs import make_toy_pairs
 
     parser = argparse.ArgumentParser(prog="focusdpo pairs", description=COMMANDS["pairs"])
     parser.add_argument("--out", required=True, help="Folder to write the dataset to (save_to_disk).")
@@ -66,6 +71,11 @@ def correspond_command(argv: list[str]) -> None:
     precompute_main(argv)
 
 
+def evaluate_command(argv: list[str]) -> None:
+    from .evaluate import main
+    main(argv)
+
+
 def train_command(argv: list[str]) -> None:
     from .train import main
     main(argv)
@@ -73,7 +83,7 @@ def train_command(argv: list[str]) -> None:
 
 HANDLERS = {"train": train_command, "pairs": pairs_command, "focus": focus_command, "embed": embed_command,
             "inspect": inspect_command, "export": export_command, "plot": plot_command,
-            "correspond": correspond_command}
+            "correspond": correspond_command, "evaluate": evaluate_command}
 
 
 def main(argv: list[str] | None = None) -> None:

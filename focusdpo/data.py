@@ -66,7 +66,7 @@ def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resoluti
     ``max_samples`` of ``split``, and check every pair (:func:`focusdpo.pair_checks.preflight`)."""
     with no_cache_files():
         if source == "toy":
-            from .pairs import make_toy_pairs
+            from .toy_pairs import make_toy_pairs
             return check_pairs(first(make_toy_pairs(toy_num_pairs, resolution, seed), max_samples), source,
                                max_references, on_bad_pair)
         path = Path(source)

@@ -1,113 +1,306 @@
-"""Preference-pair generation. Today: a procedural multi-subject pair set built by instance disruption.
+"""Preference-pair generation from any supported generator: sample → score → select, or instance disruption.
 
-Each toy pair has 2–3 reference subjects (coloured, patterned shapes, each on its own canvas with a
-mask). The winner shows every subject as referenced; the loser is the same image with one subject
-replaced by a different instance (another colour/shape/pattern), so the pair differs only there and
-the disrupted box is the pair's prior mask. No downloads, no third-party files.
+For every prompt entry (``focusdpo.prompt_sets``) the generator samples ``num_candidates`` images with recorded
+seeds (``focusdpo.sampling``), scores each one per subject (``focusdpo.pair_scoring``, the evaluator's metrics),
+and then
+
+- ``select``: winner = best score, loser = the ``loser_rule`` candidate; kept when the margin reaches
+  ``margin_threshold``;
+- ``disrupt``: winner = best score, loser = the winner with one subject's region repainted as another instance of
+  its class (``focusdpo.disrupt``), equal to the winner outside that region, which is stored as ``prior_mask``;
+  kept when the region's fidelity to that subject fell by more than ``min_fidelity_drop``.
+
+Every candidate's scores, the margin, the seeds and the scorer settings are stored with the pair. Runs shard over
+``accelerate launch`` processes (disjoint entries), write incrementally and resume (``focusdpo.pair_writer``).
+Output: ``out/dataset`` in the schema of :mod:`focusdpo.data` plus the columns of ``pair_writer.META_FEATURES``.
 """
 
 from __future__ import annotations
 
+import json
+import random
+from dataclasses import fields
+from pathlib import Path
+
+import datasets
 import numpy as np
-from datasets import Dataset
-from PIL import Image, ImageDraw
+import torch
+import yaml
+from PIL import Image
+from tqdm.auto import tqdm
 
-from .data import PAIR_FEATURES
-
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40),
-           "purple": (140, 60, 180)}
-SHAPES = ("circle", "square", "triangle")
-PATTERNS = ("plain", "striped")
-SUPERSAMPLE = 4  # draw large, then downsample: smooth edges at tiny resolutions
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], shape: str, fill) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
+from . import __version__
+from .config import ConfigError
+from .pair_config import PAIR_CONFIG_CLASSES, PairGenConfig, build_pair_configs, read_pair_recipe
+from .pair_writer import ShardWriter, check_run_settings, finished_items, merge_shards, write_summary
+from .prompt_sets import PromptItem, load_prompt_set
+from .sampling import REFERENCE_FAMILIES, apply_loras, sample_images
 
 
-def draw_subject(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], subject: tuple[str, str, str]) -> None:
-    colour, shape, pattern = subject
-    fill = COLOURS[colour]
-    x0, y0, x1, y1 = box
-    draw_shape(draw, box, shape, fill)
-    if pattern == "striped":  # dark stripes clipped to the shape: the detail the complexity map sees
-        step = max(2, (x1 - x0) // 5)
-        for x in range(x0, x1, 2 * step):
-            draw.rectangle((x, y0, x + step // 2, y1), fill=tuple(c // 3 for c in fill))
+class PairGenError(ValueError):
+    """The pair-generation input is wrong; raised before any generation starts."""
 
 
-def render(subjects: list, boxes: list, size: int, background: np.ndarray) -> tuple[Image.Image, list[Image.Image]]:
-    """Draw ``subjects`` in ``boxes`` (at supersampled scale) over ``background``; return image and masks."""
-    big = size * SUPERSAMPLE
-    canvas = Image.fromarray(background).resize((big, big), Image.NEAREST)
-    masks = []
-    for subject, box in zip(subjects, boxes):
-        mask = Image.new("L", (big, big), 0)
-        draw_shape(ImageDraw.Draw(mask), box, subject[1], 255)
-        masks.append(mask.resize((size, size), Image.BOX))
-        layer = canvas.copy()
-        draw_subject(ImageDraw.Draw(layer), box, subject)
-        canvas.paste(layer, (0, 0), mask)
-    # BOX (area) downsampling: a pixel changes only if its own block touches a changed subject.
-    return canvas.resize((size, size), Image.BOX), masks
+def item_seeds(cfg: PairGenConfig, index: int) -> list[int]:
+    """Seeds of entry ``index``'s candidates: independent of sharding, batching and resumption."""
+    return [cfg.seed + index * cfg.num_candidates + j for j in range(cfg.num_candidates)]
 
 
-def random_subject(rng: np.random.Generator, exclude: set) -> tuple[str, str, str]:
-    while True:
-        subject = (rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(PATTERNS))
-        subject = tuple(str(s) for s in subject)
-        if subject not in exclude:
-            return subject
+def ranking(scores: list[float]) -> list[int]:
+    """Candidate indices from best to worst score (ties: lower index first)."""
+    return sorted(range(len(scores)), key=lambda j: (-scores[j], j))
 
 
-def layout(rng: np.random.Generator, count: int, big: int) -> list[tuple[int, int, int, int]]:
-    """``count`` non-overlapping boxes in side-by-side slots with random size and jitter."""
-    slot = big // count
-    boxes = []
-    for i in range(count):
-        side = int(slot * rng.uniform(0.55, 0.85))
-        x0 = i * slot + int(rng.integers(0, slot - side + 1))
-        y0 = int(rng.integers(0, big - side + 1))
-        boxes.append((x0, y0, x0 + side, y0 + side))
-    return boxes
+def pick_loser(order: list[int], rule: str) -> int:
+    return {"worst": order[-1], "second": order[1], "median": order[len(order) // 2]}[rule]
 
 
-def describe(subject: tuple[str, str, str]) -> str:
-    colour, shape, pattern = subject
-    return f"a {colour} {'striped ' if pattern == 'striped' else ''}{shape}"
+def file_image(path: str) -> dict:
+    """An image column value holding the file's own bytes (no re-encoding)."""
+    return {"bytes": Path(path).read_bytes(), "path": None}
 
 
-def toy_pair(rng: np.random.Generator, size: int, index: int) -> dict:
-    count, big = int(rng.integers(2, 4)), size * SUPERSAMPLE
-    subjects: list = []
-    for _ in range(count):
-        subjects.append(random_subject(rng, set(subjects)))
-    background = (235 + rng.integers(-12, 12, (8, 8, 3))).clip(0, 255).astype(np.uint8)
-    boxes = layout(rng, count, big)
-    disrupted = int(rng.integers(count))
-    swapped = subjects.copy()
-    swapped[disrupted] = random_subject(rng, set(subjects))
-    chosen, _ = render(subjects, boxes, size, background)
-    rejected, _ = render(swapped, boxes, size, background)
-    centred = (big // 5, big // 5, big * 4 // 5, big * 4 // 5)
-    plain = np.full((8, 8, 3), 250, np.uint8)
-    refs = [render([s], [centred], size, plain) for s in subjects]
-    prior = Image.new("L", (big, big), 0)
-    ImageDraw.Draw(prior).rectangle(boxes[disrupted], fill=255)
-    return {"pair_id": f"toy-{index:05d}", "prompt": " and ".join(describe(s) for s in subjects),
-            "chosen": chosen, "rejected": rejected, "references": [r[0] for r in refs],
-            "reference_masks": [r[1][0] for r in refs],
-            "prior_mask": prior.resize((size, size), Image.BOX).point(lambda v: 255 if v else 0)}
+def open_references(item: PromptItem) -> list[Image.Image]:
+    refs = []
+    for path in item.references:
+        try:
+            image = Image.open(path)
+            image.load()
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            raise ValueError(f"reference {path} cannot be read: {e}") from None
+        refs.append(image.convert("RGB"))
+    return refs
 
 
-def make_toy_pairs(num_pairs: int = 32, resolution: int = 32, seed: int = 0) -> Dataset:
-    """A procedurally generated multi-subject pair set in the pair schema (see :mod:`focusdpo.data`)."""
-    rng = np.random.default_rng(seed)
-    rows = [toy_pair(rng, resolution, i) for i in range(num_pairs)]
-    return Dataset.from_list(rows, features=PAIR_FEATURES)
+def preflight(cfg: PairGenConfig, family: str, items: list[tuple[int, PromptItem]]) -> None:
+    """Refuse inputs that cannot work, naming the entries, before any model loads."""
+    if not items:
+        raise PairGenError(f"{cfg.prompts} holds no usable prompt entries (see the skipped list)")
+    if cfg.scorer:
+        from .pair_scoring import load_user_scorer
+        load_user_scorer(cfg.scorer)  # an unknown module or function fails here, before any model loads
+    if family in REFERENCE_FAMILIES:
+        bare = [item.item_id for _, item in items if not item.references]
+        if bare:
+            raise PairGenError(f"family {family!r} generates from reference images, but {len(bare)} entries have "
+                               f"none (first: {bare[:3]}); add references or drop those entries")
+    if cfg.strategy == "disrupt":
+        if cfg.region_source == "masks":
+            unmasked = [item.item_id for _, item in items if not item.reference_masks]
+            if unmasked:
+                raise PairGenError(f"region_source: masks, but entries {unmasked[:3]} have no reference_masks")
+        classless = [item.item_id for _, item in items if not item.classes]
+        if classless:
+            raise PairGenError(f"strategy: disrupt inpaints another instance of a subject's class, but entries "
+                               f"{classless[:3]} have no classes; add 'classes' (jsonl), or give data_root with "
+                               "DreamBench's prompts_and_classes.txt (UNO layout)")
+
+
+class PairGenerator:
+    """Holds the models of one process and turns prompt entries into pairs."""
+
+    def __init__(self, cfg: PairGenConfig, backbone, scorer, inpainter=None, guidance_scale: float | None = None):
+        self.cfg, self.backbone, self.scorer, self.inpainter = cfg, backbone, scorer, inpainter
+        self.guidance_scale = guidance_scale  # SD/SDXL classifier-free guidance (None: the pipeline's default)
+
+    def process(self, index: int, item: PromptItem) -> tuple[dict, list[dict]]:
+        """One entry → ``(record, rows)``: the record says kept / dropped and why; rows hold the kept pair."""
+        cfg = self.cfg
+        refs = open_references(item)
+        seeds = item_seeds(cfg, index)
+        images = sample_images(self.backbone, [item.prompt] * len(seeds), [refs] * len(seeds), seeds,
+                               cfg.resolution, cfg.steps, cfg.batch_size, self.guidance_scale)
+        combined, parts, subjects = self.scorer.score(images, item, refs)
+        scores = [float(s) for s in combined]
+        order = ranking(scores)
+        winner = order[0]
+        record = {"item_id": item.item_id, "item_index": index, "candidate_scores": scores}
+        detail = {"parts": {k: [float(x) for x in v] for k, v in parts.items()}, "scorer": self.scorer.settings()}
+        if cfg.strategy == "select":
+            loser = pick_loser(order, cfg.loser_rule)
+            rejected, rejected_seed, prior = images[loser], seeds[loser], None
+            margin = scores[winner] - scores[loser]
+            if margin < cfg.margin_threshold:
+                return {**record, "status": "dropped_margin", "margin": margin,
+                        "reason": f"margin {margin:.4f} < margin_threshold {cfg.margin_threshold}"}, []
+        else:
+            outcome = self.disrupt(item, images[winner], seeds[winner], refs, subjects, winner)
+            if outcome["status"] != "kept":
+                return {**record, **outcome}, []
+            rejected, rejected_seed, prior = outcome.pop("image"), seeds[winner], outcome.pop("mask")
+            margin = scores[winner] - outcome["loser_score"]
+            detail.update({k: v for k, v in outcome.items() if k != "status"})
+        row = {"pair_id": item.item_id, "prompt": item.prompt, "chosen": images[winner], "rejected": rejected,
+               "references": [file_image(p) for p in item.references],
+               "reference_masks": [file_image(p) for p in item.reference_masks], "prior_mask": prior,
+               "item_index": index, "classes": list(item.classes), "chosen_seed": seeds[winner],
+               "rejected_seed": rejected_seed, "candidate_seeds": seeds, "candidate_scores": scores,
+               "score_parts": json.dumps(detail, sort_keys=True), "margin": margin, "strategy": cfg.strategy}
+        return {**record, "status": "kept", "margin": margin, "reason": ""}, [row]
+
+    def disrupt(self, item, winner_image, seed, refs, subjects, winner) -> dict:
+        """Repaint one subject of the winner; ``status`` kept with ``image``/``mask``, or dropped_dip with why."""
+        from .disrupt import inpaint_instance, mask_image, region_mask
+        from .pair_scoring import subject_views
+
+        cfg = self.cfg
+        views = subject_views(item) or [[j] for j in range(len(item.references))]  # reference indices per subject
+        fidelity = subjects.fidelity[winner].tolist()
+        if cfg.disrupt_subject == "random":
+            k = random.Random(seed).randrange(len(fidelity))
+        else:
+            pick = min if cfg.disrupt_subject == "lowest" else max
+            k = pick(range(len(fidelity)), key=lambda j: (fidelity[j], j))
+        if cfg.region_source == "masks":
+            mask = Image.open(item.reference_masks[views[k][0]]).convert("L").resize((cfg.resolution,) * 2, Image.NEAREST)
+            region = torch.from_numpy(np.asarray(mask) > 127)
+        else:
+            region = region_mask(subjects.regions[winner, k].cpu(), cfg.resolution, cfg.region_dilation)
+        cls = item.classes[views[k][0]]
+        if not bool(region.any()):
+            return {"status": "dropped_dip", "reason": f"subject {k} ({cls}) has no region to disrupt"}
+        prompt = cfg.inpaint_prompt.format(cls=cls)
+        loser = inpaint_instance(self.inpainter, winner_image, region, prompt, seed, cfg.inpaint_steps,
+                                 cfg.inpaint_strength)
+        before = self.scorer.region_fidelity(winner_image, refs, views[k], region)
+        after = self.scorer.region_fidelity(loser, refs, views[k], region)
+        if not before - after > cfg.min_fidelity_drop:
+            return {"status": "dropped_dip", "reason": f"region fidelity of subject {k} did not fall by more than "
+                    f"{cfg.min_fidelity_drop}: {before:.4f} → {after:.4f}"}
+        loser_score = float(self.scorer.score([loser], item, refs)[0][0])
+        return {"status": "kept", "image": loser, "mask": mask_image(region), "loser_score": loser_score,
+                "disrupted_subject": k, "region_fidelity": [before, after], "inpaint_prompt": prompt}
+
+
+def resolve_device_dtype(cfg: PairGenConfig, state) -> tuple[torch.device, torch.dtype]:
+    device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    if cfg.dtype != "auto":
+        return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    if device.type != "cuda":
+        return device, torch.float32
+    return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_generator(model_cfg, pair_cfg: PairGenConfig, device, dtype):
+    """The backbone with its LoRAs, on ``device`` in ``dtype`` (denoiser included: nothing trains here)."""
+    from .models import load_backbone
+
+    backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
+                             **model_cfg.adapter_options(max_references=6))
+    apply_loras(backbone, model_cfg.personalization_lora, pair_cfg.dpo_lora, model_cfg.personalization_lora_loader)
+    backbone.to(device, dtype)
+    backbone.denoiser.to(device, dtype) if dtype != torch.float32 else backbone.denoiser.to(device)
+    backbone.denoiser.eval()
+    return backbone
+
+
+def provenance(pair_cfg, model_cfg, scorer, inpainter, layout: str, dtype) -> dict:
+    return {"focusdpo_version": __version__, "prompts": pair_cfg.prompts, "prompt_layout": layout,
+            "generator": {"family": model_cfg.family, "pretrained_path": model_cfg.pretrained_path,
+                          "tiny_seed": model_cfg.tiny_seed if not model_cfg.pretrained_path else None,
+                          "personalization_lora": model_cfg.personalization_lora, "dpo_lora": pair_cfg.dpo_lora,
+                          "dtype": str(dtype)},
+            "sampling": {k: getattr(pair_cfg, k) for k in ("num_candidates", "seed", "resolution", "steps")}
+            | {"guidance_scale": model_cfg.guidance_scale, "seed_rule": "seed + index·num_candidates + j"},
+            "selection": {k: getattr(pair_cfg, k) for k in ("strategy", "loser_rule", "margin_threshold",
+                                                            "min_fidelity_drop", "disrupt_subject", "region_source")},
+            "scorer": scorer.settings(),
+            "inpainter": None if inpainter is None else {
+                "class": type(inpainter).__name__, "path": pair_cfg.inpaint_path, "prompt": pair_cfg.inpaint_prompt,
+                "steps": pair_cfg.inpaint_steps, "strength": pair_cfg.inpaint_strength}}
+
+
+def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None, inpainter=None,
+                   extractor=None) -> dict | None:
+    """Run the generator in this process (one of ``accelerate launch``'s, or alone); returns the summary on the
+    main process. ``backbone`` / ``inpainter`` / ``extractor`` replace the configured ones (tests, notebooks)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .disrupt import check_inpainter, load_inpainter
+    from .pair_scoring import CandidateScorer
+
+    # accelerate only starts a multi-process CPU group when told to use the CPU (ACCELERATE_USE_CPU, --cpu)
+    state = PartialState(cpu=pair_cfg.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    datasets.disable_progress_bars()  # one bar: the generator's own
+    prompt_set = load_prompt_set(pair_cfg.prompts, pair_cfg.prompt_layout, pair_cfg.data_root,
+                                 pair_cfg.missing_references, pair_cfg.unique_token)
+    items = list(enumerate(prompt_set.items))
+    items = items[: pair_cfg.max_items] if pair_cfg.max_items else items
+    preflight(pair_cfg, backbone.family if backbone is not None else model_cfg.family, items)
+    device, dtype = resolve_device_dtype(pair_cfg, state)
+    if inpainter is not None:
+        check_inpainter(inpainter)
+    elif pair_cfg.strategy == "disrupt":
+        inpainter = load_inpainter(pair_cfg.inpaint_path, device, dtype if device.type == "cuda" else None)
+    scorer = CandidateScorer(pair_cfg, focus_cfg, device, extractor)
+    backbone = backbone or load_generator(model_cfg, pair_cfg, device, dtype)
+    generator = PairGenerator(pair_cfg, backbone, scorer, inpainter,
+                              model_cfg.guidance_scale if backbone.family in ("sd", "sdxl") else None)
+
+    info = provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype)
+    check_run_settings(pair_cfg.out, info, write=state.is_main_process)
+    done = finished_items(pair_cfg.out)
+    state.wait_for_everyone()  # every process sees the same finished set before anyone writes
+    check_run_settings(pair_cfg.out, info, write=False)
+    todo = [(i, item) for i, item in items if item.item_id not in done][state.process_index::state.num_processes]
+    writer = ShardWriter(pair_cfg.out, state.process_index, pair_cfg.items_per_shard)
+    bar = tqdm(todo, desc=f"pairs[{state.process_index}]", position=state.process_index, unit="prompt")
+    for index, item in bar:
+        try:
+            record, rows = generator.process(index, item)
+        except Exception as e:  # one bad entry must not stop the run: it is listed in the summary
+            record, rows = {"item_id": item.item_id, "item_index": index, "status": "failed",
+                            "reason": f"{type(e).__name__}: {e}"}, []
+        writer.add(record, rows)
+        bar.set_postfix(kept=sum(r["status"] == "kept" for r in writer.records))
+    writer.flush()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    merged = merge_shards(pair_cfg.out, info)
+    summary = write_summary(pair_cfg.out, finished_items(pair_cfg.out), prompt_set.skipped)
+    summary["dataset"] = str(Path(pair_cfg.out) / "dataset") if merged is not None else None
+    return summary
+
+
+def parse_pair_args(argv: list[str]) -> dict:
+    """``--config recipe.yaml`` plus ``--field value`` overrides (values parsed as YAML) into one mapping."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        raise ConfigError("focusdpo pairs --config needs a recipe file: focusdpo pairs --config recipes/X.yaml")
+    rest = list(argv)
+    path = rest.pop(rest.index("--config") + 1)
+    rest.remove("--config")
+    values = read_pair_recipe(path)
+    if len(rest) % 2:
+        raise ConfigError(f"overrides come as --field value pairs; got {rest}")
+    for key, value in zip(rest[::2], rest[1::2]):
+        if not key.startswith("--"):
+            raise ConfigError(f"override {key!r} must look like --field value")
+        values[key[2:]] = yaml.safe_load(value)
+    return values
+
+
+def pairs_help() -> str:
+    lines = ["usage: focusdpo pairs --config recipe.yaml [--field value ...]", ""]
+    for cls in PAIR_CONFIG_CLASSES:
+        lines.append(f"{cls.__name__}:")
+        lines += [f"  --{f.name:<24} {f.metadata.get('help', '')}" for f in fields(cls) if f.init]
+    return "\n".join(lines)
+
+
+def pairs_main(argv: list[str]) -> None:
+    if "-h" in argv or "--help" in argv:
+        print(pairs_help())
+        return
+    values = parse_pair_args(argv)
+    names = {f.name for cls in PAIR_CONFIG_CLASSES for f in fields(cls)}
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise ConfigError(f"unknown pair-config field(s) {unknown}; see `focusdpo pairs --help`")
+    pair_cfg, model_cfg, focus_cfg = build_pair_configs(values)
+    summary = generate_pairs(pair_cfg, model_cfg, focus_cfg)
+    if summary is not None:
+        counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if v)
+        print(f"[focusdpo] pairs: {counts}; dataset: {summary['dataset']}; "
+              f"summary: {Path(pair_cfg.out) / 'summary.json'}")

@@ -431,7 +431,11 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     if model_cfg.drop_text_encoders:
         from .encoder_cache import drop_text_encoders
         drop_text_encoders(backbone, dataset)
-    return FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
+    trainer = FocusDPOTrainer(backbone, train_cfg, dataset, model_cfg, loss_cfg, focus_cfg, data_cfg, callbacks)
+    if train_cfg.subject_eval_steps > 0:  # optional per-subject evaluation next to the DPO metrics
+        from .eval_callback import add_subject_eval
+        add_subject_eval(trainer)
+    return trainer
 
 
 def save_before_after(trainer: FocusDPOTrainer, prompts: list[str], path: Path, resolution: int) -> None:

@@ -15,7 +15,7 @@ from focusdpo.config import ConfigError, DataConfig, FocusConfig, parse_config
 from focusdpo.data import PairCollator, PairDataError, check_pairs, load_pairs
 from focusdpo.focus import complexity_map
 from focusdpo.mapper import precompute_focus_maps
-from focusdpo.pairs import make_toy_pairs
+from focusdpo.toy_pairs import make_toy_pairs
 from focusdpo.safe_write import save_dataset
 from focusdpo.train import build_trainer
 

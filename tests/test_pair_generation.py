@@ -1,0 +1,270 @@
+"""Pair generation end to end with tiny in-process generators on the DreamBench subset (UNO prompts).
+
+Sizes are toy (32 px, 2 candidates, 2 steps, a 1-block random DINOv2 at 56 px): the scores carry no meaning,
+the tests check the plumbing: loaders, seeds, selection, DIP compositing, shards, resume, two processes,
+iterative rounds, bad input.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from datasets import Image as ImageFeature
+from datasets import load_from_disk
+
+from focusdpo.config import ConfigError
+from focusdpo.data import load_pairs
+from focusdpo.pair_config import build_pair_configs
+from focusdpo.pairs import PairGenError, generate_pairs
+from focusdpo.prompt_sets import PromptSetError, load_prompt_set
+
+from conftest import REPO, SHARED_DATA, accelerate_launch
+
+UNO = SHARED_DATA / "uno" / "dreambench_multiip_covered_by_subset.json"
+TINY = dict(data_root=str(SHARED_DATA / "dreambench"), num_candidates=2, steps=2, resolution=32, max_items=1,
+            dino_random_weights=True, dino_depth=1, dino_image_size=56, min_similarity=-1.0, items_per_shard=1)
+
+
+@pytest.fixture(scope="module")
+def uno(dreambench):
+    if not UNO.is_file():
+        pytest.skip(f"shared test data not found at {UNO}")
+    return str(UNO)
+
+
+def configs(out, prompts, **overrides):
+    return build_pair_configs({"prompts": str(prompts), "out": str(out), **TINY, **overrides})
+
+
+def run(out, prompts, **overrides):
+    return generate_pairs(*configs(out, prompts, **overrides))
+
+
+def raw_rows(path):
+    """Every column of a saved dataset with images as their stored bytes (for byte-exact comparison)."""
+    ds = load_from_disk(str(path))
+    for column in ("chosen", "rejected", "prior_mask"):
+        ds = ds.cast_column(column, ImageFeature(decode=False))
+    return ds.to_list()
+
+
+# ---- prompt sets ----------------------------------------------------------------------------------------------
+def test_uno_wrapper_resolves_against_data_root_with_classes(uno, dreambench):
+    items = load_prompt_set(uno, data_root=dreambench)
+    assert items.layout == "uno" and len(items) == 175 and not items.skipped
+    first = items.items[0]
+    assert first.prompt == "a bowl and a can in the jungle" and first.classes == ("bowl", "can")
+    assert all(os.path.isfile(p) for p in first.references)
+
+
+def test_jsonl_missing_images_are_listed_or_refused(tmp_path, dreambench):
+    lines = [{"prompt": "a can", "references": [str(dreambench / "can" / "01.jpg")], "classes": ["can"]},
+             {"prompt": "a ghost", "references": ["nowhere/ghost.jpg"]}]
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    items = load_prompt_set(path)
+    assert [i.prompt for i in items.items] == ["a can"] and items.skipped[0][0] == "p-00001"
+    with pytest.raises(PromptSetError, match="ghost.jpg"):
+        load_prompt_set(path, missing="error")
+    with pytest.raises(PromptSetError, match="layout"):
+        load_prompt_set(path, layout="csv")
+
+
+def test_dreambench_prompts_and_xverse_layout(dreambench):
+    bench = load_prompt_set(dreambench / "prompts_and_classes.txt", unique_token="sks")
+    dog = [i for i in bench.items if i.subjects[0] == "dog"]
+    assert len(dog) == 25 and dog[10].prompt == "a sks dog wearing a red hat"  # live-subject list
+    xverse = SHARED_DATA / "xversebench" / "XVerseBench_multi.json"
+    if xverse.is_file():  # its images are not in the subset: every entry is listed as skipped, none silently
+        loaded = load_prompt_set(xverse)
+        assert len(loaded) == 0 and len(loaded.skipped) > 0
+
+
+# ---- generation -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["flux2", "flux_kontext", "sdxl"])
+def test_each_family_generates_loadable_pairs(family, uno, tmp_path):
+    summary = run(tmp_path, uno, family=family)
+    assert summary["counts"]["kept"] == 1
+    ds = load_pairs(summary["dataset"])
+    row = ds[0]
+    assert row["candidate_seeds"] == [0, 1] and row["chosen_seed"] != row["rejected_seed"]
+    assert len(row["candidate_scores"]) == 2 and row["margin"] >= 0 and len(row["references"]) == 2
+    info = json.loads(load_from_disk(summary["dataset"]).info.description)
+    assert info["generator"]["family"] == family and info["scorer"]["weights"]
+    if family == "flux2":  # and a FLUX.2 policy trains on its own pairs (SD trains in the round test)
+        out = train_two_steps(summary["dataset"], tmp_path / "train", "--family", "flux2", "--beta", "500")
+        assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def train_two_steps(dataset, out, *extra):
+    from focusdpo.train import main
+
+    main(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--dataset", dataset, "--output_dir", str(out),
+          "--max_steps", "2", "--per_device_train_batch_size", "1", "--save_steps", "100", "--sample_every_run",
+          "false", "--lambda_structure", "0", "--lambda_detail", "0", "--learning_rate", "0.05", *extra])
+    return out
+
+
+def test_iterative_round_uses_the_trained_lora(uno, tmp_path):
+    first = run(tmp_path / "r1", uno, family="sd")
+    lora = train_two_steps(first["dataset"], tmp_path / "train")
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    second = run(tmp_path / "r2", uno, family="sd", dpo_lora=str(lora))
+    a, b = raw_rows(first["dataset"])[0], raw_rows(second["dataset"])[0]
+    assert a["candidate_seeds"] == b["candidate_seeds"]
+    assert a["candidate_scores"] != b["candidate_scores"]  # same seeds, other policy: other candidates
+    assert json.loads(load_from_disk(second["dataset"]).info.description)["generator"]["dpo_lora"] == str(lora)
+
+
+def test_dip_loser_equals_winner_outside_the_prior_mask(uno, tmp_path):
+    summary = run(tmp_path / "dip", uno, family="sd", strategy="disrupt", inpaint_steps=2)
+    assert summary["counts"]["kept"] == 1, summary["not_kept"]
+    row = load_from_disk(summary["dataset"])[0]
+    chosen, rejected = (np.asarray(row[k], dtype=int) for k in ("chosen", "rejected"))
+    inside = np.asarray(row["prior_mask"]) > 0
+    assert inside.any() and not inside.all()
+    assert (chosen[~inside] == rejected[~inside]).all()
+    assert (chosen[inside] != rejected[inside]).any()
+    before, after = json.loads(row["score_parts"])["region_fidelity"]
+    assert after < before
+    load_pairs(summary["dataset"])  # prior_mask and all: loads in the trainer
+    # a fidelity drop no region can reach: the pair is dropped and counted, with the reason
+    dropped = run(tmp_path / "strict", uno, family="sd", strategy="disrupt", inpaint_steps=2, min_fidelity_drop=2.0)
+    assert dropped["counts"]["dropped_dip"] == 1 and dropped["dataset"] is None
+    assert "did not fall" in dropped["not_kept"][0]["reason"]
+
+
+# ---- scale and safety: resume and two processes ---------------------------------------------------------------
+RECIPE_ARGS = ["--family", "sd", "--max_items", "4", "--num_candidates", "2", "--steps", "3", "--items_per_shard", "1",
+               "--dino_random_weights", "true", "--dino_depth", "1", "--dino_image_size", "56",
+               "--min_similarity", "-1.0", "--margin_threshold", "0.0"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(uno, tmp_path_factory):
+    """One uninterrupted single-process run of 4 entries."""
+    out = tmp_path_factory.mktemp("reference")
+    run(out, uno, family="sd", max_items=4, num_candidates=2, steps=3, margin_threshold=0.0)
+    return out
+
+
+def cli_args(out, uno):
+    recipe = REPO / "recipes" / "pairs_tiny_cpu.yaml"
+    return ["-m", "focusdpo.cli", "pairs", "--config", str(recipe), "--prompts", uno, "--data_root",
+            str(SHARED_DATA / "dreambench"), "--out", str(out), *RECIPE_ARGS]
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(uno, reference_run, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, *cli_args(tmp_path, uno)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "shards").glob("item-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    written = len(list((tmp_path / "shards").glob("item-*")))
+    assert 1 <= written < 4 and not (tmp_path / "dataset").exists()
+    run(tmp_path, uno, family="sd", max_items=4, num_candidates=2, steps=3, margin_threshold=0.0)  # the restart
+    assert raw_rows(tmp_path / "dataset") == raw_rows(reference_run / "dataset")
+    assert json.loads((tmp_path / "summary.json").read_text())["counts"]["kept"] == 4
+
+
+def test_two_processes_write_disjoint_shards_equal_to_one(uno, reference_run, tmp_path):
+    accelerate_launch(cli_args(tmp_path, uno), processes=2, port=29561)
+    ranks = {}
+    for shard in (tmp_path / "shards").glob("item-*"):
+        for record in json.loads((shard / "items.json").read_text()):
+            ranks.setdefault(record["item_id"], []).append(shard.name.rsplit("-r", 1)[1])
+    assert len(ranks) == 4 and all(len(r) == 1 for r in ranks.values())
+    assert {r[0] for r in ranks.values()} == {"0", "1"}
+    assert raw_rows(tmp_path / "dataset") == raw_rows(reference_run / "dataset")
+
+
+def brightness(images, item):
+    """A user scorer (``module:function``): mean brightness in [0, 1]."""
+    return [float(np.asarray(img).mean() / 255) for img in images]
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+def jsonl(tmp_path, entries):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(e) for e in entries))
+    return path
+
+
+def test_bad_inputs_fail_before_generation(uno, tmp_path, dreambench):
+    missing = jsonl(tmp_path, [{"prompt": "a can", "references": ["gone.jpg"]}])
+    with pytest.raises(PromptSetError, match="gone.jpg"):
+        run(tmp_path / "a", missing, family="sd")
+    bare = jsonl(tmp_path, [{"prompt": "a can", "references": []}])
+    with pytest.raises(PairGenError, match="generates from reference images"):
+        run(tmp_path / "b", bare, family="flux2")
+    with pytest.raises(PromptSetError, match="layout"):
+        load_prompt_set(uno, layout="csv")
+    with pytest.raises(ConfigError, match="prompt_layout"):
+        configs(tmp_path / "c", uno, prompt_layout="csv")
+    with pytest.raises(ConfigError, match="margin_threshold"):
+        configs(tmp_path / "d", uno, margin_threshold=3.0)
+    with pytest.raises(ConfigError, match="no function"):
+        run(tmp_path / "e", uno, family="sd", scorer="focusdpo.pairs:no_such_scorer")
+    from focusdpo.models.tiny import tiny_sd_pipeline
+    with pytest.raises(ConfigError, match="not an inpainting pipeline"):
+        generate_pairs(*configs(tmp_path / "f", uno, family="sd", strategy="disrupt"), inpainter=tiny_sd_pipeline())
+    for out in "abcdef":
+        assert not (tmp_path / out / "shards").exists()
+
+
+def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    good = str(dreambench / "can" / "01.jpg")
+    path = jsonl(tmp_path, [{"prompt": "a can", "references": [str(broken)]},
+                            {"prompt": "a can", "references": [good]}])
+    summary = run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
+                  scorer_weight=0.5)
+    assert summary["counts"]["failed"] == 1 and summary["counts"]["kept"] == 1
+    assert "cannot be read" in summary["not_kept"][0]["reason"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["failed"] == 1
+    with pytest.raises(ValueError, match=r"other settings \(changed: \['sampling'\]\)"):  # no mixed runs in one out
+        run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
+            scorer_weight=0.5, steps=3)
+
+
+# ---- pure parts -----------------------------------------------------------------------------------------------
+def test_ranking_loser_rules_and_seeds():
+    from focusdpo.pairs import item_seeds, pick_loser, ranking
+
+    order = ranking([0.2, 0.9, 0.2, -0.1])
+    assert order == [1, 0, 2, 3]  # ties keep the lower index first
+    assert [pick_loser(order, r) for r in ("worst", "second", "median")] == [3, 0, 2]
+    cfg, _, _ = build_pair_configs({"prompts": "p.json", "out": "o", "num_candidates": 3, "seed": 10})
+    assert item_seeds(cfg, 2) == [16, 17, 18]
+
+
+def test_leakage_is_the_mean_off_diagonal_region_similarity():
+    import torch
+
+    from focusdpo.pair_scoring import leakage
+
+    s = torch.tensor([[[0.9, 0.3, float("nan")], [0.1, 0.8, 0.5], [0.2, 0.4, 0.7]]])
+    assert leakage(s).item() == pytest.approx((0.3 + 0.1 + 0.5 + 0.2 + 0.4) / 5)
+    assert leakage(torch.tensor([[[0.9]]])).item() == 0.0  # one subject: nothing to leak
+
+
+def test_sampler_image_depends_on_its_seed_not_its_batch(dreambench):
+    from focusdpo.models import load_backbone
+    from focusdpo.sampling import sample_images
+    from PIL import Image
+
+    backbone = load_backbone("flux2")
+    ref = [Image.open(dreambench / "can" / "01.jpg")]
+    pair = sample_images(backbone, ["a can"] * 2, [ref, ref], [3, 4], 32, 2, batch_size=2)
+    alone = sample_images(backbone, ["a can"], [ref], [4], 32, 2, batch_size=1)
+    assert np.array_equal(np.asarray(pair[1]), np.asarray(alone[0]))
+    assert not np.array_equal(np.asarray(pair[0]), np.asarray(pair[1]))
