@@ -56,7 +56,7 @@ def main() -> None:
 
     import torch
 
-    from focusdpo.config import EvalConfig
+    from focusdpo.eval_config import EvalConfig
     from focusdpo.evaluate import reference_embeddings, score_image
 
     torch.set_num_threads(1)

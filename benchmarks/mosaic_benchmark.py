@@ -50,7 +50,7 @@ def run_count(count: int, args) -> list[dict]:
     """All rows for K = ``count`` in one trainer: interleaved step times, then per-row peak memory."""
     import torch
 
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     torch.set_num_threads(1)

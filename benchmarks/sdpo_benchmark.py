@@ -17,7 +17,7 @@ import time
 
 
 def build(family: str, batch: int, resolution: int, out: str):
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     argv = ["--family", family, "--output_dir", out, "--toy_num_pairs", str(max(batch, 2)),

@@ -56,7 +56,7 @@ def make_trainer(variant: str, args, out: str):
     import torch
     from transformers import TrainerCallback
 
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.losses import weighted_error
     from focusdpo.models import load_backbone
     from focusdpo.train import FocusDPOTrainer, build_trainer
@@ -144,7 +144,7 @@ def focus_overhead(args) -> float:
 
     import torch
 
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     torch.set_num_threads(1)

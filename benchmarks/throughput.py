@@ -43,7 +43,7 @@ def write_datasets(args, tmp: Path) -> dict[str, str]:
 
 def trainer_for(args, dataset: str, *extra: str):
     """A trainer driven step by step (no ``train()``): optimizer built, one micro-batch per step."""
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     trainer = build_trainer(*parse_config([*base_argv(args, tempfile.mkdtemp(), dataset), *extra]))
@@ -86,7 +86,7 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     from torch.autograd.profiler import record_function
     from transformers import TrainerCallback
 
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     warmup, steps = 2, args.tp_steps

@@ -6,19 +6,14 @@ name the field, the bad value and the valid choices.
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import json
-import math
-import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
-import yaml
 from transformers import TrainingArguments
 
-from .config_aliases import cli_keys, foreign_name_message
 from .cnn_features import CNN_LAYERS, DEFAULT_LAYERS
+from .config_checks import (ConfigError, check_choice, check_int, check_launcher_precision, check_positive,
+                            check_types, type_error)
 
 FAMILIES = ("sd", "sdxl", "flux2", "flux_kontext")
 REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
@@ -37,62 +32,6 @@ OBJECTIVES = ("dpo", "sft")
 MD_DIVERGENCES = ("jsd", "sym_kl")
 MD_ROWS = ("matched", "all")
 FLOW_SHIFT_MODES = ("pipeline", "none", "static")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and the fix."""
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(choices)}")
-
-
-SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def type_error(name: str, value, annotation: str):
-    what = "a list" if isinstance(value, list) else "null" if value is None else f"a {type(value).__name__}"
-    return ConfigError(f"{name}={value!r} is {what}, but {name} takes {annotation}")
-
-
-def is_instance(value, type_name: str) -> bool:
-    """``value`` fits the scalar annotation ``type_name`` (a bool is not a number; an int is a float)."""
-    if isinstance(value, bool) and type_name != "bool":
-        return False
-    return isinstance(value, SCALAR_TYPES[type_name])
-
-
-def check_types(cfg) -> None:
-    """Each field the class itself declares fits its annotation (``int``, ``float | None``, ``list[str]``...):
-    YAML lists, nulls or strings where another type belongs are refused here, not deep inside a model.
-    The annotations are read as written (HfArgumentParser rewrites ``field.type`` in place, dropping None)."""
-    for name, annotation in inspect.get_annotations(type(cfg)).items():
-        parts = [p.strip() for p in str(annotation).split("|")]
-        value = getattr(cfg, name)
-        if value is None and "None" in parts:
-            continue
-        base = parts[0]
-        if base.startswith("list[") and base[5:-1] in SCALAR_TYPES:
-            ok = isinstance(value, list) and all(is_instance(v, base[5:-1]) for v in value)
-        elif base in SCALAR_TYPES:
-            ok = is_instance(value, base)
-        else:
-            continue
-        if not ok:
-            raise type_error(name, value, annotation)
-
-
-def check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}")
-
-
-def check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name}={value!r} must be a finite number {bound}")
 
 
 @dataclass
@@ -496,183 +435,5 @@ class FocusDPOConfig(TrainingArguments):
         return {**super().to_dict(), **getattr(self, "recipe_sections", {})}
 
 
-def check_launcher_precision(bf16: bool, fp16: bool) -> None:
-    """Stop when ``accelerate launch --mixed_precision`` asks for another half precision than the recipe.
-
-    TrainingArguments silently lets the recipe win. "no" is not checked: accelerate also writes it when
-    ``--mixed_precision`` was never given, so it cannot tell "full precision, please" from "unset".
-    """
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    recipe = "bf16" if bf16 else "fp16" if fp16 else "no"
-    if launcher != "no" and launcher != recipe:
-        raise ConfigError(f"accelerate launch --mixed_precision is {launcher!r} but the recipe says {recipe!r} "
-                          f"(bf16={bf16}, fp16={fp16}): make them agree (set bf16/fp16 in the recipe, or launch with "
-                          f"--mixed_precision {recipe})")
-
-
-RECIPE_EPILOG = ("Every other argument selects the pairs, model and focus settings as for training: "
-                 "--config recipes/X.yaml and any field override (see `focusdpo train --help`).")
-
 CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)
 
-
-def config_fields(*configs) -> dict:
-    """Every field of the given config objects, flat, as YAML/JSON-safe values that parse back as ``--config``.
-
-    TrainingArguments go through its own ``to_dict`` (``accelerator_config`` becomes a mapping, not a repr);
-    ``*_token`` fields are left empty so that no secret is written to disk.
-    """
-    merged = {}
-    for cfg in configs:
-        if isinstance(cfg, TrainingArguments):
-            values = TrainingArguments.to_dict(cfg)  # without the sections FocusDPOConfig.to_dict adds
-        else:
-            values = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init}
-        for name, value in values.items():
-            merged[name] = None if name.endswith("_token") else json.loads(json.dumps(value, default=str))
-    return merged
-
-
-def check_config_keys(path: str, classes=CONFIG_CLASSES) -> dict:
-    """Read a YAML recipe and reject unknown keys (fields of ``classes``) with a suggestion, before any loading."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a YAML mapping of field: value")
-    if message := foreign_name_message(data, path):
-        raise ConfigError(message)
-    known = known_keys(classes) | {"env"}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"unknown config key {key!r} in {path}{did_you_mean(key, known)}")
-    return data
-
-
-def known_keys(classes=CONFIG_CLASSES) -> set[str]:
-    return {f.name for cls in classes for f in fields(cls)}
-
-
-def did_you_mean(key: str, known) -> str:
-    near = difflib.get_close_matches(key, known, n=1)
-    return f"; did you mean {near[0]!r}?" if near else "; see `focusdpo train --help` for the fields"
-
-
-def check_cli_keys(argv: list[str]) -> None:
-    """Every ``--key`` on the command line is a config field (or ``--no_<bool field>``, ``--config``)."""
-    names = known_keys()
-    bools = {f.name for cls in CONFIG_CLASSES for f in fields(cls) if f.type in ("bool", bool)}
-    known = names | {f"no_{name}" for name in bools} | {"config", "help"}
-    for token in argv:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0].replace("-", "_")
-            if key not in known:
-                raise ConfigError(f"unknown option --{key} on the command line{did_you_mean(key, names)}")
-
-
-def split_config_option(argv: list[str]) -> list[str]:
-    """``--config=FILE`` → ``--config FILE``; a ``--config`` without a file is refused."""
-    out = []
-    for token in argv:
-        out.extend(["--config", token.split("=", 1)[1]] if token.startswith("--config=") else [token])
-    if "--config" in out:
-        at = out.index("--config")
-        if at + 1 == len(out) or out[at + 1].startswith("--") or not out[at + 1]:
-            raise ConfigError("--config needs a recipe file: --config recipes/X.yaml")
-    return out
-
-
-def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
-    """Parse ``--config recipe.yaml`` plus CLI overrides into the five config dataclasses."""
-    import argparse
-
-    from trl import TrlParser
-
-    argv = split_config_option(list(argv or []))
-    if message := foreign_name_message(cli_keys(argv), "on the command line"):
-        raise ConfigError(message)
-    check_cli_keys(argv)
-    if "--config" in argv:
-        check_config_keys(argv[argv.index("--config") + 1])
-    parser = TrlParser(CONFIG_CLASSES, prog=prog)
-    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
-                        help="YAML recipe of field: value (flat); command-line fields override it.")
-    return parser.parse_args_and_config(argv)
-
-
-EVAL_METRICS = ("subject", "backbone_i", "dino", "clip_i", "clip_t")
-EVAL_LAYOUTS = ("auto", "uno", "xverse", "jsonl", "dreambench")
-
-
-@dataclass
-class EvalConfig:
-    """``focusdpo evaluate``: base vs post-trained LoRA(s) on a benchmark, same prompts and seeds."""
-
-    benchmark: str = field(default="", metadata={
-        "help": "Benchmark file: UNO DreamBench JSON, XVerseBench JSON, project jsonl, or DreamBench's "
-                "prompts_and_classes.txt."})
-    benchmark_layout: str = field(default="auto", metadata={"help": f"One of: {', '.join(EVAL_LAYOUTS)}."})
-    data_root: str | None = field(default=None, metadata={
-        "help": "Folder the benchmark's image paths are relative to (default: the benchmark file's folder)."})
-    output_dir: str = field(default="runs/eval", metadata={
-        "help": "Report folder; generated images go to images/<variant>/ inside it and are reused on rerun."})
-    images_dir: str | None = field(default=None, metadata={
-        "help": "Score existing images <images_dir>/<variant>/<item_id>_<n>.png instead of generating."})
-    loras: list[str] = field(default_factory=list, metadata={
-        "help": "Post-trained LoRA folders/files, each a variant compared with the base model."})
-    variants: list[str] = field(default_factory=list, metadata={
-        "help": "With images_dir and no model: the variant folder names; the first is the baseline."})
-    metrics: list[str] = field(default_factory=lambda: ["subject", "backbone_i"], metadata={
-        "help": f"Metrics: {', '.join(EVAL_METRICS)}. dino needs dino_v1_weights, clip_* need clip_model."})
-    dino_v1_weights: str | None = field(default=None, metadata={
-        "help": "Local vit_small_patch16_224.dino weights file (the DreamBench DINO metric)."})
-    clip_model: str | None = field(default=None, metadata={
-        "help": "Local transformers CLIPModel folder (ViT-B/32 in the papers) for clip_i / clip_t."})
-    images_per_prompt: int = field(default=1, metadata={"help": "Images per prompt and variant."})
-    max_prompts: int = field(default=0, metadata={"help": "Evaluate the first N benchmark entries (0 = all)."})
-    seed: int = field(default=0, metadata={"help": "Base seed; image n of an entry gets a seed from (seed, id, n)."})
-    resolution: int = field(default=512, metadata={"help": "Generated image size in pixels."})
-    sample_steps: int = field(default=28, metadata={"help": "Denoising steps."})
-    batch_size: int = field(default=4, metadata={"help": "Images generated per sampler call."})
-    score_size: int = field(default=224, metadata={"help": "Side images and references are resized to for "
-                                                           "per-subject scoring."})
-    subject_top_n: int = field(default=4, metadata={"help": "Top-n reference patches per generated patch."})
-    subject_min_similarity: float = field(default=0.3, metadata={
-        "help": "Correspondence score below which a patch belongs to no subject."})
-    subject_peak_ratio: float = field(default=0.8, metadata={
-        "help": "A subject's region: patches scoring at least this share of its best patch."})
-    collapse_iou: float = field(default=0.5, metadata={"help": "Region overlap at which two subjects collapsed."})
-    bootstrap_samples: int = field(default=1000, metadata={"help": "Bootstrap resamples of the delta intervals."})
-    grid_prompts: int = field(default=8, metadata={"help": "Per-prompt grid PNGs (references | base | LoRAs)."})
-
-    def __post_init__(self):
-        if not self.benchmark:
-            raise ConfigError("benchmark is empty: give the benchmark file (e.g. a UNO dreambench_multiip.json)")
-        check_choice("benchmark_layout", self.benchmark_layout, EVAL_LAYOUTS)
-        if not self.metrics:
-            raise ConfigError(f"metrics is empty; choose from: {', '.join(EVAL_METRICS)}")
-        for name in self.metrics:
-            check_choice("metrics", name, EVAL_METRICS)
-        if "dino" in self.metrics and not self.dino_v1_weights:
-            raise ConfigError("metrics has 'dino' but dino_v1_weights is empty: give the local "
-                              "vit_small_patch16_224.dino weights file, or drop 'dino'")
-        if {"clip_i", "clip_t"} & set(self.metrics) and not self.clip_model:
-            raise ConfigError("metrics has clip_i/clip_t but clip_model is empty: give a local CLIPModel folder, "
-                              "or drop them")
-        for name in ("images_per_prompt", "resolution", "sample_steps", "batch_size", "score_size", "subject_top_n",
-                     "bootstrap_samples"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        for name in ("subject_peak_ratio", "collapse_iou"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be in (0, 1]")
-        if self.images_dir and self.loras:
-            raise ConfigError("give either images_dir (score existing images) or loras (generate), not both")
-        if self.variants and not self.images_dir:
-            raise ConfigError("variants names image folders: it needs images_dir")
-        if len(set(self.variants)) != len(self.variants) or "base" in self.loras:
-            raise ConfigError(f"variant names must be unique: variants={self.variants}, loras={self.loras}")

@@ -90,7 +90,7 @@ def drop_text_encoders(backbone: Backbone, pairs: Dataset) -> None:
 
 def embed_main(argv: list[str]) -> None:
     """``focusdpo embed --out DIR --config recipe.yaml [--latents] [--no_text]``."""
-    from .config import RECIPE_EPILOG, parse_config
+    from .recipe import RECIPE_EPILOG, parse_config
     from .safe_write import check_out_is_not_input, save_dataset
 
     parser = argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0],

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .config import EvalConfig
+from .eval_config import EvalConfig
 from .evaluate import build_scorers, image_seed, read_image, reference_embeddings, score_image, subject_groups
 from .reference import reference_model
 

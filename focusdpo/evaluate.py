@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import ConfigError, EvalConfig, FocusConfig, ModelConfig
+from .config import ConfigError, FocusConfig, ModelConfig
+
+from .eval_config import EvalConfig
 from .scoring import pooled_embedding, subject_averaged_similarity, subject_scores, text_image_similarity
 
 BASE = "base"
@@ -325,7 +327,7 @@ def parse_eval_config(argv: list[str]):
     """``--config eval.yaml`` plus CLI overrides into (EvalConfig, ModelConfig, FocusConfig)."""
     from trl import TrlParser
 
-    from .config import check_config_keys
+    from .recipe import check_config_keys
 
     classes = (EvalConfig, ModelConfig, FocusConfig)
     if "--config" in argv:

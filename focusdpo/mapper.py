@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from .config import RECIPE_EPILOG, FocusConfig, parse_config
+from .config import FocusConfig
+
+from .recipe import RECIPE_EPILOG, parse_config
 from .data import PairCollator, PairDataError, array_feature, load_recipe_pairs
 from .features import feature_name, load_feature_extractor
 from .focus import compute_static_maps, focus_weights

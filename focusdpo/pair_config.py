@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
-from .config import ConfigError, FocusConfig, ModelConfig, check_choice, check_positive
+from .config import check_choice, check_positive, ConfigError, FocusConfig, ModelConfig
 from .prompt_sets import LAYOUTS, MISSING_POLICIES
 
 STRATEGIES = ("select", "disrupt")

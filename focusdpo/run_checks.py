@@ -21,7 +21,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .config import ConfigError, config_fields
+from .config import ConfigError
+
+from .recipe import config_fields
 
 LOCK_NAME = ".focusdpo.lock"
 CHECKPOINT_CONFIG = "focusdpo_config.yaml"

@@ -24,7 +24,9 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig, config_fields, parse_config
+from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
+
+from .recipe import config_fields, parse_config
 from .data import PairCollator, load_recipe_pairs
 from .export import export_lora
 from .interrupts import SaveOnSignal

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from focusdpo.config import parse_config
+from focusdpo.recipe import parse_config
 from focusdpo.train import build_trainer
 
 

@@ -2,7 +2,9 @@
 
 import pytest
 
-from focusdpo.config import ConfigError, parse_config
+from focusdpo.config import ConfigError
+
+from focusdpo.recipe import parse_config
 from focusdpo.train import main
 
 from conftest import REPO

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, FocusDPOConfig, LossConfig, ModelConfig, parse_config
+from focusdpo.config import ConfigError, FocusDPOConfig, LossConfig, ModelConfig
+from focusdpo.recipe import parse_config
 from focusdpo.export import export_lora, read_lora
 from focusdpo.models import load_backbone
 from focusdpo.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
@@ -216,7 +217,7 @@ def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, 
     first = parse_config(tiny_argv(out, "--save_kohya_format", "true", "--lora_alpha", "8", "--report_to", "none",
                                    "--accelerator_config", '{"split_batches": false, "even_batches": true}'))
     again = parse_config(["--config", str(out / "config.yaml"), "--report_to", "none"])
-    from focusdpo.config import config_fields
+    from focusdpo.recipe import config_fields
 
     a, b = config_fields(*first), config_fields(*again)
     assert a.keys() == b.keys()
@@ -228,7 +229,7 @@ def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, 
 
 
 def test_resolved_config_round_trips_dict_list_and_enum_fields_and_drops_tokens(tmp_path):
-    from focusdpo.config import config_fields
+    from focusdpo.recipe import config_fields
     from focusdpo.train import write_resolved_config
 
     configs = parse_config(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--lr_scheduler_type",

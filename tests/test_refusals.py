@@ -22,7 +22,8 @@ from PIL import Image
 
 import focusdpo.train
 from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, parse_config
+from focusdpo.config import ConfigError
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, PairDataError, load_pairs
 from focusdpo.run_checks import LOCK_NAME, RunFolderError, numerics_advice
 from focusdpo.safe_write import OutputError

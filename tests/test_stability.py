@@ -17,7 +17,9 @@ from diffusers.training_utils import compute_density_for_timestep_sampling
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from focusdpo.config import ConfigError, LossConfig, ModelConfig, parse_config
+from focusdpo.config import ConfigError, LossConfig, ModelConfig
+
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, PairDataError
 from focusdpo.losses import (diffusion_dpo_loss, error_output_gradient, scale_loser_gradient, sdpo_loser_scale,
                              weighted_error)

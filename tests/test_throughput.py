@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, ModelConfig, parse_config
+from focusdpo.config import ConfigError, ModelConfig
+from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, load_pairs
 from focusdpo.train import build_trainer, main
 

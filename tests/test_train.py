@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from focusdpo.config import parse_config
+from focusdpo.recipe import parse_config
 from focusdpo.models.tiny import tiny_sd_pipeline
 from focusdpo.train import NonFiniteLossError, build_trainer, main
 
