@@ -11,8 +11,6 @@ LoRA files in diffusers format, atomic checkpoints and a NaN guard.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
 import shutil
 import sys
@@ -25,99 +23,21 @@ from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
-
-from .recipe import config_fields, parse_config
 from .data import PairCollator, load_recipe_pairs
 from .export import export_lora
+from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .interrupts import SaveOnSignal
 from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
-from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
+from .policy import PolicyModel, add_dpo_lora, half_dtype
+from .recipe import config_fields, parse_config
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
-from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_personalization_lora, check_resume_settings,
-                         keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
+from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_resume_settings, keep_segment_configs,
+                         prepare_output_dir, release_lock, resolve_resume)
 from .safe_write import disk_full_names
-
-TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
-
-
-class PolicyModel(torch.nn.Module):
-    """What the Trainer trains and wraps (DDP/FSDP): the denoiser, called on prepared inputs.
-
-    A plain module without ``.config``: Trainer integrations read ``model.config`` as a transformers
-    config, which diffusers models do not have.
-    """
-
-    def __init__(self, backbone: Backbone):
-        super().__init__()
-        self.denoiser = backbone.denoiser
-        self.backbone = [backbone]  # a list: keep the frozen pipeline out of this module's parameters
-
-    def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
-        return self.backbone[0].predict(self.denoiser, inputs)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        if getattr(self, "_trainable", None) is None:
-            self._trainable = [p for p in self.parameters() if p.requires_grad]
-        return self._trainable
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Only the trainable parameters (the LoRA) hold gradients: skip the walk over the frozen base."""
-        for param in self.trainable_parameters():
-            if set_to_none:
-                param.grad = None
-            elif param.grad is not None:
-                param.grad.zero_()
-
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                        offload: bool = False) -> None:
-        """Called by the Trainer for ``activation_checkpointing`` (alias ``gradient_checkpointing``):
-        diffusers models have their own switch, which checkpoints every block."""
-        if every_n_layers != 1 or offload or activation_checkpointing_kwargs:
-            raise ValueError("activation_checkpointing_kwargs are not supported for diffusers models: they "
-                             "checkpoint every transformer/UNet block; remove the kwargs")
-        self.denoiser.enable_gradient_checkpointing()
-
-
-def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
-    """Freeze the base, attach the personalization LoRA (frozen) if any, and add the trainable DPO LoRA."""
-    from peft import LoraConfig
-
-    denoiser = backbone.denoiser
-    if cfg.lora_rank <= 0:  # full fine-tune with a frozen copy as reference
-        denoiser.requires_grad_(True)
-        return
-    denoiser.requires_grad_(False)
-    if cfg.reference_mode == "frozen_adapter":
-        load_personalization_lora(backbone, cfg.personalization_lora, cfg.personalization_lora_loader)
-    targets = cfg.lora_target_modules or list(backbone.default_lora_targets)
-    denoiser.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                    target_modules=targets), adapter_name=DPO_ADAPTER)
-    active = [PERSONAL_ADAPTER, DPO_ADAPTER] if cfg.reference_mode == "frozen_adapter" else [DPO_ADAPTER]
-    denoiser.set_adapters(active)
-    for name, param in denoiser.named_parameters():  # set_adapters made every active adapter trainable
-        param.requires_grad_(f".{DPO_ADAPTER}." in name)
-
-
-def load_personalization_lora(backbone: Backbone, path: str, loader: str = "strict") -> None:
-    check_personalization_lora(path)
-    backbone.add_lora_adapter(path, PERSONAL_ADAPTER, loader)
-
-
-class MetricsFileCallback(TrainerCallback):
-    """Append every log line to ``metrics.jsonl`` as it happens, so a crash loses nothing logged.
-
-    Strict JSON: a NaN/inf value is written as null, and its name and value (as a string) under ``non_finite``.
-    """
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if state.is_world_process_zero and logs:
-            record = {"step": state.global_step, **logs}
-            bad = {k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)}
-            record.update({k: None for k in bad}, **({"non_finite": bad} if bad else {}))
-            with open(Path(args.output_dir) / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, allow_nan=False) + "\n")
+from .train_metrics import MetricsFileCallback, MetricsLogging
+from .visualize import save_before_after
 
 
 class PlacementCallback(TrainerCallback):
@@ -131,7 +51,7 @@ class PlacementCallback(TrainerCallback):
         self.backbone.resolve_placement()
 
 
-class FocusDPOTrainer(StepGuards, Trainer):
+class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
     def __init__(self, backbone: Backbone, args: FocusDPOConfig, train_dataset, model_config: ModelConfig,
@@ -322,41 +242,6 @@ class FocusDPOTrainer(StepGuards, Trainer):
             return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         self.stop_non_finite(f"loss is {loss.item()}", model, pair_ids)
 
-    # ---- metrics --------------------------------------------------------------------------------
-    def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
-        """Average metrics over processes (one collective) and keep them until the next log."""
-        if weights is not None:
-            metrics.update(focus_summary(weights))
-        names = list(metrics)
-        bucket = (noise_level.float() * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1)
-        sums = torch.zeros(TIMESTEP_BUCKETS, device=inside.device).index_add_(0, bucket, inside)
-        counts = torch.bincount(bucket, minlength=TIMESTEP_BUCKETS).float()
-        local = torch.cat([torch.stack([metrics[n].float() for n in names]).to(inside.device), sums, counts])
-        total = self.accelerator.reduce(local, reduction="sum")
-        world = self.accelerator.num_processes
-        for name, value in zip(names, total[: len(names)].tolist()):
-            self._step_metrics[name].append(value / world)
-        self._step_metrics["_bucket_sums"].append(total[len(names):-TIMESTEP_BUCKETS].tolist())
-        self._step_metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:].tolist())
-
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs:  # training logs only
-            self.average_kept_steps(logs)
-        if self._metrics and "loss" in logs:
-            sums = torch.tensor(self._metrics.pop("_bucket_sums")).sum(0)
-            counts = torch.tensor(self._metrics.pop("_bucket_counts")).sum(0)
-            logs.update({name: sum(values) / len(values) for name, values in self._metrics.items()})
-            for i in range(TIMESTEP_BUCKETS):
-                if counts[i] > 0:
-                    lo, hi = i / TIMESTEP_BUCKETS, (i + 1) / TIMESTEP_BUCKETS
-                    logs[f"rewards/margins_u{lo:.2f}-{hi:.2f}"] = (sums[i] / counts[i]).item()
-            self._metrics.clear()
-            if "mse/winner_drift" in logs:  # DPO only: SFT has no reference pass
-                self.watch_winner_drift(logs["mse/winner_drift"])
-        if "train_loss" in logs and self._skipped_steps and self._kept_loss[1]:
-            logs["train_loss"] = self._kept_loss[0] / self._kept_loss[1]  # skipped steps left out
-        super().log(logs, start_time)
-
     # ---- saving and resuming --------------------------------------------------------------------
     def all_configs(self) -> tuple:
         return self.args, self.model_config, self.data_config, self.loss_config, self.focus_config
@@ -409,19 +294,6 @@ class FocusDPOTrainer(StepGuards, Trainer):
         self.accelerator.wait_for_everyone()
 
 
-def half_dtype(args: FocusDPOConfig) -> torch.dtype:
-    """The dtype of frozen weights: bf16/fp16 under mixed precision, else fp32."""
-    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-
-
-def focus_summary(weights: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``focus/mean|max|entropy`` of ``(N, h, w)`` weights; entropy is normalised (1 = uniform)."""
-    flat = weights.detach().float().flatten(1)
-    p = flat / flat.sum(1, keepdim=True).clamp_min(1e-12)
-    entropy = -(p * p.clamp_min(1e-12).log()).sum(1) / math.log(flat.shape[1])
-    return {"focus/mean": flat.mean(), "focus/max": flat.amax(1).mean(), "focus/entropy": entropy.mean()}
-
-
 def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
                   focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
     """Load and check pairs and every input first (cheap, fails early), then the model, then the trainer."""
@@ -438,37 +310,6 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
         from .eval_callback import add_subject_eval
         add_subject_eval(trainer)
     return trainer
-
-
-def save_before_after(trainer: FocusDPOTrainer, prompts: list[str], path: Path, resolution: int) -> None:
-    """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
-    cfg, backbone = trainer.model_config, trainer.backbone
-    steps, seed = trainer.args.sample_steps, trainer.args.seed
-    backbone.denoiser.eval()
-    with reference_model(cfg.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
-        setattr(backbone.pipeline, backbone.denoiser_name, ref)
-        try:
-            before = backbone.sample(prompts, resolution, steps, seed)
-        finally:
-            setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
-    with torch.no_grad():
-        after = backbone.sample(prompts, resolution, steps, seed)
-    image_grid([before, after], ["reference", "trained"]).save(path)
-
-
-def image_grid(rows: list[list], labels: list[str], min_cell: int = 128):
-    """Rows of PIL images, upscaled (nearest) to at least ``min_cell`` px, each row labelled on the left."""
-    from PIL import Image, ImageDraw
-
-    cell = max(min_cell, rows[0][0].width)
-    label_w = 80
-    grid = Image.new("RGB", (label_w + cell * len(rows[0]), cell * len(rows)), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (row, label) in enumerate(zip(rows, labels)):
-        draw.text((6, r * cell + cell // 2), label, fill="black")
-        for c, image in enumerate(row):
-            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
-    return grid
 
 
 def write_resolved_config(path: Path, configs) -> None:

@@ -81,3 +81,34 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def save_before_after(trainer, prompts: list[str], path: Path, resolution: int) -> None:
+    """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
+    from .reference import reference_model
+
+    cfg, backbone = trainer.model_config, trainer.backbone
+    steps, seed = trainer.args.sample_steps, trainer.args.seed
+    backbone.denoiser.eval()
+    with reference_model(cfg.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
+        setattr(backbone.pipeline, backbone.denoiser_name, ref)
+        try:
+            before = backbone.sample(prompts, resolution, steps, seed)
+        finally:
+            setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
+    with torch.no_grad():
+        after = backbone.sample(prompts, resolution, steps, seed)
+    image_grid([before, after], ["reference", "trained"]).save(path)
+
+
+def image_grid(rows: list[list], labels: list[str], min_cell: int = 128):
+    """Rows of PIL images, upscaled (nearest) to at least ``min_cell`` px, each row labelled on the left."""
+    cell = max(min_cell, rows[0][0].width)
+    label_w = 80
+    grid = Image.new("RGB", (label_w + cell * len(rows[0]), cell * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((6, r * cell + cell // 2), label, fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    return grid

@@ -16,7 +16,8 @@ from focusdpo.export import export_lora, read_lora
 from focusdpo.models import load_backbone
 from focusdpo.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from focusdpo.models.tiny_flux import tiny_flux2_pipeline, tiny_flux_kontext_pipeline
-from focusdpo.train import add_dpo_lora, main
+from focusdpo.policy import add_dpo_lora
+from focusdpo.train import main
 
 from conftest import REPO
 

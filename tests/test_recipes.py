@@ -11,7 +11,7 @@ import math
 import pytest
 
 from focusdpo.models import load_backbone
-from focusdpo.train import add_dpo_lora
+from focusdpo.policy import add_dpo_lora
 from focusdpo.config import ModelConfig
 
 from conftest import REPO, accelerate_launch

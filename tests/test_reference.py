@@ -7,7 +7,7 @@ from peft import LoraConfig
 from focusdpo.config import ModelConfig
 from focusdpo.models import load_backbone
 from focusdpo.reference import disabled_adapters, frozen_adapter, reference_model
-from focusdpo.train import add_dpo_lora
+from focusdpo.policy import add_dpo_lora
 
 
 def unet_inputs():

@@ -27,7 +27,8 @@ from focusdpo.recipe import parse_config
 from focusdpo.data import PairCollator, PairDataError, load_pairs
 from focusdpo.run_checks import LOCK_NAME, RunFolderError, numerics_advice
 from focusdpo.safe_write import OutputError
-from focusdpo.train import MetricsFileCallback, build_trainer, main
+from focusdpo.train import build_trainer, main
+from focusdpo.train_metrics import MetricsFileCallback
 
 from conftest import REPO
 
