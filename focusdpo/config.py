@@ -279,7 +279,7 @@ class LossConfig:
 
 @dataclass
 class FocusConfig:
-    """Focus weights W(q, u) (DESIGN.md, "The focus method"). λ_s = λ_d = 0 is vanilla DPO."""
+    """Focus weights W(q, u) (docs/design.md, "Focus weights"). λ_s = λ_d = 0 is vanilla DPO."""
 
     _argument_group_name = "focus (FocusConfig)"  # HfArgumentParser: one --help section per class
 

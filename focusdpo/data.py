@@ -16,9 +16,16 @@ column               type                   meaning
 ``focus_key``        string                 what produced the cache (extractor + config + grid)
 ``prompt_embeds``    float16 (L, D)         optional cache from ``focusdpo embed`` (flow models)
 ``pooled_prompt_embeds`` float16 (D,)       optional, FLUX.1's pooled CLIP embedding
-``latents``          float16 (2, C, h, w)   optional VAE latents [chosen, rejected] (``embed --latents``)
+``latents``          float16 (2, C', h, w)  optional VAE latents [chosen, rejected] (``embed --latents``); UNets
+                                           store the posterior's mean and std on the channel axis (C' = 2C)
 ``reference_latents`` float16 (K, C, h, w)  optional VAE latents of the references (flow models)
 ``encoder_key``      string                 what produced the embeddings/latents (model + sizes)
+``pair_weight``      float ≥ 0              optional: multiplies the pair's loss (e.g. the generator's margin)
+``preference``       float in [0.5, 1]      optional soft label p: ``inside`` scaled by 2p − 1
+``original_size``    int (2,) or (2, 2)     optional SDXL micro-conditioning [h, w] (else the training size)
+``crop_top_left``    int (2,) or (2, 2)     optional SDXL crop [top, left] (else (0, 0))
+``mosaic_points``    int (P, 3)             optional MOSAIC points (k, ref token, target token), ``correspond``
+``mosaic_key``       string                 what produced the points
 ===================  =====================  ==================================================
 """
 

@@ -1,4 +1,4 @@
-"""Focus weights W(q, u) of focus-weighted Diffusion-DPO (DESIGN.md, "The focus method").
+"""Focus weights W(q, u) of focus-weighted Diffusion-DPO (docs/design.md, "Focus weights").
 
 Everything that does not depend on the timestep is computed once per pair by
 :func:`static_focus_maps`, as two channels on the loss (latent) grid, for both targets stacked

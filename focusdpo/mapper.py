@@ -139,7 +139,7 @@ def precompute_main(argv: list[str]) -> None:
     own, configs = recipe_and_options(argv, "focusdpo focus", "Precompute static focus maps into a pair dataset.", [
         (("--out",), dict(required=True, help="Folder for the dataset with cached maps (save_to_disk).")),
         (("--batch_size",), dict(type=int, default=8, help="Pairs per DINOv2 batch.")),
-        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for the feature extractor.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)

@@ -152,7 +152,7 @@ def precompute_main(argv: list[str]) -> None:
 
     own, configs = recipe_and_options(argv, "focusdpo correspond", "Precompute MOSAIC correspondence points.", [
         (("--out",), dict(required=True, help="Folder for the dataset with mosaic_points (save_to_disk).")),
-        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for DINOv2.")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for the feature extractor.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     pairs = load_recipe_pairs(data_cfg)
@@ -257,7 +257,7 @@ class MosaicObjective:
             expected = points_key(self.focus_cfg, target_grid, reference_grid)
             if not key.startswith(IMPORTED_KEY) and key != expected:  # imported points carry their own origin
                 raise ValueError(f"cached MOSAIC points were made as {key!r} but this run needs {expected!r}: "
-                                 "recompute them with focusdpo.mosaic.precompute_points for this recipe")
+                                 "re-run `focusdpo correspond` with this recipe")
             found = inputs["mosaic_points"][:samples]
         else:
             found = [self.computed(inputs, i, target_grid, reference_grid) for i in range(samples)]

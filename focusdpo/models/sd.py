@@ -94,7 +94,7 @@ class StableDiffusionBackbone(Backbone):
 
     def flow_equivalent_sigma(self, t: torch.Tensor) -> torch.Tensor:
         """``u`` of DDPM timesteps: the flow σ with the same SNR, ``√(1−ᾱ) / (√ᾱ + √(1−ᾱ))``, so a focus schedule
-        means the same noise level on UNets and flow transformers (DESIGN.md, "The focus method")."""
+        means the same noise level on UNets and flow transformers (docs/design.md, the noise level u)."""
         alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
         signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         return (noise / (signal + noise)).float()
