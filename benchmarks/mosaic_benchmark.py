@@ -23,27 +23,12 @@ import sys
 import tempfile
 import time
 
+from peak_memory import peak_mib, peak_reset  # benchmarks/peak_memory.py, beside this script
+
 # row -> (lambda_sca, lambda_md, md_rows)
 ROWS = {"off": (0.0, 0.0, "matched"), "sca": (0.1, 0.0, "matched"), "sca_md": (0.1, 0.1, "all")}
 REFERENCE_COUNTS = (1, 4)
 TINY_DINO = dict(dino_random_weights=True, dino_depth=2, dino_image_size=56)
-
-
-def peak_reset() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_mib() -> float:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = open("/proc/self/status").read()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def run_count(count: int, args) -> list[dict]:

@@ -29,27 +29,12 @@ import sys
 import tempfile
 import time
 
+from peak_memory import peak_mib, peak_reset  # benchmarks/peak_memory.py, beside this script
+
 VARIANTS = ("sft", "dpo_copy", "dpo_disable", "focus_cached")
 REFERENCE_COUNTS = (1, 4, 6)
 FLUX_VARIANTS = tuple(f"flux2_k{k}" for k in REFERENCE_COUNTS)
 TINY_FOCUS = dict(lambda_structure=1.0, lambda_detail=1.0, dino_random_weights=True, dino_depth=2, dino_image_size=56)
-
-
-def peak_reset() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    else:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_mib() -> float:
-    import torch
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    status = open("/proc/self/status").read()
-    return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
 def make_trainer(variant: str, args, out: str):

@@ -8,13 +8,10 @@ Every field is checked when the dataclass is built, before any model loads.
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field, fields
 
-import yaml
-
-from .config import check_choice, check_positive, ConfigError, FocusConfig, ModelConfig
+from .config import ConfigError, FocusConfig, ModelConfig, check_choice, check_positive
 from .prompt_sets import LAYOUTS, MISSING_POLICIES
 
 STRATEGIES = ("select", "disrupt")
@@ -136,23 +133,10 @@ PAIR_CONFIG_CLASSES = (PairGenConfig, ModelConfig, FocusConfig)
 
 
 def read_pair_recipe(path: str) -> dict:
-    """A YAML pair recipe as a dict; unknown keys are refused with a suggestion."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a YAML mapping of field: value")
-    known = {f.name for cls in PAIR_CONFIG_CLASSES for f in fields(cls)}
-    for key in data:
-        if key not in known:
-            near = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else "; see `focusdpo pairs --help` for the fields"
-            raise ConfigError(f"unknown pair-config key {key!r} in {path}{hint}")
-    return data
+    """A YAML pair recipe as a dict; unknown keys are refused with a suggestion (as for training recipes)."""
+    from .recipe import check_config_keys
+
+    return check_config_keys(path, PAIR_CONFIG_CLASSES)
 
 
 def build_pair_configs(values: dict) -> tuple[PairGenConfig, ModelConfig, FocusConfig]:
