@@ -108,8 +108,12 @@ class PairGenerator:
         cfg = self.cfg
         refs = open_references(item)
         seeds = item_seeds(cfg, index)
-        images = sample_images(self.backbone, [item.prompt] * len(seeds), [refs] * len(seeds), seeds,
-                               cfg.resolution, cfg.steps, cfg.batch_size, self.guidance_scale)
+        if cfg.strategy == "disrupt" and item.target:  # a real image is the winner: nothing to sample
+            seeds = seeds[:1]  # the inpainting seed
+            images = [Image.open(item.target).convert("RGB").resize((cfg.resolution,) * 2, Image.BICUBIC)]
+        else:
+            images = sample_images(self.backbone, [item.prompt] * len(seeds), [refs] * len(seeds), seeds,
+                                   cfg.resolution, cfg.steps, cfg.batch_size, self.guidance_scale)
         combined, parts, subjects = self.scorer.score(images, item, refs)
         scores = [float(s) for s in combined]
         order = ranking(scores)

@@ -9,7 +9,8 @@ Layouts (``layout="auto"`` picks one from the file):
 - ``xverse``: XVerseBench JSON: ``prompt`` and ``modulation[0].src_inputs[*]{image_path, caption}``; the caption
   (minus its article) is the subject's class.
 - ``jsonl``: the project's own list, one object per line: ``prompt``, ``references`` (paths), optional
-  ``reference_masks``, optional ``classes``, optional ``id``.
+  ``reference_masks``, optional ``classes``, optional ``id``, optional ``target`` (a real image of the
+  subjects: ``strategy: disrupt`` then disrupts it instead of a generated winner).
 - ``dreambench``: DreamBench's ``prompts_and_classes.txt``: every subject folder found under ``data_root`` ×
   the 25 object or live-subject prompts, ``{unique_token} {class}`` filled in; references = the subject's images.
 
@@ -50,6 +51,7 @@ class PromptItem:
     reference_masks: tuple[str, ...] = ()  # empty, or one mask per reference
     classes: tuple[str, ...] = ()  # empty, or one class name per reference ("dog", "can")
     subjects: tuple[str, ...] = ()  # empty, or one subject name per reference ("dog6", "can")
+    target: str = ""  # optional real image of the subjects: the winner that instance disruption starts from
 
 
 @dataclass
@@ -88,7 +90,8 @@ def load_prompt_set(path: str | Path, layout: str = "auto", data_root: str | Pat
     prompt_set = PromptSet([], layout, str(path))
     for index, raw in enumerate(raws):
         item_id = raw.pop("item_id", None) or f"{path.stem}-{index:05d}"
-        absent = [p for p in (*raw.get("references", ()), *raw.get("reference_masks", ())) if not Path(p).is_file()]
+        files = (*raw.get("references", ()), *raw.get("reference_masks", ()), *([raw["target"]] if raw.get("target") else []))
+        absent = [p for p in files if not Path(p).is_file()]
         if absent:
             reason = f"image(s) not found: {absent}"
             if missing == "error":
@@ -188,7 +191,8 @@ def jsonl_entries(path: Path, root: Path) -> list[dict]:
                 raise PromptSetError(f"{path} line {number}: {len(values)} {name} for {len(refs)} references")
         out.append({"prompt": require(entry, "prompt", path, number), "references": refs,
                     "reference_masks": masks, "classes": classes,
-                    **({"item_id": str(entry["id"])} if "id" in entry else {})})
+                    **({"item_id": str(entry["id"])} if "id" in entry else {}),
+                    **({"target": resolve(root, entry["target"])} if entry.get("target") else {})})
     return out
 
 

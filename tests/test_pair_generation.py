@@ -268,3 +268,21 @@ def test_sampler_image_depends_on_its_seed_not_its_batch(dreambench):
     alone = sample_images(backbone, ["a can"], [ref], [4], 32, 2, batch_size=1)
     assert np.array_equal(np.asarray(pair[1]), np.asarray(alone[0]))
     assert not np.array_equal(np.asarray(pair[0]), np.asarray(pair[1]))
+
+
+def test_dip_starts_from_a_real_target_image(dreambench, tmp_path):
+    """A jsonl entry with ``target``: the real photo is the winner (not sampled) and the loser is it, repainted."""
+    from PIL import Image
+
+    entry = {"prompt": "a dog", "references": [str(dreambench / "dog" / "01.jpg")], "classes": ["dog"],
+             "target": str(dreambench / "dog" / "00.jpg")}
+    prompts = tmp_path / "real.jsonl"
+    prompts.write_text(json.dumps(entry) + "\n")
+    summary = run(tmp_path / "dip", prompts, family="sd", strategy="disrupt", inpaint_steps=2, data_root=None)
+    assert summary["counts"]["kept"] == 1, summary["not_kept"]
+    row = load_from_disk(summary["dataset"])[0]
+    photo = Image.open(entry["target"]).convert("RGB").resize((32, 32), Image.BICUBIC)
+    chosen, rejected = (np.asarray(row[k], dtype=int) for k in ("chosen", "rejected"))
+    assert (chosen == np.asarray(photo, dtype=int)).all()  # the winner is the photo itself
+    inside = np.asarray(row["prior_mask"]) > 0
+    assert (chosen[~inside] == rejected[~inside]).all() and (chosen[inside] != rejected[inside]).any()
