@@ -67,16 +67,21 @@ def prepare_validation(train_cfg, model_cfg, backbone, dataset) -> ValidationSet
 
 
 def captioned_grid(images: list[list[Image.Image]], prompts: list[str], label: str) -> Image.Image:
-    """One row per prompt (``images[prompt][seed]``), the prompts written under the grid as ``i: prompt``."""
+    """One row per prompt (``images[prompt][seed]``), labelled ``label`` / ``prompt i``; the prompts, wrapped to the
+    grid's width, written under it as ``i: prompt``."""
+    import textwrap
+
     from .visualize import image_grid
 
-    grid = image_grid(images, [f"{label} {i}" for i in range(len(prompts))])
+    grid = image_grid(images, [f"{label}\nprompt {i}" for i in range(len(prompts))])
+    lines = [part for i, prompt in enumerate(prompts)
+             for part in textwrap.wrap(f"{i}: {prompt}", width=max(20, grid.width // 6 - 2))]
     line = 12
-    out = Image.new("RGB", (grid.width, grid.height + line * len(prompts) + 4), "white")
+    out = Image.new("RGB", (grid.width, grid.height + line * len(lines) + 4), "white")
     out.paste(grid, (0, 0))
     draw = ImageDraw.Draw(out)
-    for i, prompt in enumerate(prompts):
-        draw.text((6, grid.height + 2 + i * line), f"{i}: {prompt}", fill="black")
+    for row, text in enumerate(lines):
+        draw.text((6, grid.height + 2 + row * line), text, fill="black")
     return out
 
 

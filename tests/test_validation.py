@@ -75,3 +75,19 @@ def test_runs_without_text_encoders_still_get_validation_grids(tmp_path):
 def test_bad_validation_settings_are_refused(field, value, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         FocusDPOConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+def test_focus_panels_reach_the_trackers_when_maps_come_from_a_cache(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from focusdpo.cli import main as cli
+
+    args = [*TINY, "--max_steps", "2", "--report_to", "tensorboard"]
+    cli(["focus", "--out", str(tmp_path / "cached"), "--device", "cpu", *args])
+    trainer = main([*args, "--output_dir", str(tmp_path / "run"), "--dataset", str(tmp_path / "cached")])
+    assert trainer.focus_mapper is None  # the trainer read the cached maps
+    assert len(list((tmp_path / "run" / "validation" / "focus").glob("*.png"))) == 2
+    events = EventAccumulator(str(next((tmp_path / "run").glob("runs/*/events.out.tfevents.*")).parent))
+    events.Reload()
+    assert sum(t.startswith("validation/focus/") for t in events.Tags()["images"]) == 2
