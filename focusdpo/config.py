@@ -399,6 +399,12 @@ class FocusDPOConfig(TrainingArguments):
         "help": "Benchmark file for the training-time evaluation; empty uses the first training pairs."})
     subject_eval_data_root: str | None = field(default=None, metadata={
         "help": "Folder the subject_eval_benchmark's image paths are relative to."})
+    validation_steps: int = field(default=0, metadata={
+        "help": "Every N steps, sample the policy (and once the reference) with fixed seeds, save "
+                "output_dir/validation/step-N.png and log it to the trackers (0 = off)."})
+    validation_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "Prompts of the validation grid; empty uses the first training prompts (num_sample_prompts)."})
+    num_validation_images: int = field(default=2, metadata={"help": "Validation images per prompt (one seed each)."})
 
 
     def __post_init__(self):
@@ -412,12 +418,17 @@ class FocusDPOConfig(TrainingArguments):
         check_positive("learning_rate", self.learning_rate, allow_zero=lr_zero_ok)
         for name, minimum in (("per_device_train_batch_size", 1), ("gradient_accumulation_steps", 1),
                               ("max_steps", 1), ("num_sample_prompts", 0), ("sample_steps", 1),
-                              ("dataloader_num_workers", 0), ("seed", 0)):
+                              ("dataloader_num_workers", 0), ("seed", 0), ("validation_steps", 0),
+                              ("num_validation_images", 1)):
             check_int(name, getattr(self, name), minimum)
         for name in ("logging_steps", "save_steps"):
             check_positive(name, getattr(self, name))
         for name in ("weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):
             check_positive(name, getattr(self, name), allow_zero=True)
+        if not isinstance(self.validation_prompts, list) or not all(
+                isinstance(p, str) and p.strip() for p in self.validation_prompts):
+            raise ConfigError(f"validation_prompts={self.validation_prompts!r} must be a list of non-empty strings "
+                              "(or empty: the first training prompts)")
         if self.save_total_limit is not None:
             check_int("save_total_limit", self.save_total_limit, 1)
         if self.resume_from_checkpoint is not None and not isinstance(self.resume_from_checkpoint, str):

@@ -48,9 +48,9 @@ def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int]) -> str:
 class FocusMapper:
     """Holds the feature extractor and turns collated batches into static focus maps."""
 
-    def __init__(self, cfg: FocusConfig, device=None):
+    def __init__(self, cfg: FocusConfig, device=None, model=None):
         self.cfg = cfg
-        self.model = load_feature_extractor(cfg, device)
+        self.model = model if model is not None else load_feature_extractor(cfg, device)  # model: an extractor you built
         self.device = device
 
     def batch_maps(self, batch: dict, grid: tuple[int, int], parts: bool = False):

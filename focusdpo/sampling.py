@@ -69,13 +69,15 @@ def reference_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_images(backbone: Backbone, prompts: list[str], references: list[list[Image.Image]] | None,
                   seeds: list[int], resolution: int, steps: int, batch_size: int = 4,
-                  guidance_scale: float | None = None) -> list[Image.Image]:
+                  guidance_scale: float | None = None, text: dict[str, torch.Tensor] | None = None) -> list[Image.Image]:
     """Generate ``len(prompts)`` square images of ``resolution`` px; image ``i`` from ``seeds[i]``.
 
     ``references``: one list of PIL images per prompt (flow families; ignored by SD/SDXL), or None.
     ``guidance_scale``: SD/SDXL classifier-free guidance (default: the pipeline's); flow families use the
     backbone's ``guidance_scale`` for a guidance embedding. Runs in chunks of ``batch_size``; within a chunk every
     sample must have the same number of references (pad-and-mask is exact, so mixed counts also work).
+    ``text``: precomputed conditioning ``backbone.text_cache(prompts)`` (flow families; column → ``(N, ...)``), so a
+    run whose text encoders were dropped can still sample.
     Returns RGB PIL images in prompt order.
     """
     if len(seeds) != len(prompts) or (references is not None and len(references) != len(prompts)):
@@ -83,12 +85,15 @@ def sample_images(backbone: Backbone, prompts: list[str], references: list[list[
                          f"({'none' if references is None else len(references)})")
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
+    if text is not None and backbone.family not in FLOW_FAMILIES:
+        raise ValueError(f"precomputed text conditioning is for the flow families {FLOW_FAMILIES}, not {backbone.family}")
     references = references if references is not None else [[] for _ in prompts]
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk = slice(start, start + batch_size)
         if backbone.family in FLOW_FAMILIES:
-            images += sample_flow(backbone, prompts[chunk], references[chunk], seeds[chunk], resolution, steps)
+            part = None if text is None else {name: values[chunk] for name, values in text.items()}
+            images += sample_flow(backbone, prompts[chunk], references[chunk], seeds[chunk], resolution, steps, part)
         else:
             images += sample_unet(backbone, prompts[chunk], seeds[chunk], resolution, steps, guidance_scale)
     return images
@@ -115,11 +120,11 @@ def flow_sigmas(backbone, steps: int, seq_len: int) -> torch.Tensor:
     return torch.cat([sigmas.float(), torch.zeros(1)])
 
 
-def flow_condition(backbone, prompts, references, resolution: int, h: int, w: int) -> dict:
+def flow_condition(backbone, prompts, references, resolution: int, h: int, w: int, text: dict | None = None) -> dict:
     """Text and reference conditioning as the model kwargs of :meth:`FlowMatchingBackbone.prepare`."""
     size = backbone.reference_size or resolution
     batch = {"prompts": list(prompts), "references": [reference_tensor(r, size) for r in references],
-             "pair_ids": [str(i) for i in range(len(prompts))]}
+             "pair_ids": [str(i) for i in range(len(prompts))], **(text or {})}
     generator = torch.Generator().manual_seed(0)  # the VAE encodes references by their mode: unused
     refs, keep, ref_ids = backbone.reference_tokens(batch, len(prompts), h, w, generator)
     text = backbone.encode_text(batch, len(prompts))
@@ -138,13 +143,13 @@ def flow_condition(backbone, prompts, references, resolution: int, h: int, w: in
     return kwargs
 
 
-def sample_flow(backbone, prompts, references, seeds, resolution, steps) -> list[Image.Image]:
+def sample_flow(backbone, prompts, references, seeds, resolution, steps, text=None) -> list[Image.Image]:
     """Euler steps ``x ← x + (σ_next − σ)·v`` on the packed token grid, then the family's decoder."""
     backbone.check_image_size((resolution, resolution), "images")
     h = w = resolution // backbone.pack_factor
     channels = backbone.denoiser.config.in_channels
     with backbone.text_encoders_on_device():
-        kwargs = flow_condition(backbone, prompts, references, resolution, h, w)
+        kwargs = flow_condition(backbone, prompts, references, resolution, h, w, text)
     x = seed_noise(seeds, (channels, h, w)).to(backbone.device)
     sigmas = flow_sigmas(backbone, steps, h * w).to(backbone.device)
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

@@ -302,6 +302,10 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
                              **model_cfg.adapter_options(data_cfg.max_references))
     backbone.offload_text_encoders = model_cfg.offload_text_encoders
+    validation = None
+    if train_cfg.validation_steps > 0:  # before the text stack may be dropped: validation prompts are encoded here
+        from .validation import prepare_validation
+        validation = prepare_validation(train_cfg, model_cfg, backbone, dataset)
     if model_cfg.drop_text_encoders:
         from .encoder_cache import drop_text_encoders
         drop_text_encoders(backbone, dataset)
@@ -309,6 +313,9 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     if train_cfg.subject_eval_steps > 0:  # optional per-subject evaluation next to the DPO metrics
         from .eval_callback import add_subject_eval
         add_subject_eval(trainer)
+    if validation is not None:
+        from .validation import ValidationCallback
+        trainer.add_callback(ValidationCallback(trainer, validation))
     return trainer
 
 

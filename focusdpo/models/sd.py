@@ -12,6 +12,14 @@ from diffusers import DDPMScheduler
 from .base import Backbone, DenoiseInputs
 
 
+def flow_equivalent_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` u of DDPM timesteps: the flow σ with the same SNR, ``√(1−ᾱ_t) / (√ᾱ_t + √(1−ᾱ_t))``, so a focus
+    schedule means the same noise level on UNets and flow transformers (docs/design.md, the noise level u)."""
+    alpha_bar = alphas_cumprod.to(t.device)[t].double()
+    signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return (noise / (signal + noise)).float()
+
+
 def repeat_pairs(x: torch.Tensor) -> torch.Tensor:
     """``(B, ...)`` → ``(2B, ...)`` as ``[x; x]``: winner and loser share noise, timestep and prompt."""
     return torch.cat([x, x], dim=0)
@@ -93,11 +101,8 @@ class StableDiffusionBackbone(Backbone):
         return DenoiseInputs(kwargs, target, noise_level=self.flow_equivalent_sigma(t))
 
     def flow_equivalent_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """``u`` of DDPM timesteps: the flow σ with the same SNR, ``√(1−ᾱ) / (√ᾱ + √(1−ᾱ))``, so a focus schedule
-        means the same noise level on UNets and flow transformers (docs/design.md, the noise level u)."""
-        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
-        signal, noise = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        return (noise / (signal + noise)).float()
+        """``u`` of DDPM timesteps ``t`` ``(N,)`` under this checkpoint's scheduler (see :func:`flow_equivalent_sigma`)."""
+        return flow_equivalent_sigma(self.noise_scheduler.alphas_cumprod, t)
 
     def add_size_conditioning(self, kwargs: dict, batch: dict, resolution: int) -> None:
         """SDXL's per-image size/crop ids; SD 1.x/2.x UNets take none."""
