@@ -31,10 +31,13 @@ import torch  # noqa: E402
 from efficacy_stages import arms, base_model, evaluation, judge, report, world  # noqa: E402
 from efficacy_stages.resume import MARKER, run_stage  # noqa: E402
 
-FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 3000, "base_batch": 32,
+# The budget. Measured per unit on the 2-core machine (one thread, one other job running): base SFT
+# ~1.0 s/step at batch 32, a DPO arm ~0.6 s/step at batch 8 (so ~0.3 at batch 4), sampling ~0.012 s per image
+# and Euler step. Estimate for these sizes: about 2 h sequential on one core (docs/efficacy.md).
+FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 2000, "base_batch": 32,
         "base_lr": 1e-3, "judge_steps": 1500, "judge_batch": 32, "judge_check_scenes": 200, "pairs": 2000,
-        "arm_steps": 500, "arm_batch": 8, "arm_lr": 3e-4, "beta": 1000.0, "lora_rank": 8, "held_out": 500,
-        "sample_steps": 20, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
+        "arm_steps": 500, "arm_batch": 4, "arm_lr": 3e-4, "beta": 1000.0, "lora_rank": 8, "held_out": 500,
+        "sample_steps": 12, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
         "lambda_structure": 1.0, "lambda_detail": 1.0, "sdpo_mu": 0.1}
 SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
          "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
@@ -111,7 +114,8 @@ def eval_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Pat
 
 
 def report_stage(out: Path, sizes: dict, table: dict, seeds: list[int]) -> Path:
-    upstream = [out / "eval" / name / f"seed{s}" for name in table for s in seeds] + [out / "eval/base" / f"seed{seeds[0]}"]
+    upstream = [out / "eval" / name / f"seed{s}" for name in table for s in seeds]
+    upstream.append(out / "eval" / "base" / f"seed{seeds[0]}")
     run_stage(out / "report", "report", settings_of(sizes, ("bootstrap_draws",), *upstream),
               lambda staging: report.write_report(staging, out, list(table), seeds, arms.TODO_ARMS, sizes))
     return out / "report"

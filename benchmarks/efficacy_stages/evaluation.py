@@ -17,6 +17,7 @@ from focusdpo.sampling import apply_loras, sample_images
 from focusdpo.visualize import image_grid
 
 from . import judge as judging
+from . import recipes
 from . import world
 from .base_model import to_pixels
 
@@ -32,7 +33,8 @@ def load_scenes(folder: Path) -> list[dict]:
 
 
 def sample_arm(pipeline: Path, lora: Path | None, scenes: list[dict], steps: int, batch: int):
-    backbone = load_backbone("flux2", str(pipeline), reference_size=world.REF_SIZE, max_references=3)
+    backbone = load_backbone("flux2", str(pipeline), reference_size=world.REF_SIZE, max_references=3,
+                             max_sequence_length=recipes.COMMON["max_sequence_length"])  # as in training
     if lora is not None:
         apply_loras(backbone, dpo_lora=lora)
     prompts = [world.PROMPT] * len(scenes)

@@ -9,6 +9,7 @@ import yaml
 
 # Shared by every run: the toy FLUX.2 [klein] at 32 px with 16 px references (16 reference tokens each).
 COMMON = {"family": "flux2", "resolution": 32, "reference_size": 16, "max_references": 3,
+          "max_sequence_length": 64,  # the constant prompt is short: 512 padded text tokens would dominate attention
           "dataloader_num_workers": 0, "report_to": "none", "sample_every_run": False,
           "save_total_limit": 1, "logging_steps": 5}
 

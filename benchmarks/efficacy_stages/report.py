@@ -20,8 +20,8 @@ def read_scores(path: Path) -> dict[str, np.ndarray]:
 
 def focus_statistics(metrics_file: Path) -> dict[str, float]:
     """Mean over logged steps of ``focus/entropy`` and of ``focus/max`` / ``focus/mean`` (absent: NaN)."""
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line] if metrics_file.is_file() else []
-    rows = [r for r in rows if "focus/entropy" in r]
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    rows = [row for row in map(json.loads, filter(None, lines)) if "focus/entropy" in row]
     if not rows:
         return {"entropy": math.nan, "max_over_mean": math.nan}
     return {"entropy": float(np.mean([r["focus/entropy"] for r in rows])),
