@@ -104,13 +104,15 @@ def score_scene(identities: list[int], quadrants: np.ndarray) -> dict:
     """Scores of one generated image (``quadrants``: the judge's ``(4, 4)``) against its K references."""
     refs = [world.attributes(i) for i in identities]
     occupied = [q for q in range(4) if quadrants[q, 0] == 1]
-    best, best_total = (), -1
-    for chosen in itertools.permutations(occupied, min(len(refs), len(occupied))):
-        total = sum(int((quadrants[q, 1:] == np.array(refs[k])).sum()) for k, q in enumerate(chosen))
-        if total > best_total:
-            best, best_total = chosen, total
+    best, best_key = (), (-1, -1)
+    # reference k → an occupied quadrant or None (missing); most equal attributes, then most references placed
+    for chosen in itertools.permutations(occupied + [None] * len(refs), len(refs)):
+        placed = [(k, q) for k, q in enumerate(chosen) if q is not None]
+        key = (sum(int((quadrants[q, 1:] == np.array(refs[k])).sum()) for k, q in placed), len(placed))
+        if key > best_key:
+            best, best_key = placed, key
     fidelity = leakage = 0
-    for k, q in enumerate(best):
+    for k, q in best:
         predicted, own = quadrants[q, 1:], refs[k]
         fidelity += int(all(predicted[a] == own[a] for a in range(3)))
         others = [r for j, r in enumerate(refs) if j != k]

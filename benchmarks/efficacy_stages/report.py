@@ -73,7 +73,10 @@ def focus_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
 
 def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo: dict, settings: dict) -> None:
     evaluated = ["base"] + arms
+    accuracy = json.loads((root / "judge" / "accuracy.json").read_text())
     lines = ["# Efficacy study", "", f"Settings: `{json.dumps(settings, sort_keys=True)}`", "",
+             f"Judge, exact identity per subject: {accuracy['renders'] * 100:.1f} % on clean renders, "
+             f"{accuracy['reconstructions'] * 100:.1f} % on VAE reconstructions (check it on samples by eye).", "",
              f"Held-out scenes scored by the judge; mean ± std over seeds {seeds} (percent; extra: subjects per "
              "scene). Gain intervals: paired bootstrap 95 % of the arm minus vanilla DPO (`dpo`), scenes resampled.",
              "", "| arm | fidelity | leakage | missing | extra | Δ fidelity vs dpo | Δ leakage vs dpo |",

@@ -111,7 +111,8 @@ def render(scene: Scene, identities: list[int] | None = None) -> Image.Image:
     big = SIZE * SUPERSAMPLE
     canvas = Image.fromarray(scene.background).resize((big, big), Image.BICUBIC)
     for identity, box in zip(identities or scene.identities, scene.boxes):
-        paint(canvas, identity, [v * SUPERSAMPLE for v in box])
+        x0, y0, x1, y1 = (v * SUPERSAMPLE for v in box)
+        paint(canvas, identity, (x0, y0, x1 - 1, y1 - 1))  # PIL boxes include their end: stay inside the box
     return canvas.resize((SIZE, SIZE), Image.BOX)
 
 
