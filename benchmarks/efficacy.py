@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # two threads per process ran up to 8x slower under load
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from efficacy_stages import arms, base_model, evaluation, judge, report, world  # noqa: E402
-from efficacy_stages.resume import MARKER, run_stage  # noqa: E402
+from efficacy_stages.resume import MARKER, run_stage, run_stages  # noqa: E402
 
 # The budget. Measured per unit on the 2-core machine (one thread, one other job running): base SFT
 # ~1.0 s/step at batch 32, a DPO arm ~0.6 s/step at batch 8 (so ~0.3 at batch 4), sampling ~0.012 s per image
@@ -93,24 +94,26 @@ def pairs_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
 
 def arm_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, pairs: Path) -> None:
     keys = ("arm_steps", "arm_batch", "arm_lr", "beta", "lora_rank")
-    for name, arm in table.items():
-        for seed in seeds:
-            folder = out / "arms" / name / f"seed{seed}"
-            run_stage(folder, f"arm {name} seed {seed}", {**settings_of(sizes, keys, base, pairs), "arm": arm},
-                      lambda staging: arms.train_arm(staging, arm, sizes, base / "pipeline", pairs, seed))
+    tasks = [(out / "arms" / name / f"seed{seed}", f"arm {name} seed {seed}",
+              {**settings_of(sizes, keys, base, pairs), "arm": arm},
+              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed))
+             for name, arm in table.items() for seed in seeds]
+    run_stages(tasks, sizes["jobs"])
 
 
 def eval_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, world_dir: Path,
                 judge_dir: Path) -> None:
     keys = ("sample_steps", "sample_batch", "png_scenes")
     runs = [("base", seeds[0], None)] + [(name, s, out / "arms" / name / f"seed{s}") for name in table for s in seeds]
+    tasks = []
     for name, seed, run in runs:
-        folder = out / "eval" / name / f"seed{seed}"
         upstream = [base, world_dir, judge_dir] + ([run] if run is not None else [])
-        lora = run / "run" if run is not None else None
-        run_stage(folder, f"sampling {name} seed {seed}", settings_of(sizes, keys, *upstream),
-                  lambda staging: evaluation.evaluate_arm(staging, name, base / "pipeline", lora, world_dir,
-                                                          judge_dir, sizes))
+        work = partial(evaluation.evaluate_arm, label=name, pipeline=base / "pipeline",
+                       lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir,
+                       sizes=sizes)
+        tasks.append((out / "eval" / name / f"seed{seed}", f"sampling {name} seed {seed}",
+                      settings_of(sizes, keys, *upstream), work))
+    run_stages(tasks, sizes["jobs"])
 
 
 def report_stage(out: Path, sizes: dict, table: dict, seeds: list[int]) -> Path:
@@ -140,12 +143,14 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, int]:
     parser.add_argument("--out", required=True, help="Study folder (stages resume from it).")
     parser.add_argument("--smoke", action="store_true", help="Smallest sizes: checks every stage runs (no results).")
     parser.add_argument("--seed", type=int, default=0, help="World / model seed; arm seeds are seed, seed+1, ...")
+    parser.add_argument("--jobs", type=int, default=1, help="Arms / sample sets trained or sampled side by side "
+                        "(one process and one thread each; 2 on a 2-core machine). Results do not depend on it.")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (smoke {SMOKE[key]})")
     args = parser.parse_args(argv)
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    return Path(args.out), sizes, args.seed
+    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed
 
 
 def main(argv: list[str] | None = None) -> None:

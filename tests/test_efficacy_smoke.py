@@ -25,7 +25,7 @@ def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
 
 def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_path):
     out = tmp_path / "study"
-    first = run(out)
+    first = run(out, "--jobs", "2")  # arms and sample sets in two spawned workers (results do not depend on it)
     assert first.returncode == 0, first.stderr[-3000:]
     arms = ("sft", "dpo", "focusdpo", "no_complexity", "no_schedule", "no_prior", "focusdpo_sdpo")
     for stage in ("world", "base", "judge", "pairs", "report", *(f"arms/{a}/seed0" for a in arms),
@@ -49,7 +49,7 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     second = run(out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert ": running" not in second.stdout and "done, skipped" in second.stdout
+    assert ": running" not in second.stdout and "7 of 7 arm stages done, skipped" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps
 
     changed = run(out, "--arm_steps", "2")

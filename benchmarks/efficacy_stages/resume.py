@@ -51,3 +51,28 @@ def run_stage(folder: Path, name: str, settings: dict, work: Callable[[Path], No
     os.replace(staging, folder)
     print(f"[efficacy] {name}: finished in {marker['seconds']} s")
     return True
+
+
+def run_stages(tasks: list[tuple[Path, str, dict, Callable[[Path], None]]], jobs: int = 1) -> None:
+    """:func:`run_stage` for independent ``(folder, name, settings, work)`` tasks, ``jobs`` processes at a time.
+
+    Finished tasks are skipped (and changed settings refused) here, before any worker starts. Workers are
+    spawned (not forked: torch and the trainer hold threads and state) with one torch thread each; ``work``
+    must be picklable (a module-level function or a ``functools.partial`` of one).
+    """
+    pending = [task for task in tasks if not finished(task[0], task[1], task[2])]
+    if len(tasks) > len(pending):
+        print(f"[efficacy] {len(tasks) - len(pending)} of {len(tasks)} {tasks[0][1].split()[0]} stages done, skipped")
+    if jobs <= 1 or len(pending) <= 1:
+        for task in pending:
+            run_stage(*task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for future in [pool.submit(run_stage, *task) for task in pending]:
+            future.result()  # re-raises a worker's error here
