@@ -60,9 +60,9 @@ def world_stage(out: Path, sizes: dict, seed: int) -> Path:
     return out / "world"
 
 
-def base_stage(out: Path, sizes: dict, seed: int, after: Path) -> Path:
+def base_stage(out: Path, sizes: dict, seed: int) -> Path:
     keys = ("vae_steps", "vae_batch", "base_scenes", "base_steps", "base_batch", "base_lr")
-    run_stage(out / "base", "base model", settings_of(sizes, keys, after),
+    run_stage(out / "base", "base model", {**settings_of(sizes, keys), "seed": seed},
               lambda staging: base_model.build_base(staging, sizes, seed))
     return out / "base"
 
@@ -87,7 +87,8 @@ def judge_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
 
 
 def pairs_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
-    run_stage(out / "pairs", "pairs", {**settings_of(sizes, ("pairs",), base), "focus": arms.FOCUS_STATIC},
+    run_stage(out / "pairs", "pairs", {**settings_of(sizes, ("pairs",), base), "focus": arms.FOCUS_STATIC,
+                                       "seed": seed},
               lambda staging: arms.build_pairs(staging, sizes, base / "pipeline", seed))
     return out / "pairs"
 
@@ -130,7 +131,7 @@ def run_study(out: Path, sizes: dict, seed: int = 0) -> Path:
     seeds = [seed + i for i in range(sizes["seeds"])]
     table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
     world_dir = world_stage(out, sizes, seed)
-    base = base_stage(out, sizes, seed, world_dir)
+    base = base_stage(out, sizes, seed)
     judge_dir = judge_stage(out, sizes, seed, base)
     pairs = pairs_stage(out, sizes, seed, base)
     arm_stages(out, sizes, table, seeds, base, pairs)
