@@ -1,0 +1,169 @@
+"""Efficacy study: does focus weighting beat plain Diffusion-DPO where the truth is known? (issue 14)
+
+    python benchmarks/efficacy.py --out runs/efficacy            # the study's budget (about 2 h on 2 cores)
+    python benchmarks/efficacy.py --out runs/efficacy --smoke    # every stage at the smallest size (tests)
+
+Stages (docs/efficacy.md): world → base model (tiny VAE, then a ≈2 M-param FLUX.2 [klein] transformer trained
+by the project's trainer with ``objective: sft``) → judge (quadrant CNN) → pairs (``focusdpo embed``,
+``focusdpo focus``) → arms (the project's trainer, one recipe per arm and seed) → sampling + scoring
+(``focusdpo.sampling.sample_images``) → report (``report/report.md``, PNGs). Each stage and each arm×seed
+writes into a staging folder, renames it, and leaves ``done.json`` with its settings: a finished one is
+skipped, one finished with other settings is refused (naming the stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # two threads per process ran up to 8x slower under load
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from efficacy_stages import arms, base_model, evaluation, judge, report, world  # noqa: E402
+from efficacy_stages.resume import MARKER, run_stage, run_stages  # noqa: E402
+
+# The issue's budget. Measured per unit on the 2-core machine (one thread, one other job running): base SFT
+# ~1.0 s/step at batch 32, a DPO arm ~0.6 s/step at batch 8 (so ~0.3 at batch 4), sampling ~0.012 s per image
+# and Euler step. Estimate for these sizes: about 2 h sequential on one core (docs/efficacy.md).
+FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 2000, "base_batch": 32,
+        "base_lr": 1e-3, "judge_steps": 1500, "judge_batch": 32, "judge_check_scenes": 200, "pairs": 2000,
+        "arm_steps": 500, "arm_batch": 4, "arm_lr": 3e-4, "beta": 1000.0, "lora_rank": 8, "held_out": 500,
+        "sample_steps": 12, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
+        "lambda_structure": 1.0, "lambda_detail": 1.0, "sdpo_mu": 0.1}
+SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
+         "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
+         "held_out": 2, "sample_steps": 1, "sample_batch": 2, "png_scenes": 2, "seeds": 1, "bootstrap_draws": 50}
+
+
+def settings_of(sizes: dict, keys: tuple[str, ...], *upstream: Path) -> dict:
+    """A stage's own sizes plus a digest of the settings of the stages it reads (stale inputs are refused too)."""
+    digest = hashlib.sha256(b"".join(json.dumps(json.loads((u / MARKER).read_text())["settings"], sort_keys=True)
+                                     .encode() for u in upstream)).hexdigest()[:16]
+    return {**{k: sizes[k] for k in keys}, "upstream": digest}
+
+
+def world_stage(out: Path, sizes: dict, seed: int) -> Path:
+    def work(staging: Path) -> None:
+        scenes = world.make_scenes(sizes["held_out"], seed + 300, held_out=True)
+        (staging / "held_out.json").write_text(json.dumps([world.scene_record(s) for s in scenes]))
+    run_stage(out / "world", "world", {**settings_of(sizes, ("held_out",)), "seed": seed}, work)
+    return out / "world"
+
+
+def base_stage(out: Path, sizes: dict, seed: int) -> Path:
+    keys = ("vae_steps", "vae_batch", "base_scenes", "base_steps", "base_batch", "base_lr")
+    run_stage(out / "base", "base model", {**settings_of(sizes, keys), "seed": seed},
+              lambda staging: base_model.build_base(staging, sizes, seed))
+    return out / "base"
+
+
+def judge_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
+    def work(staging: Path) -> None:
+        from diffusers import AutoencoderKLFlux2
+
+        vae = AutoencoderKLFlux2.from_pretrained(str(base / "pipeline" / "vae")).eval()
+        model = judge.train_judge(sizes["judge_steps"], sizes["judge_batch"], seed + 400, vae)
+        torch.save(model.state_dict(), staging / "judge.pt")
+        scenes = world.make_scenes(sizes["judge_check_scenes"], seed + 500, held_out=None)
+        clean = base_model.to_pixels([world.render(s) for s in scenes])
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(clean).latent_dist.mode()).sample.clamp(-1, 1)
+        accuracy = {"renders": judge.identity_accuracy(model, scenes, clean),
+                    "reconstructions": judge.identity_accuracy(model, scenes, recon)}
+        (staging / "accuracy.json").write_text(json.dumps(accuracy, indent=1))
+    keys = ("judge_steps", "judge_batch", "judge_check_scenes")
+    run_stage(out / "judge", "judge", {**settings_of(sizes, keys, base), "seed": seed}, work)
+    return out / "judge"
+
+
+def pairs_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
+    run_stage(out / "pairs", "pairs", {**settings_of(sizes, ("pairs",), base), "focus": arms.FOCUS_STATIC,
+                                       "seed": seed},
+              lambda staging: arms.build_pairs(staging, sizes, base / "pipeline", seed))
+    return out / "pairs"
+
+
+def arm_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, pairs: Path) -> None:
+    keys = ("arm_steps", "arm_batch", "arm_lr", "beta", "lora_rank")
+    tasks = [(out / "arms" / name / f"seed{seed}", f"arm {name} seed {seed}",
+              {**settings_of(sizes, keys, base, pairs), "arm": arm},
+              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed))
+             for name, arm in table.items() for seed in seeds]
+    run_stages(tasks, sizes["jobs"])
+
+
+def eval_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, world_dir: Path,
+                judge_dir: Path) -> None:
+    keys = ("sample_steps", "sample_batch", "png_scenes")
+    runs = [("base", seeds[0], None)] + [(name, s, out / "arms" / name / f"seed{s}") for name in table for s in seeds]
+    tasks = []
+    for name, seed, run in runs:
+        upstream = [base, world_dir, judge_dir] + ([run] if run is not None else [])
+        work = partial(evaluation.evaluate_arm, label=name, pipeline=base / "pipeline",
+                       lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir,
+                       sizes=sizes)
+        tasks.append((out / "eval" / name / f"seed{seed}", f"sampling {name} seed {seed}",
+                      settings_of(sizes, keys, *upstream), work))
+    run_stages(tasks, sizes["jobs"])
+
+
+def report_stage(out: Path, sizes: dict, table: dict, seeds: list[int]) -> Path:
+    upstream = [out / "eval" / name / f"seed{s}" for name in table for s in seeds]
+    upstream.append(out / "eval" / "base" / f"seed{seeds[0]}")
+    run_stage(out / "report", "report", settings_of(sizes, ("bootstrap_draws",), *upstream),
+              lambda staging: report.write_report(staging, out, list(table), seeds, arms.TODO_ARMS, sizes))
+    return out / "report"
+
+
+def run_study(out: Path, sizes: dict, seed: int = 0) -> Path:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [seed + i for i in range(sizes["seeds"])]
+    table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
+    world_dir = world_stage(out, sizes, seed)
+    base = base_stage(out, sizes, seed)
+    judge_dir = judge_stage(out, sizes, seed, base)
+    pairs = pairs_stage(out, sizes, seed, base)
+    arm_stages(out, sizes, table, seeds, base, pairs)
+    eval_stages(out, sizes, table, seeds, base, world_dir, judge_dir)
+    return report_stage(out, sizes, table, seeds)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Path, dict, int]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="Study folder (stages resume from it).")
+    parser.add_argument("--smoke", action="store_true", help="Smallest sizes: checks every stage runs (no results).")
+    parser.add_argument("--seed", type=int, default=0, help="World / model seed; arm seeds are seed, seed+1, ...")
+    parser.add_argument("--jobs", type=int, default=1, help="Arms / sample sets trained or sampled side by side "
+                        "(one process and one thread each; 2 on a 2-core machine). Results do not depend on it.")
+    for key, value in FULL.items():
+        parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (smoke {SMOKE[key]})")
+    args = parser.parse_args(argv)
+    sizes = dict(SMOKE if args.smoke else FULL)
+    sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
+    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    out, sizes, seed = parse_args(argv)
+    folder = run_study(out, sizes, seed)
+    print(f"[efficacy] report: {folder / 'report.md'}")
+
+
+if __name__ == "__main__":
+    from efficacy_stages.resume import SettingsChanged
+
+    try:
+        main()
+    except SettingsChanged as error:
+        raise SystemExit(f"[efficacy] {error}")

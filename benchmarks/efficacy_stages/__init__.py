@@ -1,0 +1,1 @@
+"""Stages of the efficacy study (``benchmarks/efficacy.py``): world, base model, judge, arms, sampling, report."""

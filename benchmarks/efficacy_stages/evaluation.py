@@ -1,0 +1,68 @@
+"""Sampling held-out scenes with the project's sampler and scoring them with the judge.
+
+Every arm and seed samples the same held-out scenes from the same noise seeds (paired comparison). The
+references go in as FLUX.2 in-context reference tokens, exactly as in training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from focusdpo.models import load_backbone
+from focusdpo.sampling import apply_loras, sample_images
+from focusdpo.visualize import image_grid
+
+from . import judge as judging
+from . import recipes
+from . import world
+from .base_model import to_pixels
+
+
+def load_judge(folder: Path) -> judging.Judge:
+    model = judging.Judge()
+    model.load_state_dict(torch.load(folder / "judge.pt", weights_only=True))
+    return model.eval()
+
+
+def load_scenes(folder: Path) -> list[dict]:
+    return json.loads((folder / "held_out.json").read_text())
+
+
+def sample_arm(pipeline: Path, lora: Path | None, scenes: list[dict], steps: int, batch: int):
+    backbone = load_backbone("flux2", str(pipeline), reference_size=world.REF_SIZE, max_references=3,
+                             max_sequence_length=recipes.COMMON["max_sequence_length"])  # as in training
+    if lora is not None:
+        apply_loras(backbone, dpo_lora=lora)
+    prompts = [world.PROMPT] * len(scenes)
+    references = [[world.reference(i)[0] for i in scene["identities"]] for scene in scenes]
+    seeds = [10_000 + i for i in range(len(scenes))]  # the same noise for every arm
+    return sample_images(backbone, prompts, references, seeds, world.SIZE, steps, batch_size=batch)
+
+
+def score_images(judge: judging.Judge, scenes: list[dict], images) -> list[dict]:
+    predicted = judging.predict(judge, to_pixels(images))
+    return [judging.score_scene(scene["identities"], quadrants) for scene, quadrants in zip(scenes, predicted)]
+
+
+def evaluate_arm(out: Path, label: str, pipeline: Path, lora: Path | None, world_dir: Path, judge_dir: Path,
+                 sizes: dict) -> None:
+    """Writes ``scores.jsonl`` (one line per held-out scene) and ``samples.png`` (the first scenes)."""
+    scenes = load_scenes(world_dir)
+    images = sample_arm(pipeline, lora, scenes, sizes["sample_steps"], sizes["sample_batch"])
+    scores = score_images(load_judge(judge_dir), scenes, images)
+    (out / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
+    shown = sizes["png_scenes"]
+    tiles = [reference_tile(scene["identities"]) for scene in scenes[:shown]]
+    image_grid([tiles, images[:shown]], ["references", label], min_cell=64).save(out / "samples.png")
+
+
+def reference_tile(identities: list[int]) -> Image.Image:
+    """The scene's references side by side in one SIZE px tile (quadrants in order)."""
+    tile = Image.new("RGB", (world.SIZE, world.SIZE), "white")
+    for k, identity in enumerate(identities):
+        tile.paste(world.reference(identity)[0], ((k % 2) * world.QUADRANT, (k // 2) * world.QUADRANT))
+    return tile

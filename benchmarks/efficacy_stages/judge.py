@@ -1,0 +1,122 @@
+"""The judge: a small CNN on 16 px quadrant crops → occupied, shape, colour, pattern; and the per-scene scores.
+
+Trained on clean renders and their VAE reconstructions (so the base model's decoder blur is in distribution).
+Placement is free in the generated images (the prompt is constant and references carry no position), so the
+K references are matched to the occupied quadrants by the assignment with the most equal attributes:
+
+- fidelity (per reference): its matched quadrant has all three attributes right;
+- leakage (per reference): a wrong attribute of its match equals that attribute of another reference;
+- missing (per reference): no occupied quadrant left for it;
+- extra (per scene): occupied quadrants beyond K.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import world
+from .base_model import to_pixels
+
+HEADS = {"occupied": 2, "shape": len(world.SHAPES), "colour": len(world.COLOURS), "pattern": len(world.PATTERNS)}
+ATTRIBUTES = ("shape", "colour", "pattern")
+
+
+class Judge(nn.Module):
+    def __init__(self, width: int = 32):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.heads = nn.ModuleDict({name: nn.Linear(2 * width, n) for name, n in HEADS.items()})
+
+    def forward(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``crops (N, 3, 16, 16)`` in [-1, 1] → logits per head."""
+        features = self.trunk(crops)
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def quadrant_crops(pixels: torch.Tensor) -> torch.Tensor:
+    """``(N, 3, 32, 32)`` → ``(4N, 3, 16, 16)``, quadrants row-major per image."""
+    q = world.QUADRANT
+    return torch.stack([pixels[:, :, r * q:(r + 1) * q, c * q:(c + 1) * q] for r in (0, 1) for c in (0, 1)], 1
+                       ).flatten(0, 1)
+
+
+def quadrant_labels(scene: world.Scene) -> np.ndarray:
+    """``(4, 4)``: occupied, shape, colour, pattern per quadrant (attributes -100 = ignored when empty)."""
+    labels = np.full((4, 4), -100, np.int64)
+    labels[:, 0] = 0
+    for identity, quadrant in zip(scene.identities, scene.quadrants):
+        labels[quadrant] = (1, *world.attributes(identity))
+    return labels
+
+
+def training_batch(rng: np.random.Generator, size: int, vae) -> tuple[torch.Tensor, torch.Tensor]:
+    scenes = [world.random_scene(rng, None) for _ in range(size)]
+    pixels = to_pixels([world.render(s) for s in scenes])
+    if vae is not None:  # half the batch as VAE reconstructions
+        with torch.no_grad():
+            half = size // 2
+            pixels[:half] = vae.decode(vae.encode(pixels[:half]).latent_dist.mode()).sample.clamp(-1, 1)
+    labels = torch.from_numpy(np.concatenate([quadrant_labels(s) for s in scenes]))
+    return quadrant_crops(pixels), labels
+
+
+def train_judge(steps: int, batch: int, seed: int, vae=None) -> Judge:
+    torch.manual_seed(seed)
+    judge, rng = Judge(), np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(judge.parameters(), lr=2e-3)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=-100)
+    for _ in range(steps):
+        crops, labels = training_batch(rng, batch, vae)
+        logits = judge(crops)
+        loss = sum(loss_fn(logits[name], labels[:, i]) for i, name in enumerate(HEADS))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return judge.eval()
+
+
+@torch.no_grad()
+def predict(judge: Judge, pixels: torch.Tensor) -> np.ndarray:
+    """``(N, 4, 4)``: occupied, shape, colour, pattern per quadrant."""
+    logits = judge(quadrant_crops(pixels))
+    return torch.stack([logits[name].argmax(-1) for name in HEADS], -1).view(-1, 4, 4).numpy()
+
+
+def identity_accuracy(judge: Judge, scenes: list[world.Scene], pixels: torch.Tensor) -> float:
+    """Fraction of subjects whose quadrant the judge reads exactly (occupied and all attributes)."""
+    predicted, hits, total = predict(judge, pixels), 0, 0
+    for scene, quadrants in zip(scenes, predicted):
+        truth = quadrant_labels(scene)
+        for q in scene.quadrants:
+            hits += int((quadrants[q] == truth[q]).all())
+            total += 1
+    return hits / max(total, 1)
+
+
+def score_scene(identities: list[int], quadrants: np.ndarray) -> dict:
+    """Scores of one generated image (``quadrants``: the judge's ``(4, 4)``) against its K references."""
+    refs = [world.attributes(i) for i in identities]
+    occupied = [q for q in range(4) if quadrants[q, 0] == 1]
+    best, best_key = (), (-1, -1)
+    # reference k → an occupied quadrant or None (missing); most equal attributes, then most references placed
+    for chosen in itertools.permutations(occupied + [None] * len(refs), len(refs)):
+        placed = [(k, q) for k, q in enumerate(chosen) if q is not None]
+        key = (sum(int((quadrants[q, 1:] == np.array(refs[k])).sum()) for k, q in placed), len(placed))
+        if key > best_key:
+            best, best_key = placed, key
+    fidelity = leakage = 0
+    for k, q in best:
+        predicted, own = quadrants[q, 1:], refs[k]
+        fidelity += int(all(predicted[a] == own[a] for a in range(3)))
+        others = [r for j, r in enumerate(refs) if j != k]
+        leakage += int(any(predicted[a] != own[a] and any(predicted[a] == o[a] for o in others) for a in range(3)))
+    count = len(refs)
+    return {"fidelity": fidelity / count, "leakage": leakage / count, "missing": (count - len(best)) / count,
+            "extra": max(0, len(occupied) - count)}

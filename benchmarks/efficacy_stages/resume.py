@@ -1,0 +1,78 @@
+"""Per-stage resume: a stage writes into a staging folder, renames it, then writes ``done.json`` (its settings).
+
+A folder with a ``done.json`` whose settings equal the requested ones is finished and is not rerun; a
+``done.json`` with other settings is refused naming the stage (delete the folder, or use another ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+MARKER = "done.json"
+
+
+class SettingsChanged(RuntimeError):
+    """A finished stage was asked to run again with different settings."""
+
+
+def finished(folder: Path, name: str, settings: dict) -> bool:
+    """True when ``folder`` holds a finished run of ``name`` with exactly ``settings``; refuses other settings."""
+    marker = folder / MARKER
+    if not marker.is_file():
+        return False
+    saved = json.loads(marker.read_text())["settings"]
+    if saved != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        raise SettingsChanged(f"stage {name!r} in {folder} was finished with other settings (changed: "
+                              f"{', '.join(changed)}); delete {folder} to redo it, or choose another --out")
+    return True
+
+
+def run_stage(folder: Path, name: str, settings: dict, work: Callable[[Path], None]) -> bool:
+    """Run ``work(staging)`` unless finished; the result appears at ``folder`` all at once. Returns True if it ran."""
+    if finished(folder, name, settings):
+        print(f"[efficacy] {name}: done, skipped ({folder})")
+        return False
+    staging = folder.with_name(f".{folder.name}.staging")
+    shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted attempt
+    staging.mkdir(parents=True)
+    start = time.time()
+    print(f"[efficacy] {name}: running")
+    work(staging)
+    marker = {"stage": name, "settings": settings, "seconds": round(time.time() - start, 2)}
+    (staging / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    print(f"[efficacy] {name}: finished in {marker['seconds']} s")
+    return True
+
+
+def run_stages(tasks: list[tuple[Path, str, dict, Callable[[Path], None]]], jobs: int = 1) -> None:
+    """:func:`run_stage` for independent ``(folder, name, settings, work)`` tasks, ``jobs`` processes at a time.
+
+    Finished tasks are skipped (and changed settings refused) here, before any worker starts. Workers are
+    spawned (not forked: torch and the trainer hold threads and state) with one torch thread each; ``work``
+    must be picklable (a module-level function or a ``functools.partial`` of one).
+    """
+    pending = [task for task in tasks if not finished(task[0], task[1], task[2])]
+    if len(tasks) > len(pending):
+        print(f"[efficacy] {len(tasks) - len(pending)} of {len(tasks)} {tasks[0][1].split()[0]} stages done, skipped")
+    if jobs <= 1 or len(pending) <= 1:
+        for task in pending:
+            run_stage(*task)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        for future in [pool.submit(run_stage, *task) for task in pending]:
+            future.result()  # re-raises a worker's error here
