@@ -1,10 +1,10 @@
 """Write a one-pair jsonl folder from DreamBench photos: two subjects pasted side by side on a third
 photo (winner), the same with the first subject swapped for another of its class (loser).
 
-    python data_tools/dreambench_composite.py --dreambench ../shared/data/dreambench --out /tmp/composite
+    python data_tools/dreambench_composite.py --dreambench ../shared/data/dreambench --out runs/composite
 
 References are other photos of the two winner subjects, with central-box masks (DreamBench subjects
-sit in the middle). The folder loads with ``dataset: /tmp/composite`` (format jsonl); keep it outside
+sit in the middle). The folder loads with ``dataset: runs/composite`` (format jsonl); keep it outside
 the repository: the photos are third-party (DreamBench, CC BY 4.0 / Unsplash License).
 """
 
