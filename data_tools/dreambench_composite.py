@@ -4,8 +4,8 @@ photo (winner), the same with the first subject swapped for another of its class
     python data_tools/dreambench_composite.py --dreambench ../shared/data/dreambench --out runs/composite
 
 References are other photos of the two winner subjects, with central-box masks (DreamBench subjects
-sit in the middle). The folder loads with ``dataset: runs/composite`` (format jsonl); keep it outside
-the repository: the photos are third-party (DreamBench, CC BY 4.0 / Unsplash License).
+sit in the middle). The folder loads with ``dataset: runs/composite`` (format jsonl); `runs/` is git-ignored,
+so the third-party photos are never committed: they are third-party (DreamBench, CC BY 4.0 / Unsplash License).
 """
 
 import argparse
