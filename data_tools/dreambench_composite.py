@@ -5,7 +5,7 @@ photo (winner), the same with the first subject swapped for another of its class
 
 References are other photos of the two winner subjects, with central-box masks (DreamBench subjects
 sit in the middle). The folder loads with ``dataset: runs/composite`` (format jsonl); `runs/` is git-ignored,
-so the third-party photos are never committed: they are third-party (DreamBench, CC BY 4.0 / Unsplash License).
+so the photos (third-party: DreamBench, CC BY 4.0 / Unsplash License) are never committed.
 """
 
 import argparse
