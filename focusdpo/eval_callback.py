@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from .eval_config import EvalConfig
 from .evaluate import build_scorers, image_seed, read_image, reference_embeddings, score_image, subject_groups
-from .reference import reference_model
+from .reference import reference_in_pipeline
 
 LOGGED = ("fidelity_mean", "fidelity_min", "ip_conf", "collapsed", "subject_count", "backbone_i")
 
@@ -67,13 +67,8 @@ class SubjectEvalCallback(TrainerCallback):
         references = [[to_pil(it["views"][g[0]]) for g in it["groups"]] for it in self.items]
         if not use_reference:
             return sample_images(backbone, prompts, references, self.seeds, self.resolution, self.steps)
-        with reference_model(trainer.model_config.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
-            policy = backbone.denoiser
-            setattr(backbone.pipeline, backbone.denoiser_name, ref)
-            try:
-                return sample_images(backbone, prompts, references, self.seeds, self.resolution, self.steps)
-            finally:
-                setattr(backbone.pipeline, backbone.denoiser_name, policy)
+        with reference_in_pipeline(backbone, trainer.model_config.reference_mode, trainer.frozen_copy):
+            return sample_images(backbone, prompts, references, self.seeds, self.resolution, self.steps)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Score reference and policy samples; returns the logged metrics and writes the grid."""

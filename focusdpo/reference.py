@@ -67,3 +67,19 @@ def reference_model(mode: str, denoiser: torch.nn.Module, frozen_copy: torch.nn.
     if mode not in REFERENCE_MODES:
         raise ValueError(f"unknown reference_mode {mode!r}; choose one of: {', '.join(REFERENCE_MODES)}")
     return REFERENCE_MODES[mode](denoiser, frozen_copy)
+
+
+@contextmanager
+def reference_in_pipeline(backbone, mode: str, frozen_copy: torch.nn.Module | None = None):
+    """The backbone's pipeline with the reference as its denoiser (to sample the reference), restored in ``finally``.
+
+    The policy is remembered before the swap: ``backbone.denoiser`` reads the pipeline, so after the swap it is the
+    reference (a frozen copy, in full fine-tunes) and must not be what gets put back.
+    """
+    policy = backbone.denoiser
+    with reference_model(mode, policy, frozen_copy) as ref:
+        setattr(backbone.pipeline, backbone.denoiser_name, ref)
+        try:
+            yield backbone
+        finally:
+            setattr(backbone.pipeline, backbone.denoiser_name, policy)

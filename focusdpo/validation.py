@@ -132,16 +132,11 @@ class ValidationCallback(TrainerCallback):
         return [flat[i:i + per_prompt] for i in range(0, len(flat), per_prompt)]
 
     def sample_reference(self) -> list[list[Image.Image]]:
-        from .reference import reference_model
+        from .reference import reference_in_pipeline
 
         trainer = self.trainer
-        backbone = trainer.backbone
-        with reference_model(trainer.model_config.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
-            setattr(backbone.pipeline, backbone.denoiser_name, ref)
-            try:
-                return self.sample()
-            finally:
-                setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
+        with reference_in_pipeline(trainer.backbone, trainer.model_config.reference_mode, trainer.frozen_copy):
+            return self.sample()
 
     def validate(self, step: int) -> dict[str, Image.Image]:
         """Sample and save; returns the images to log, tag → PIL."""

@@ -85,17 +85,13 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
 
 def save_before_after(trainer, prompts: list[str], path: Path, resolution: int) -> None:
     """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
-    from .reference import reference_model
+    from .reference import reference_in_pipeline
 
     cfg, backbone = trainer.model_config, trainer.backbone
     steps, seed = trainer.args.sample_steps, trainer.args.seed
     backbone.denoiser.eval()
-    with reference_model(cfg.reference_mode, backbone.denoiser, trainer.frozen_copy) as ref:
-        setattr(backbone.pipeline, backbone.denoiser_name, ref)
-        try:
-            before = backbone.sample(prompts, resolution, steps, seed)
-        finally:
-            setattr(backbone.pipeline, backbone.denoiser_name, backbone.denoiser)
+    with reference_in_pipeline(backbone, cfg.reference_mode, trainer.frozen_copy):
+        before = backbone.sample(prompts, resolution, steps, seed)
     with torch.no_grad():
         after = backbone.sample(prompts, resolution, steps, seed)
     image_grid([before, after], ["reference", "trained"]).save(path)

@@ -101,6 +101,20 @@ def test_frozen_copy_reference_for_full_fine_tuning():
     assert not torch.equal(run(unet), before)
 
 
+def test_sampling_the_reference_puts_the_policy_back_in_the_pipeline():
+    """A full fine-tune's reference is a frozen copy: after sampling it, the pipeline holds the policy again."""
+    import copy
+
+    from focusdpo.reference import reference_in_pipeline
+
+    backbone = load_backbone("sd")
+    policy = backbone.denoiser
+    frozen = copy.deepcopy(policy).requires_grad_(False)
+    with reference_in_pipeline(backbone, "frozen_copy", frozen):
+        assert backbone.pipeline.unet is frozen
+    assert backbone.pipeline.unet is policy and backbone.denoiser is policy
+
+
 def test_a_lora_for_another_model_is_refused_naming_its_keys(tmp_path):
     make_personalization_lora(tmp_path)  # an SD UNet LoRA...
     flux = load_backbone("flux_kontext")  # ...offered to a FLUX transformer
