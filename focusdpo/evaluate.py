@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, FocusConfig, ModelConfig
 
 from .eval_config import EvalConfig
+from .processes import process_state
 from .scoring import pooled_embedding, subject_averaged_similarity, subject_scores, text_image_similarity
 
 BASE = "base"
@@ -268,16 +269,6 @@ def score_items(scorers: Scorers, cfg: EvalConfig, items, variants: list[str], i
             if grid_dir is not None and item.item_id in grid_ids and number == 0 and shown:
                 save_prompt_grid(grid_dir / f"{item.item_id}.png", item.prompt, refs["refs"], shown, refs["groups"])
     return records, skipped
-
-
-def process_state():
-    """accelerate's process state. Without CUDA it must be told to use CPU processes (gloo): otherwise
-    every process of ``accelerate launch --num_processes N`` believes it is alone and does all the work."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available()))
 
 
 def run(cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path:

@@ -68,9 +68,8 @@ class CandidateScorer:
 
         self.weights = pair_cfg.score_weights()
         self.user = load_user_scorer(pair_cfg.scorer) if pair_cfg.scorer else None
-        with torch.random.fork_rng(devices=[]):  # random toy weights are seeded: every process scores alike
-            torch.manual_seed(0)
-            self.extractor = extractor or load_subject_extractor(focus_cfg, device)
+        # Random toy weights are seeded inside the loader: every process scores alike.
+        self.extractor = extractor or load_subject_extractor(focus_cfg, device)
         self.clip = None
         if pair_cfg.clip_model and pair_cfg.clip_weight > 0:
             from .eval_features import ClipScorer

@@ -33,6 +33,7 @@ from . import __version__
 from .config import ConfigError
 from .pair_config import PAIR_CONFIG_CLASSES, PairGenConfig, build_pair_configs, read_pair_recipe
 from .pair_writer import ShardWriter, check_run_settings, finished_items, merge_shards, write_summary
+from .processes import process_state
 from .prompt_sets import PromptItem, load_prompt_set
 from .sampling import REFERENCE_FAMILIES, apply_loras, sample_images
 
@@ -218,14 +219,10 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
                    extractor=None) -> dict | None:
     """Run the generator in this process (one of ``accelerate launch``'s, or alone); returns the summary on the
     main process. ``backbone`` / ``inpainter`` / ``extractor`` replace the configured ones (tests, notebooks)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from .disrupt import check_inpainter, load_inpainter
     from .pair_scoring import CandidateScorer
 
-    # accelerate only starts a multi-process CPU group when told to use the CPU (ACCELERATE_USE_CPU, --cpu)
-    state = PartialState(cpu=pair_cfg.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = process_state(cpu=pair_cfg.device == "cpu")
     datasets.disable_progress_bars()  # one bar: the generator's own
     prompt_set = load_prompt_set(pair_cfg.prompts, pair_cfg.prompt_layout, pair_cfg.data_root,
                                  pair_cfg.missing_references, pair_cfg.unique_token)
