@@ -250,6 +250,13 @@ def check_inputs(model_cfg, data_cfg, focus_cfg, dataset) -> None:
         check_focus_inputs(model_cfg, data_cfg, focus_cfg, dataset)
 
 
+def check_objective(loss_cfg, focus_cfg) -> None:
+    """Settings of two sections that only work together, refused before the pairs or the model load."""
+    if loss_cfg.objective == "sft" and focus_cfg.enabled:
+        raise ConfigError("objective: sft trains on the winners' plain error; focus weights are for DPO: set "
+                          "lambda_structure: 0 and lambda_detail: 0, or objective: dpo")
+
+
 def check_personalization_lora(path: str) -> None:
     if not Path(path).exists():
         raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "

@@ -33,8 +33,8 @@ from .models import Backbone, DenoiseInputs, load_backbone
 from .policy import PolicyModel, add_dpo_lora, half_dtype
 from .recipe import config_fields, parse_config
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
-from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_resume_settings, keep_segment_configs,
-                         prepare_output_dir, release_lock, resolve_resume)
+from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_objective, check_resume_settings,
+                         keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
 from .safe_write import disk_full_names
 from .train_metrics import MetricsFileCallback, MetricsLogging
 from .visualize import save_before_after
@@ -143,11 +143,6 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
     # ---- MOSAIC auxiliary losses and the SFT objective (focusdpo/mosaic.py, docs/mosaic.md) -------------------
     def build_mosaic(self):
         """The MOSAIC objective when lambda_sca or lambda_md is set (its collator also passes cached points)."""
-        if self.loss_config.objective == "sft" and self.focus_config.enabled:
-            from .config import ConfigError
-
-            raise ConfigError("objective: sft trains on the winners' plain error; focus weights are for DPO: set "
-                              "lambda_structure: 0 and lambda_detail: 0, or objective: dpo")
         if not self.loss_config.mosaic_enabled:
             return None
         from .mosaic import MosaicCollator, MosaicObjective
@@ -297,6 +292,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
 def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
                   focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
     """Load and check pairs and every input first (cheap, fails early), then the model, then the trainer."""
+    check_objective(loss_cfg, focus_cfg)
     dataset = load_recipe_pairs(data_cfg, seed=train_cfg.seed)
     check_inputs(model_cfg, data_cfg, focus_cfg, dataset)
     backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
