@@ -406,7 +406,6 @@ class FocusDPOConfig(TrainingArguments):
         "help": "Prompts of the validation grid; empty uses the first training prompts (num_sample_prompts)."})
     num_validation_images: int = field(default=2, metadata={"help": "Validation images per prompt (one seed each)."})
 
-
     def __post_init__(self):
         import torch
 
@@ -447,4 +446,3 @@ class FocusDPOConfig(TrainingArguments):
 
 
 CONFIG_CLASSES = (FocusDPOConfig, ModelConfig, DataConfig, LossConfig, FocusConfig)
-

@@ -1,4 +1,6 @@
-"""Target <-> reference patch correspondence on L2-normalised patch features (DINOv2 or an ImageNet CNN) (pure tensor functions).
+"""Target <-> reference patch correspondence on L2-normalised patch features (DINOv2 or an ImageNet CNN).
+
+Pure tensor functions.
 
 Dot products of unit vectors are cosine similarities. Shapes: ``B`` pairs, ``K`` references,
 ``C`` feature channels, ``(h, w)`` the target patch grid, ``(hr, wr)`` the reference patch grid.

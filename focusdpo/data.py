@@ -57,7 +57,6 @@ ENCODER_CACHE_COLUMNS = TEXT_CACHE_COLUMNS + ("latents", "reference_latents", "e
 IMAGE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
 
 
-
 def load_recipe_pairs(data_cfg, seed: int = 0) -> Dataset:
     """:func:`load_pairs` with every setting of a recipe's ``DataConfig`` (what each command trains or caches on)."""
     return load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,

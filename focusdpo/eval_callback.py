@@ -163,4 +163,3 @@ def add_subject_eval(trainer) -> None:
                          "subject_eval_benchmark, or train on pairs with references")
     resolution = trainer.data_config.resolution
     trainer.add_callback(SubjectEvalCallback(trainer, items, args.subject_eval_steps, args.sample_steps, resolution))
-

@@ -50,7 +50,8 @@ class FocusMapper:
 
     def __init__(self, cfg: FocusConfig, device=None, model=None):
         self.cfg = cfg
-        self.model = model if model is not None else load_feature_extractor(cfg, device)  # model: an extractor you built
+        # ``model``: an extractor built by the caller (focus_api), else the one cfg names.
+        self.model = model if model is not None else load_feature_extractor(cfg, device)
         self.device = device
 
     def batch_maps(self, batch: dict, grid: tuple[int, int], parts: bool = False):
@@ -139,7 +140,8 @@ def precompute_main(argv: list[str]) -> None:
     own, configs = recipe_and_options(argv, "focusdpo focus", "Precompute static focus maps into a pair dataset.", [
         (("--out",), dict(required=True, help="Folder for the dataset with cached maps (save_to_disk).")),
         (("--batch_size",), dict(type=int, default=8, help="Pairs per DINOv2 batch.")),
-        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for the feature extractor.")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu",
+                             help="Device for the feature extractor.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)

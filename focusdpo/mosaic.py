@@ -152,7 +152,8 @@ def precompute_main(argv: list[str]) -> None:
 
     own, configs = recipe_and_options(argv, "focusdpo correspond", "Precompute MOSAIC correspondence points.", [
         (("--out",), dict(required=True, help="Folder for the dataset with mosaic_points (save_to_disk).")),
-        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu", help="Device for the feature extractor.")),
+        (("--device",), dict(default="cuda" if torch.cuda.is_available() else "cpu",
+                             help="Device for the feature extractor.")),
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     pairs = load_recipe_pairs(data_cfg)
@@ -326,4 +327,3 @@ def winner_inputs(prepared):
         return {k: take(k, v) for k, v in value.items()} if isinstance(value, dict) else value[:half]
     return DenoiseInputs({k: take(k, v) for k, v in prepared.model_kwargs.items()}, prepared.target[:half],
                          prepared.noise_level[:half])
-

@@ -157,7 +157,8 @@ class PairGenerator:
             pick = min if cfg.disrupt_subject == "lowest" else max
             k = pick(range(len(fidelity)), key=lambda j: (fidelity[j], j))
         if cfg.region_source == "masks":
-            mask = Image.open(item.reference_masks[views[k][0]]).convert("L").resize((cfg.resolution,) * 2, Image.NEAREST)
+            mask = Image.open(item.reference_masks[views[k][0]]).convert("L")
+            mask = mask.resize((cfg.resolution,) * 2, Image.NEAREST)
             region = torch.from_numpy(np.asarray(mask) > 127)
         else:
             region = region_mask(subjects.regions[winner, k].cpu(), cfg.resolution, cfg.region_dilation)

@@ -17,4 +17,5 @@ def process_state(cpu: bool = False):
     from accelerate.utils import parse_flag_from_env
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available()))
+    cpu = cpu or parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.cuda.is_available())
+    return PartialState(cpu=cpu)

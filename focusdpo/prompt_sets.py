@@ -90,7 +90,8 @@ def load_prompt_set(path: str | Path, layout: str = "auto", data_root: str | Pat
     prompt_set = PromptSet([], layout, str(path))
     for index, raw in enumerate(raws):
         item_id = raw.pop("item_id", None) or f"{path.stem}-{index:05d}"
-        files = (*raw.get("references", ()), *raw.get("reference_masks", ()), *([raw["target"]] if raw.get("target") else []))
+        target = [raw["target"]] if raw.get("target") else []
+        files = (*raw.get("references", ()), *raw.get("reference_masks", ()), *target)
         absent = [p for p in files if not Path(p).is_file()]
         if absent:
             reason = f"image(s) not found: {absent}"

@@ -69,7 +69,8 @@ def reference_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
 @torch.no_grad()
 def sample_images(backbone: Backbone, prompts: list[str], references: list[list[Image.Image]] | None,
                   seeds: list[int], resolution: int, steps: int, batch_size: int = 4,
-                  guidance_scale: float | None = None, text: dict[str, torch.Tensor] | None = None) -> list[Image.Image]:
+                  guidance_scale: float | None = None,
+                  text: dict[str, torch.Tensor] | None = None) -> list[Image.Image]:
     """Generate ``len(prompts)`` square images of ``resolution`` px; image ``i`` from ``seeds[i]``.
 
     ``references``: one list of PIL images per prompt (flow families; ignored by SD/SDXL), or None.
@@ -86,7 +87,8 @@ def sample_images(backbone: Backbone, prompts: list[str], references: list[list[
     if steps < 1:
         raise ValueError(f"steps={steps} must be >= 1")
     if text is not None and backbone.family not in FLOW_FAMILIES:
-        raise ValueError(f"precomputed text conditioning is for the flow families {FLOW_FAMILIES}, not {backbone.family}")
+        raise ValueError(f"precomputed text conditioning is for the flow families {FLOW_FAMILIES}, "
+                         f"not {backbone.family}")
     references = references if references is not None else [[] for _ in prompts]
     images = []
     for start in range(0, len(prompts), batch_size):

@@ -164,7 +164,7 @@ def test_model_card_of_a_full_fine_tune_loads_the_denoiser_not_a_lora(tmp_path):
     from focusdpo.model_card import model_card_text
 
     configs = (FocusDPOConfig(output_dir=str(tmp_path)), ModelConfig(family="flux2", reference_mode="frozen_copy",
-                                                                      lora_rank=0), DataConfig(), LossConfig(),
+                                                                     lora_rank=0), DataConfig(), LossConfig(),
                FocusConfig())
     card = model_card_text(tmp_path, configs, steps=7, num_pairs=3)
     assert "every transformer weight (full fine-tune)" in card and "(vanilla Diffusion-DPO)" in card
@@ -237,7 +237,8 @@ def test_resolved_config_round_trips_dict_list_and_enum_fields_and_drops_tokens(
                             "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-6}', "--optim_args", "a=1",
                             "--debug", "underflow_overflow", "--report_to", "tensorboard", "--include_for_metrics",
                             "inputs", "--lora_target_modules", "to_q", "to_k", "--text_encoder_out_layers", "3", "5",
-                            "--flow_shift_mode", "static", "--flow_shift", "3.0", "--hub_token", "SECRET-TOKEN", "--accelerator_config",
+                            "--flow_shift_mode", "static", "--flow_shift", "3.0", "--hub_token", "SECRET-TOKEN",
+                            "--accelerator_config",
                             '{"split_batches": true}'])
     write_resolved_config(tmp_path / "config.yaml", configs)
     assert "SECRET-TOKEN" not in (tmp_path / "config.yaml").read_text()

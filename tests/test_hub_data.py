@@ -123,7 +123,6 @@ def test_detail_term_without_references():
         precompute_focus_maps(pairs, FocusConfig(lambda_structure=1.0, **TINY), (8, 8), 32)
 
 
-
 def test_structure_term_on_pairs_without_references_is_refused_before_the_model_loads(tmp_path):
     refs = make_toy_pairs(3, 32).map(lambda row, i: {"references": [] if i == 1 else row["references"],
                                                      "reference_masks": []}, with_indices=True)

@@ -38,7 +38,7 @@ def test_md_is_minus_divergence_of_per_reference_mean_attention(divergence):
     if divergence == "jsd":
         m = (0.4, 0.6)
         expected = 0.5 * sum(a * math.log(a / c) for a, c in zip(p, m)) + 0.5 * sum(b * math.log(b / c)
-                                                                                   for b, c in zip(q, m))
+                                                                                    for b, c in zip(q, m))
     else:
         expected = sum(a * math.log(a / b) + b * math.log(b / a) for a, b in zip(p, q))
     assert loss.item() == pytest.approx(-expected, rel=1e-5)

@@ -180,7 +180,7 @@ def test_sixteen_bit_png_keeps_its_grey_level(tmp_path):
     grey.save(tmp_path / "w.png")
     Image.fromarray(np.zeros((16, 16), np.uint16)).save(tmp_path / "l.png")
     pairs = load_pairs(jsonl_folder(tmp_path, [GOOD], {"w.png": (tmp_path / "w.png").read_bytes(),
-                                                        "l.png": (tmp_path / "l.png").read_bytes()}))
+                                                       "l.png": (tmp_path / "l.png").read_bytes()}))
     chosen = (PairCollator(16)([pairs[0]])["pixel_values"][0] + 1) / 2
     assert chosen.mean().item() == pytest.approx(128 / 255, abs=1e-3)  # PIL's own convert gives white (1.0)
 
@@ -377,7 +377,7 @@ def test_numerics_advice_names_the_config_field():
     configs = parse_config(["--config", RECIPE])
     train_cfg, model_cfg, _, loss_cfg, focus_cfg = configs
     assert "lower learning_rate (now 0.001) or beta (now 5000.0)" in numerics_advice(train_cfg, model_cfg,
-                                                                                      loss_cfg, focus_cfg)
+                                                                                     loss_cfg, focus_cfg)
     model_cfg.lora_alpha, focus_cfg.top_n = float("nan"), 0  # set after validation, e.g. from Python
     advice = numerics_advice(train_cfg, model_cfg, loss_cfg, focus_cfg)
     assert "lora_alpha=nan" in advice and "top_n=0" in advice and "learning_rate" not in advice

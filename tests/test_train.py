@@ -136,7 +136,7 @@ def test_lora_saved_from_a_gathered_state_dict_equals_the_live_one(tmp_path):
     trainer = main(tiny_argv(tmp_path / "run", "--max_steps", "1", "--sample_every_run", "false"))
     trainer._save(str(tmp_path / "gathered"), state_dict=trainer.model.state_dict())
     live, gathered = (load_file(str(p / "pytorch_lora_weights.safetensors")) for p in (tmp_path / "run",
-                                                                                         tmp_path / "gathered"))
+                                                                                       tmp_path / "gathered"))
     assert live.keys() == gathered.keys() and all(torch.equal(live[k], gathered[k]) for k in live)
 
 

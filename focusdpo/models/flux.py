@@ -336,6 +336,7 @@ class FlowMatchingBackbone(Backbone):
 
     # ---- LoRA files and sampling ----------------------------------------------------------------
 
+
 class Flux2Backbone(FlowMatchingBackbone):
     """FLUX.2 [dev] (Mistral3 text stack) and FLUX.2 [klein] (Qwen3): 2×2-patchified, BatchNorm-normalised
     latents; reference k gets time coordinate 10·(k+1) from the pipeline's ``_prepare_image_ids``."""

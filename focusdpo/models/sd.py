@@ -101,7 +101,7 @@ class StableDiffusionBackbone(Backbone):
         return DenoiseInputs(kwargs, target, noise_level=self.flow_equivalent_sigma(t))
 
     def flow_equivalent_sigma(self, t: torch.Tensor) -> torch.Tensor:
-        """``u`` of DDPM timesteps ``t`` ``(N,)`` under this checkpoint's scheduler (see :func:`flow_equivalent_sigma`)."""
+        """``u`` of DDPM timesteps ``t`` ``(N,)`` under this checkpoint's scheduler (:func:`flow_equivalent_sigma`)."""
         return flow_equivalent_sigma(self.noise_scheduler.alphas_cumprod, t)
 
     def add_size_conditioning(self, kwargs: dict, batch: dict, resolution: int) -> None:

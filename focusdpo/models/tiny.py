@@ -23,7 +23,7 @@ def char_tokenizer() -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary is the printable ASCII characters (no merges)."""
     chars = [chr(c) for c in range(33, 127)]
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] +
-                                           ["<|startoftext|>", "<|endoftext|>"])}
+                                            ["<|startoftext|>", "<|endoftext|>"])}
     folder = Path(tempfile.mkdtemp(prefix="focusdpo-tokenizer-"))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
