@@ -14,9 +14,9 @@ skipped, one finished with other settings is refused (naming the stage).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
+import shutil
 import sys
 from functools import partial
 from pathlib import Path
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from efficacy_stages import arms, base_model, evaluation, judge, report, world  # noqa: E402
-from efficacy_stages.resume import MARKER, run_stage, run_stages  # noqa: E402
+from efficacy_stages.resume import run_calls, run_stage, settings_of  # noqa: E402
 
 # The issue's budget. Measured per unit on the 2-core machine (one thread, one other job running): base SFT
 # ~1.0 s/step at batch 32, a DPO arm ~0.6 s/step at batch 8 (so ~0.3 at batch 4), sampling ~0.012 s per image
@@ -43,13 +43,6 @@ FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 20
 SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
          "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
          "held_out": 2, "sample_steps": 1, "sample_batch": 2, "png_scenes": 2, "seeds": 1, "bootstrap_draws": 50}
-
-
-def settings_of(sizes: dict, keys: tuple[str, ...], *upstream: Path) -> dict:
-    """A stage's own sizes plus a digest of the settings of the stages it reads (stale inputs are refused too)."""
-    digest = hashlib.sha256(b"".join(json.dumps(json.loads((u / MARKER).read_text())["settings"], sort_keys=True)
-                                     .encode() for u in upstream)).hexdigest()[:16]
-    return {**{k: sizes[k] for k in keys}, "upstream": digest}
 
 
 def world_stage(out: Path, sizes: dict, seed: int) -> Path:
@@ -88,76 +81,77 @@ def judge_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
 
 def pairs_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
     run_stage(out / "pairs", "pairs", {**settings_of(sizes, ("pairs",), base), "focus": arms.FOCUS_STATIC,
-                                       "seed": seed},
+                                       "map_sets": arms.MAP_SETS, "seed": seed},
               lambda staging: arms.build_pairs(staging, sizes, base / "pipeline", seed))
     return out / "pairs"
 
 
-def arm_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, pairs: Path) -> None:
-    keys = ("arm_steps", "arm_batch", "arm_lr", "beta", "lora_rank")
-    tasks = [(out / "arms" / name / f"seed{seed}", f"arm {name} seed {seed}",
-              {**settings_of(sizes, keys, base, pairs), "arm": arm},
-              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed))
-             for name, arm in table.items() for seed in seeds]
-    run_stages(tasks, sizes["jobs"])
-
-
-def eval_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, world_dir: Path,
-                judge_dir: Path) -> None:
-    keys = ("sample_steps", "sample_batch", "png_scenes")
-    runs = [("base", seeds[0], None)] + [(name, s, out / "arms" / name / f"seed{s}") for name in table for s in seeds]
-    tasks = []
-    for name, seed, run in runs:
-        upstream = [base, world_dir, judge_dir] + ([run] if run is not None else [])
-        work = partial(evaluation.evaluate_arm, label=name, pipeline=base / "pipeline",
-                       lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir,
-                       sizes=sizes)
-        tasks.append((out / "eval" / name / f"seed{seed}", f"sampling {name} seed {seed}",
-                      settings_of(sizes, keys, *upstream), work))
-    run_stages(tasks, sizes["jobs"])
+def arm_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, pairs: Path, world_dir: Path,
+               judge_dir: Path) -> None:
+    """The base model's samples, then per seed (seed-major, so an interrupted study has whole seeds) each arm's
+    training followed by its samples: two resumable stages per arm × seed, ``jobs`` at a time."""
+    calls = [partial(evaluation.sample_stage, out, "base", seeds[0], None, sizes, base, world_dir, judge_dir)]
+    calls += [partial(evaluation.train_and_sample, out, name, arm, seed, sizes, base, pairs, world_dir, judge_dir)
+              for seed in seeds for name, arm in table.items()]
+    run_calls(calls, sizes["jobs"])
 
 
 def report_stage(out: Path, sizes: dict, table: dict, seeds: list[int]) -> Path:
+    """Always rewritten (it is cheap) from every finished sample set: a partial study reports what it has."""
+    shutil.rmtree(out / "report", ignore_errors=True)
     upstream = [out / "eval" / name / f"seed{s}" for name in table for s in seeds]
-    upstream.append(out / "eval" / "base" / f"seed{seeds[0]}")
+    upstream = [out / "eval" / "base" / f"seed{seeds[0]}"] + [u for u in upstream if (u / "done.json").is_file()]
     run_stage(out / "report", "report", settings_of(sizes, ("bootstrap_draws",), *upstream),
               lambda staging: report.write_report(staging, out, list(table), seeds, arms.TODO_ARMS, sizes))
     return out / "report"
 
 
-def run_study(out: Path, sizes: dict, seed: int = 0) -> Path:
+STAGES = ("base", "judge", "pairs", "arms", "report")
+
+
+def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report") -> Path | None:
+    """Runs the stages in order up to and including ``until``; returns the report folder (None if not reached)."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(sizes["seeds"])]
     table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
     world_dir = world_stage(out, sizes, seed)
     base = base_stage(out, sizes, seed)
+    if until == "base":
+        return None
     judge_dir = judge_stage(out, sizes, seed, base)
+    if until == "judge":
+        return None
     pairs = pairs_stage(out, sizes, seed, base)
-    arm_stages(out, sizes, table, seeds, base, pairs)
-    eval_stages(out, sizes, table, seeds, base, world_dir, judge_dir)
+    if until == "pairs":
+        return None
+    arm_stages(out, sizes, table, seeds, base, pairs, world_dir, judge_dir)
+    if until == "arms":
+        return None
     return report_stage(out, sizes, table, seeds)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Path, dict, int]:
+def parse_args(argv: list[str] | None) -> tuple[Path, dict, int, str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Study folder (stages resume from it).")
     parser.add_argument("--smoke", action="store_true", help="Smallest sizes: checks every stage runs (no results).")
     parser.add_argument("--seed", type=int, default=0, help="World / model seed; arm seeds are seed, seed+1, ...")
     parser.add_argument("--jobs", type=int, default=1, help="Arms / sample sets trained or sampled side by side "
                         "(one process and one thread each; 2 on a 2-core machine). Results do not depend on it.")
+    parser.add_argument("--until", choices=STAGES, default="report",
+                        help="Stop after this stage (e.g. build the base model and pairs while arms are still edited).")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (smoke {SMOKE[key]})")
     args = parser.parse_args(argv)
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed
+    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed, args.until
 
 
 def main(argv: list[str] | None = None) -> None:
-    out, sizes, seed = parse_args(argv)
-    folder = run_study(out, sizes, seed)
-    print(f"[efficacy] report: {folder / 'report.md'}")
+    out, sizes, seed, until = parse_args(argv)
+    folder = run_study(out, sizes, seed, until)
+    print(f"[efficacy] report: {folder / 'report.md'}" if folder else f"[efficacy] stopped after stage {until!r}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ REFERENCE_ID_SCHEMES = ("kontext", "diagonal", "width")
 MIXED_REFERENCE_COUNTS = ("pad", "error")
 FLOW_FAMILIES = ("flux2", "flux_kontext")
 PAIR_ALIGNMENTS = ("auto", "aligned", "unaligned")
+CONFIDENCE_SOURCES = ("correspondence", "reference_error", "none")
 ON_BAD_PAIR = ("error", "skip")
 FEATURE_BACKBONES = ("dinov2", *CNN_LAYERS)
 OBJECTIVES = ("dpo", "sft")
@@ -312,6 +313,11 @@ class FocusConfig:
     subject_temperature: float = field(default=0.1, metadata={"help": "Softness of S(q) around the threshold."})
     confidence_scale: float = field(default=0.1, metadata={
         "help": "Best-vs-second margin that counts as full confidence (K ≥ 2)."})
+    confidence_source: str = field(default="correspondence", metadata={
+        "help": f"{', '.join(CONFIDENCE_SOURCES)}: what gates the focus terms, so low-confidence regions get no "
+                "extra weight. correspondence: the feature-matching confidence (cached in the maps); "
+                "reference_error: the reference model's own per-patch error this step, exp(−e/ē); none: no gate "
+                "(the no-confidence ablation)."})
     entropy_bins: int = field(default=32, metadata={"help": "Histogram bins of the local entropy."})
     entropy_sigma: float = field(default=1.0, metadata={"help": "Gaussian blur σ (pixels) before entropy."})
     schedule_center: float = field(default=0.5, metadata={"help": "Noise level u where g(u) = 0.5."})
@@ -335,6 +341,7 @@ class FocusConfig:
         check_positive("confidence_scale", self.confidence_scale)
         check_positive("schedule_width", self.schedule_width)
         check_choice("pair_alignment", self.pair_alignment, PAIR_ALIGNMENTS)
+        check_choice("confidence_source", self.confidence_source, CONFIDENCE_SOURCES)
         check_choice("feature_backbone", self.feature_backbone, FEATURE_BACKBONES)
         if self.feature_backbone == "dinov2":
             self.check_dinov2_fields()

@@ -158,7 +158,8 @@ def focus_parts(feats_w, feats_l, ref_feats, ref_masks, images_w, images_l, ref_
     B = feats_w.shape[0]
     sims = torch.cat([similarity_maps(f, ref_feats, ref_masks, cfg.top_n) for f in (feats_w, feats_l)])
     assign = assign_subjects(sims)  # (2B, hd, wd)
-    conf = confidence(sims, cfg.confidence_scale)
+    conf = (confidence(sims, cfg.confidence_scale) if cfg.confidence_source == "correspondence"
+            else torch.ones_like(sims[:, 0]))  # reference_error gates per step (focus_weights); none: no gate
     subject = subject_map(sims, cfg.subject_threshold, cfg.subject_temperature)
     alpha = torch.ones(B, ref_feats.shape[1], device=sims.device)
     if cfg.reference_complexity:
@@ -241,23 +242,40 @@ def schedule(u, center: float, width: float) -> torch.Tensor:
     return torch.sigmoid((torch.as_tensor(u, dtype=torch.float32) - center) / width)
 
 
+def error_confidence(ref_error: torch.Tensor) -> torch.Tensor:
+    """Confidence from the reference model's own per-patch error (``confidence_source: reference_error``).
+
+    Args:
+        ref_error: ``(N, h, w)`` the reference prediction's squared error per patch (channel mean).
+
+    Returns:
+        ``(N, h, w)`` float32 in (0, 1]: ``exp(−e(q) / ē)``, ē the image's mean error: a patch the reference
+        predicts perfectly counts as certain (1), one at the mean error as 1/e.
+    """
+    error = ref_error.float()
+    return torch.exp(-error / error.mean(dim=(1, 2), keepdim=True).clamp_min(1e-12))
+
+
 def focus_weights(static: torch.Tensor, u, lambda_structure: float, lambda_detail: float,
-                  center: float = 0.5, width: float = 0.1) -> torch.Tensor:
+                  center: float = 0.5, width: float = 0.1, gate: torch.Tensor | None = None) -> torch.Tensor:
     """Per-step focus weights.
 
     Args:
         static: ``(N, 2, h, w)`` maps from :func:`static_focus_maps`.
         u: ``(N,)`` or scalar noise level in [0, 1] (1 = pure noise).
+        gate: optional ``(N, h, w)`` per-step confidence in [0, 1] multiplying both focus terms
+            (:func:`error_confidence`); None keeps the confidence already in the static maps only.
 
     Returns:
-        ``(N, h, w)`` float32 ``W = 1 + λ_s·g(u)·structure + λ_d·(1 − g(u))·detail`` divided by its
+        ``(N, h, w)`` float32 ``W = 1 + gate·(λ_s·g(u)·structure + λ_d·(1 − g(u))·detail)`` divided by its
         per-image mean (so β keeps its meaning). λ_s = λ_d = 0 gives exactly ones (vanilla DPO).
     """
     if lambda_structure == 0 and lambda_detail == 0:
         # Bit-exact ones even if a cached map holds NaN: the loss must equal vanilla Diffusion-DPO.
         return torch.ones(static.shape[0], *static.shape[2:], device=static.device)
     g = schedule(u, center, width).to(static.device).reshape(-1, 1, 1)
-    weights = 1 + lambda_structure * g * static[:, 0].float() + lambda_detail * (1 - g) * static[:, 1].float()
+    focus = lambda_structure * g * static[:, 0].float() + lambda_detail * (1 - g) * static[:, 1].float()
+    weights = 1 + (focus if gate is None else gate.to(focus) * focus)
     return weights / weights.mean(dim=(1, 2), keepdim=True)
 
 

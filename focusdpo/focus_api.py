@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import FocusConfig
-from .focus import focus_weights
+from .focus import error_confidence, focus_weights
 
 if TYPE_CHECKING:
     from .mapper import FocusMapper
@@ -103,7 +103,7 @@ def noise_levels(pairs: int, timesteps=None, scheduler=None, sigmas=None) -> tor
 
 def compute_focus_weights(winners: torch.Tensor, losers: torch.Tensor, references: list[torch.Tensor],
                           grid: tuple[int, int], config: FocusConfig, extractor, *, masks=None, prior_masks=None,
-                          timesteps=None, scheduler=None, sigmas=None) -> torch.Tensor:
+                          timesteps=None, scheduler=None, sigmas=None, reference_error=None) -> torch.Tensor:
     """Focus weights ``(2B, h, w)`` (rows ``[winners; losers]``) on the loss grid ``grid = (h, w)``.
 
     Args:
@@ -118,14 +118,29 @@ def compute_focus_weights(winners: torch.Tensor, losers: torch.Tensor, reference
         prior_masks: None or B entries, each None or ``(H, W)``: where the loser was disrupted (aligned pairs).
         timesteps, scheduler: DDPM timesteps ``(B,)`` or ``(2B,)`` and the scheduler with ``alphas_cumprod``; or
         sigmas: flow σ ``(B,)`` or ``(2B,)`` in [0, 1].
+        reference_error: ``(2B, h, w)`` the reference model's squared error per patch
+            (:func:`focusdpo.losses.patch_error`); needed, and only used, with ``confidence_source: reference_error``.
 
     Returns ``torch.ones`` when both λ are 0 (vanilla Diffusion-DPO); each image's weights have mean 1.
     """
     batch = collated_batch(winners, losers, references, masks, prior_masks)
     u = noise_levels(winners.shape[0], timesteps, scheduler, sigmas)
+    gate = reference_gate(config, reference_error, (2 * winners.shape[0], *grid))
     static = as_mapper(extractor, config).batch_maps(batch, tuple(grid))
     return focus_weights(static, u, config.lambda_structure, config.lambda_detail, config.schedule_center,
-                         config.schedule_width)
+                         config.schedule_width, gate)
+
+
+def reference_gate(config: FocusConfig, reference_error, shape: tuple[int, ...]):
+    """The per-step confidence of ``confidence_source: reference_error`` (None for the other sources)."""
+    if config.confidence_source != "reference_error":
+        return None
+    if reference_error is None or tuple(reference_error.shape) != tuple(shape):
+        got = None if reference_error is None else tuple(reference_error.shape)
+        raise ValueError(f"confidence_source: reference_error needs reference_error={shape} (the reference "
+                         f"model's per-patch squared error, [winners; losers]), got {got}: pass "
+                         "focusdpo.losses.patch_error(ref_pred, target), or choose another confidence_source")
+    return error_confidence(reference_error)
 
 
 def iter_static_maps(pairs: Iterable[dict], grid: tuple[int, int], config: FocusConfig, extractor,

@@ -28,6 +28,12 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.chunk(2, dim=0)
 
 
+def patch_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``(N, C, h, w)`` prediction and target → ``(N, h, w)`` float32 squared error, mean over channels."""
+    # fp32 before the β-scaled difference: bf16 errors lose the tiny policy/reference gaps.
+    return (pred.float() - target.float()).pow(2).mean(dim=1)
+
+
 def weighted_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample focus-weighted squared error.
 
@@ -38,8 +44,7 @@ def weighted_error(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
     Returns:
         ``(N,)`` float32: ``Σ_q W_q · mean_c (pred − target)²_q / Σ_q W_q``.
     """
-    # fp32 before the β-scaled difference: bf16 errors lose the tiny policy/reference gaps.
-    sq = (pred.float() - target.float()).pow(2).mean(dim=1)  # (N, h, w)
+    sq = patch_error(pred, target)
     if weights is None:
         return sq.flatten(1).mean(dim=1)
     if weights.shape != sq.shape:

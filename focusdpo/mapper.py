@@ -41,6 +41,8 @@ def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int]) -> str:
     """A readable key naming the extractor, the grid and a hash of every static-map setting."""
     settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
     settings["maps_version"] = MAPS_VERSION
+    if cfg.confidence_source != "correspondence":  # maps without the correspondence gate (older keys unchanged)
+        settings["static_confidence"] = "none"
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{feature_name(cfg)}/grid{grid[0]}x{grid[1]}/{digest}"
 

@@ -27,7 +27,8 @@ from .data import PairCollator, load_recipe_pairs
 from .export import export_lora
 from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .interrupts import SaveOnSignal
-from .losses import diffusion_dpo_loss, dpo_inside, scale_loser_gradient, sdpo_loser_scale, weighted_error
+from .losses import (diffusion_dpo_loss, dpo_inside, patch_error, scale_loser_gradient, sdpo_loser_scale,
+                     weighted_error)
 from .model_card import write_model_card
 from .models import Backbone, DenoiseInputs, load_backbone
 from .policy import PolicyModel, add_dpo_lora, half_dtype
@@ -119,7 +120,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
         with self.accelerator.autocast(), reference_model(self.model_config.reference_mode, self.backbone.denoiser,
                                                           self.frozen_copy) as ref:
             ref_pred = self.backbone.predict(ref, prepared)
-        weights = self.focus_weights(inputs, prepared)
+        weights = self.focus_weights(inputs, prepared, ref_pred)
         policy_err = weighted_error(pred, prepared.target, weights)
         ref_err = weighted_error(ref_pred, prepared.target, weights)
         cfg = self.loss_config
@@ -201,16 +202,20 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
         key = f"{self.args.seed}|{self.state.global_step}|{'|'.join(map(str, pair_ids))}"
         return zlib.crc32(key.encode())
 
-    def focus_weights(self, inputs: dict, prepared: DenoiseInputs) -> torch.Tensor | None:
-        """``(2B, h, w)`` focus weights W(q, u), or None (uniform: vanilla Diffusion-DPO)."""
+    def focus_weights(self, inputs: dict, prepared: DenoiseInputs, ref_pred: torch.Tensor) -> torch.Tensor | None:
+        """``(2B, h, w)`` focus weights W(q, u), or None (uniform: vanilla Diffusion-DPO); ``ref_pred`` is the
+        reference prediction, the confidence signal of ``confidence_source: reference_error``."""
         if not self.focus_config.enabled:
             return None
-        from .focus import focus_weights
+        from .focus import error_confidence, focus_weights
 
         static = self.static_focus_maps(inputs, prepared.target.shape[-2:])
         cfg = self.focus_config
+        gate = None
+        if cfg.confidence_source == "reference_error":
+            gate = error_confidence(patch_error(ref_pred.detach(), prepared.target))
         return focus_weights(static.to(prepared.target.device), prepared.noise_level, cfg.lambda_structure,
-                             cfg.lambda_detail, cfg.schedule_center, cfg.schedule_width)
+                             cfg.lambda_detail, cfg.schedule_center, cfg.schedule_width, gate)
 
     def static_focus_maps(self, inputs: dict, grid) -> torch.Tensor:
         """Cached maps of the batch (checked against this run's settings), else maps made on the fly."""

@@ -27,7 +27,8 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     out = tmp_path / "study"
     first = run(out, "--jobs", "2")  # arms and sample sets in two spawned workers (results do not depend on it)
     assert first.returncode == 0, first.stderr[-3000:]
-    arms = ("sft", "dpo", "focusdpo", "no_complexity", "no_schedule", "no_prior", "focusdpo_sdpo")
+    arms = ("sft", "dpo", "focusdpo", "no_complexity", "no_schedule", "no_prior", "no_confidence", "reference_error",
+            "focusdpo_sdpo", "lambda_s3", "lambda_s10", "lambda_d3")
     for stage in ("world", "base", "judge", "pairs", "report", *(f"arms/{a}/seed0" for a in arms),
                   *(f"eval/{a}/seed0" for a in ("base", *arms))):
         assert (out / stage / "done.json").is_file(), stage
@@ -43,14 +44,17 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     assert "focus/entropy" in focus_log
     assert "focus/entropy" not in (out / "arms/dpo/seed0/run/metrics.jsonl").read_text()
     report = (out / "report/report.md").read_text()
-    assert all(f"| {a} |" in report for a in ("base", *arms)) and "no_confidence" in report
+    assert all(f"| {a} | 1 |" in report for a in ("base", *arms)) and "focusdpo_mosaic" in report
     assert "Judge, exact identity" in report
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     second = run(out)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert ": running" not in second.stdout and "7 of 7 arm stages done, skipped" in second.stdout
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json")} == stamps
+    # only the report is rewritten (it always is: it reports every finished sample set)
+    assert [line for line in second.stdout.splitlines() if ": running" in line] == ["[efficacy] report: running"]
+    assert second.stdout.count("done, skipped") >= 2 * len(arms) + 5
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("done.json") if "report" not in p.parts} == \
+        {p: t for p, t in stamps.items() if "report" not in p.parts}
 
     changed = run(out, "--arm_steps", "2")
     assert changed.returncode != 0

@@ -11,9 +11,9 @@ from PIL import Image
 
 from focusdpo.config import FocusConfig
 from focusdpo.features import load_dino
-from focusdpo.focus import (check_cached_grid, complexity_map, compute_static_maps, focus_parts, focus_weights,
-                            gaussian_blur, misalignment_map, reference_complexity, schedule, static_focus_maps,
-                            subject_map)
+from focusdpo.focus import (check_cached_grid, complexity_map, compute_static_maps, error_confidence, focus_parts,
+                            focus_weights, gaussian_blur, misalignment_map, reference_complexity, schedule,
+                            static_focus_maps, subject_map)
 
 LOG32 = math.log(32)
 
@@ -214,6 +214,39 @@ def test_focus_weights_by_hand():
     # High noise: g ≈ 1, structure dominates.
     hi = focus_weights(static, 1.0, 2.0, 4.0, center=0.5, width=0.01)
     torch.testing.assert_close(hi, torch.tensor([[[1.5, 0.5]]]))
+
+
+def test_error_confidence_by_hand():
+    # Mean error 1: a perfect patch is certain (1), one at twice the mean gets exp(-2).
+    torch.testing.assert_close(error_confidence(torch.tensor([[[0.0, 2.0]]])), torch.tensor([[[1.0, math.exp(-2)]]]))
+    assert torch.equal(error_confidence(torch.zeros(1, 2, 2)), torch.ones(1, 2, 2))  # no error: no NaN
+
+
+def test_a_gate_scales_the_focus_terms_not_the_base_weight():
+    static = torch.tensor([[[[1.0, 1.0]], [[0.0, 0.0]]]])  # structure 1 on both patches
+    # u = center, λ_s = 2: W = 1 + gate·1 = [2, 1] -> / 1.5
+    w = focus_weights(static, torch.tensor([0.5]), 2.0, 0.0, gate=torch.tensor([[[1.0, 0.0]]]))
+    torch.testing.assert_close(w, torch.tensor([[[4 / 3, 2 / 3]]]))
+    ungated = focus_weights(static, torch.tensor([0.5]), 2.0, 0.0)
+    assert torch.equal(ungated, torch.ones(1, 1, 2))  # the same structure everywhere: uniform
+
+
+def test_confidence_source_none_drops_the_correspondence_gate():
+    feats = torch.zeros(1, 4, 4, 4)
+    feats[:, :2] = 1  # every patch matches both references equally: margin 0, correspondence confidence 0
+    refs = torch.zeros(1, 2, 4, 2, 2)
+    refs[:, 0, 0] = 1
+    refs[:, 1, 1] = 1
+    images = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    args = (feats, feats, refs, None, images, images, images[:, None].repeat(1, 2, 1, 1, 1), (4, 4))
+    gated = focus_parts(*args, FocusConfig(subject_threshold=0.5), aligned=False)
+    free = focus_parts(*args, FocusConfig(subject_threshold=0.5, confidence_source="none"), aligned=False)
+    assert torch.equal(gated["static"], torch.zeros_like(gated["static"]))
+    assert torch.equal(free["confidence"], torch.ones_like(free["confidence"]))
+    torch.testing.assert_close(free["static"][:, 0], free["subject"])  # structure = S (unaligned, conf 1)
+    for source in ("none", "reference_error"):  # reference_error gates per step, not in the cached maps
+        other = focus_parts(*args, FocusConfig(subject_threshold=0.5, confidence_source=source), aligned=False)
+        assert torch.equal(other["static"], free["static"])
 
 
 def test_focus_weights_zero_lambdas_are_exactly_ones():

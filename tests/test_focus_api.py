@@ -1,5 +1,6 @@
 """The public focus-weight API gives the trainer's weights, checks its inputs, and the README snippet runs."""
 
+import dataclasses
 import re
 
 import pytest
@@ -8,6 +9,8 @@ import torch
 from focusdpo import compute_focus_weights, iter_static_maps
 from focusdpo.data import PairCollator
 from focusdpo.focus import focus_weights
+from focusdpo.losses import patch_error
+from focusdpo.mapper import FocusMapper
 from focusdpo.recipe import parse_config
 from focusdpo.train import build_trainer
 
@@ -34,7 +37,7 @@ def api_inputs(batch):
 
 def test_weights_equal_the_trainers_on_the_same_batch(trainer, batch):
     prepared = trainer.backbone.prepare(batch, torch.Generator().manual_seed(3))
-    expected = trainer.focus_weights(batch, prepared)
+    expected = trainer.focus_weights(batch, prepared, None)
     grid = prepared.target.shape[-2:]
     pairs = len(batch["pair_ids"])
     winners, losers, references = api_inputs(batch)
@@ -50,6 +53,29 @@ def test_weights_equal_the_trainers_on_the_same_batch(trainer, batch):
                                  masks=batch["reference_masks"], prior_masks=batch["prior_mask"],
                                  sigmas=prepared.noise_level)
     assert torch.allclose(same, expected, atol=1e-6)
+
+
+def test_reference_error_confidence_equals_the_trainers(trainer, batch):
+    prepared = trainer.backbone.prepare(batch, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref_pred = trainer.backbone.predict(trainer.backbone.denoiser, prepared)
+    correspondence = trainer.focus_weights(batch, prepared, ref_pred)
+    config, mapper = trainer.focus_config, trainer.focus_mapper
+    ungated = dataclasses.replace(config, confidence_source="reference_error")
+    trainer.focus_config, trainer.focus_mapper = ungated, FocusMapper(ungated, model=mapper.model)
+    try:
+        expected = trainer.focus_weights(batch, prepared, ref_pred)
+    finally:
+        trainer.focus_config, trainer.focus_mapper = config, mapper
+    winners, losers, references = api_inputs(batch)
+    kwargs = dict(masks=batch["reference_masks"], prior_masks=batch["prior_mask"], sigmas=prepared.noise_level)
+    grid = prepared.target.shape[-2:]
+    got = compute_focus_weights(winners, losers, references, grid, ungated, trainer.focus_mapper.model,
+                                reference_error=patch_error(ref_pred, prepared.target), **kwargs)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(expected, correspondence, atol=1e-3)  # the gate changed the weights
+    with pytest.raises(ValueError, match=r"reference_error needs reference_error=\(6, .*patch_error"):
+        compute_focus_weights(winners, losers, references, grid, ungated, trainer.focus_mapper.model, **kwargs)
 
 
 def test_precomputed_maps_give_the_trainers_static_maps(trainer, batch):

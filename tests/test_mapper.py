@@ -25,6 +25,15 @@ def test_cache_key_tracks_static_settings_not_the_schedule():
     assert focus_cache_key(dataclasses.replace(cfg, top_n=1), (16, 16)) != key
     assert focus_cache_key(dataclasses.replace(cfg, dino_weights="other.safetensors"), (16, 16)) != key
     assert focus_cache_key(cfg, (8, 8)) != key
+    # Maps without the correspondence gate: one cache for both sources that leave it out of the maps.
+    ungated = focus_cache_key(dataclasses.replace(cfg, confidence_source="none"), (16, 16))
+    assert ungated != key
+    assert focus_cache_key(dataclasses.replace(cfg, confidence_source="reference_error"), (16, 16)) == ungated
+
+
+def test_cache_keys_of_earlier_releases_still_match():
+    # The default key before confidence_source existed: caches users already made stay valid.
+    assert focus_cache_key(FocusConfig(), (16, 16)) == "vit_small_patch14_dinov2@224/grid16x16/55093cbf06bc"
 
 
 def test_cached_maps_equal_on_the_fly_maps(tmp_path):

@@ -17,16 +17,21 @@ from . import recipes, world
 
 # Static focus settings (cached in the maps): MobileNetV2 features from the offline wheel, 64 px input.
 FOCUS_STATIC = {"feature_backbone": "mobilenet_v2", "dino_image_size": 64}
-MAP_SETS = {"aligned": {"pair_alignment": "auto"}, "unaligned": {"pair_alignment": "unaligned"}}
+MAP_SETS = {"aligned": {"pair_alignment": "auto"}, "unaligned": {"pair_alignment": "unaligned"},
+            # maps without the correspondence gate: the no-confidence ablation and the per-step reference-error gate
+            "ungated": {"pair_alignment": "auto", "confidence_source": "none"}}
+
+
+ARM_KEYS = ("arm_steps", "arm_batch", "arm_lr", "beta", "lora_rank")  # the sizes an arm's stage depends on
 
 
 def focus(lambda_structure: float, lambda_detail: float, **extra) -> dict:
     return {"lambda_structure": lambda_structure, "lambda_detail": lambda_detail, **extra}
 
 
-def arm_table(lam_s: float, lam_d: float, sdpo_mu: float) -> dict[str, dict]:
-    """arm name → recipe fields (and the focus-map set it trains on)."""
-    return {
+def arm_table(lam_s: float, lam_d: float, sdpo_mu: float, sweep: bool = True) -> dict[str, dict]:
+    """arm name → recipe fields (and the focus-map set it trains on); ``sweep`` adds the λ sweep (issue §3)."""
+    table = {
         "sft": {"objective": "sft", "maps": "aligned"},
         "dpo": {**focus(0.0, 0.0), "maps": "aligned"},
         "focusdpo": {**focus(lam_s, lam_d), "maps": "aligned"},
@@ -34,14 +39,22 @@ def arm_table(lam_s: float, lam_d: float, sdpo_mu: float) -> dict[str, dict]:
         # g(u) ≡ 0.5 for every u: the same mean weight per term as the schedule (u is uniform around 0.5)
         "no_schedule": {**focus(lam_s, lam_d, schedule_width=1.0e6), "maps": "aligned"},
         "no_prior": {**focus(lam_s, lam_d), "maps": "unaligned"},
+        "no_confidence": {**focus(lam_s, lam_d, confidence_source="none"), "maps": "ungated"},
+        # the alternative reading of "penalise low prediction confidence": the reference model's own error
+        "reference_error": {**focus(lam_s, lam_d, confidence_source="reference_error"), "maps": "ungated"},
         "focusdpo_sdpo": {**focus(lam_s, lam_d, sdpo_mu=sdpo_mu), "maps": "aligned"},
     }
+    if sweep:
+        table.update({"lambda_s3": {**focus(3.0, lam_d), "maps": "aligned"},
+                      "lambda_s10": {**focus(10.0, lam_d), "maps": "aligned"},
+                      "lambda_d3": {**focus(lam_s, 3.0), "maps": "aligned"}})
+    return table
 
 
-# Arms the study lists but cannot run without new trainer options (focusdpo/ is not changed by the study).
+# Arms the issue lists that this study does not run yet.
 TODO_ARMS = {
-    "no_confidence": "needs a FocusConfig switch that sets conf ≡ 1 in the static maps (none exists)",
-    "focusdpo_mosaic": "needs MOSAIC points (`focusdpo correspond`) on the pairs and lambda_sca / lambda_md",
+    "focusdpo_mosaic": "not run: needs MOSAIC points (`focusdpo correspond`) on the pairs, with lambda_sca / "
+                       "lambda_md; the study's time went to the ablations and the λ sweep first",
 }
 
 
@@ -61,8 +74,8 @@ def build_pairs(out: Path, sizes: dict, pipeline: Path, seed: int) -> None:
 
 
 def arm_recipe(folder: Path, arm: dict, sizes: dict, pipeline: Path, pairs: Path, seed: int) -> Path:
-    fields = {key: value for key, value in arm.items() if key != "maps"}
-    fields.update(base_fields(pipeline, pairs / arm["maps"]), **MAP_SETS[arm["maps"]])
+    fields = {**base_fields(pipeline, pairs / arm["maps"]), **MAP_SETS[arm["maps"]]}
+    fields.update({key: value for key, value in arm.items() if key != "maps"})  # the arm's own fields win
     fields.update({"output_dir": str(folder / "run"), "max_steps": sizes["arm_steps"],
                    "per_device_train_batch_size": sizes["arm_batch"], "learning_rate": sizes["arm_lr"],
                    "beta": sizes["beta"], "lora_rank": sizes["lora_rank"], "lora_alpha": sizes["lora_rank"],

@@ -7,6 +7,7 @@ references go in as FLUX.2 in-context reference tokens, exactly as in training.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,10 +17,12 @@ from focusdpo.models import load_backbone
 from focusdpo.sampling import apply_loras, sample_images
 from focusdpo.visualize import image_grid
 
+from . import arms, recipes, world
 from . import judge as judging
-from . import recipes
-from . import world
 from .base_model import to_pixels
+from .resume import run_stage, settings_of
+
+SAMPLE_KEYS = ("sample_steps", "sample_batch", "png_scenes")
 
 
 def load_judge(folder: Path) -> judging.Judge:
@@ -66,3 +69,22 @@ def reference_tile(identities: list[int]) -> Image.Image:
     for k, identity in enumerate(identities):
         tile.paste(world.reference(identity)[0], ((k % 2) * world.QUADRANT, (k // 2) * world.QUADRANT))
     return tile
+
+
+def sample_stage(out: Path, name: str, seed: int, run: Path | None, sizes: dict, base: Path, world_dir: Path,
+                 judge_dir: Path) -> None:
+    """The resumable ``eval/<name>/seed<seed>`` stage: ``run`` is the arm's folder (None: the base model)."""
+    upstream = [base, world_dir, judge_dir] + ([run] if run is not None else [])
+    work = partial(evaluate_arm, label=name, pipeline=base / "pipeline",
+                   lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir, sizes=sizes)
+    run_stage(out / "eval" / name / f"seed{seed}", f"sampling {name} seed {seed}",
+              settings_of(sizes, SAMPLE_KEYS, *upstream), work)
+
+
+def train_and_sample(out: Path, name: str, arm: dict, seed: int, sizes: dict, base: Path, pairs: Path,
+                     world_dir: Path, judge_dir: Path) -> None:
+    """One arm × seed: its training stage, then its sampling stage (each skipped when finished)."""
+    run = out / "arms" / name / f"seed{seed}"
+    run_stage(run, f"arm {name} seed {seed}", {**settings_of(sizes, arms.ARM_KEYS, base, pairs), "arm": arm},
+              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed))
+    sample_stage(out, name, seed, run, sizes, base, world_dir, judge_dir)

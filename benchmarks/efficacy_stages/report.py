@@ -42,29 +42,49 @@ def cell(values: list[float], scale: float = 100.0) -> str:
     return f"{np.mean(values) * scale:.1f} ± {np.std(values) * scale:.1f}"
 
 
+def finished_seeds(evals: Path, arm: str, seeds: list[int]) -> list[int]:
+    """The seeds whose sample set exists (an interrupted study reports what it has); the base model: seed 0's."""
+    wanted = seeds[:1] if arm == "base" else seeds
+    return [s for s in wanted if (evals / arm / f"seed{s}" / "scores.jsonl").is_file()]
+
+
+def gain_cell(arm: dict, base: dict, metric: str, draws: int) -> tuple[str, bool]:
+    """``[low, high]`` of the paired bootstrap over the seeds both have, and whether it counts (issue rule:
+    |mean gain| ≥ 3 points and the interval excludes zero)."""
+    shared = [s for s in arm if s in base]
+    if not shared:
+        return "–", False
+    arm_scores = [arm[s][metric] for s in shared]
+    low, high = paired_bootstrap(arm_scores, [base[s][metric] for s in shared], draws, 0)
+    gain = float(np.mean([a.mean() - base[s][metric].mean() for a, s in zip(arm_scores, shared)]))
+    counts = abs(gain) >= 0.03 and (low > 0 or high < 0)
+    return f"[{low * 100:+.1f}, {high * 100:+.1f}]" + (" **" if counts else ""), counts
+
+
 def arm_rows(evals: Path, arms: list[str], seeds: list[int], draws: int) -> list[str]:
-    """The base model is sampled once (seed 0's folder): training seeds do not change it."""
-    scores = {a: [read_scores(evals / a / f"seed{s}" / "scores.jsonl") for s in (seeds[:1] if a == "base" else seeds)]
+    """One table row per arm with at least one finished sample set."""
+    scores = {a: {s: read_scores(evals / a / f"seed{s}" / "scores.jsonl") for s in finished_seeds(evals, a, seeds)}
               for a in arms}
     lines = []
-    for arm in arms:
-        means = {m: [float(s[m].mean()) for s in scores[arm]] for m in METRICS}
-        gains = []
-        for m in ("fidelity", "leakage"):
-            if BASELINE in scores and arm != BASELINE:
-                low, high = paired_bootstrap([s[m] for s in scores[arm]], [s[m] for s in scores[BASELINE]], draws, 0)
-                gains.append(f"[{low * 100:+.1f}, {high * 100:+.1f}]")
-            else:
-                gains.append("–")
-        lines.append(f"| {arm} | {cell(means['fidelity'])} | {cell(means['leakage'])} | {cell(means['missing'])} | "
-                     f"{cell(means['extra'], 1.0)} | {gains[0]} | {gains[1]} |")
+    for arm in (a for a in arms if scores[a]):
+        means = {m: [float(v[m].mean()) for v in scores[arm].values()] for m in METRICS}
+        # the base model is sampled once: it is paired with every dpo seed
+        paired = {s: next(iter(scores[arm].values())) for s in scores.get(BASELINE, {})} if arm == "base" \
+            else scores[arm]
+        gains = [gain_cell(paired, scores.get(BASELINE, {}), m, draws)[0] if arm != BASELINE else "–"
+                 for m in ("fidelity", "leakage")]
+        lines.append(f"| {arm} | {len(scores[arm])} | {cell(means['fidelity'])} | {cell(means['leakage'])} | "
+                     f"{cell(means['missing'])} | {cell(means['extra'], 1.0)} | {gains[0]} | {gains[1]} |")
     return lines
 
 
 def focus_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
     lines = []
     for arm in arms:
-        stats = [focus_statistics(runs / arm / f"seed{s}" / "run" / "metrics.jsonl") for s in seeds]
+        stats = [focus_statistics(runs / arm / f"seed{s}" / "run" / "metrics.jsonl") for s in seeds
+                 if (runs / arm / f"seed{s}" / "run").is_dir()]
+        if not stats:
+            continue
         entropy, ratio = (np.nanmean([s[k] for s in stats]) if not all(math.isnan(s[k]) for s in stats) else math.nan
                           for k in ("entropy", "max_over_mean"))
         lines.append(f"| {arm} | {entropy:.3f} | {ratio:.2f} |")
@@ -79,12 +99,13 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
              f"{accuracy['reconstructions'] * 100:.1f} % on VAE reconstructions (check it on samples by eye).", "",
              f"Held-out scenes scored by the judge; mean ± std over seeds {seeds} (percent; extra: subjects per "
              "scene). Gain intervals: paired bootstrap 95 % of the arm minus vanilla DPO (`dpo`), scenes resampled.",
-             "", "| arm | fidelity | leakage | missing | extra | Δ fidelity vs dpo | Δ leakage vs dpo |",
-             "| --- | --- | --- | --- | --- | --- | --- |",
+             "A gain counts (marked **) only if it is at least 3 points and its interval excludes zero.",
+             "", "| arm | seeds | fidelity | leakage | missing | extra | Δ fidelity vs dpo | Δ leakage vs dpo |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |",
              *arm_rows(root / "eval", evaluated, seeds, settings["bootstrap_draws"]), "",
              "Focus weights during training (mean over logged steps; uniform weights: entropy 1, max/mean 1):", "",
              "| arm | focus/entropy | max/mean |", "| --- | --- | --- |", *focus_rows(root / "arms", arms, seeds), "",
-             "Not run (need trainer options that do not exist yet):", "",
+             "Not run:", "",
              *(f"- `{name}`: {why}" for name, why in todo.items()), "",
              "Samples per arm (first held-out scenes, seed 0): " + ", ".join(
                  f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated), ""]

@@ -6,10 +6,12 @@ A folder with a ``done.json`` whose settings equal the requested ones is finishe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +20,13 @@ MARKER = "done.json"
 
 class SettingsChanged(RuntimeError):
     """A finished stage was asked to run again with different settings."""
+
+
+def settings_of(sizes: dict, keys: tuple[str, ...], *upstream: Path) -> dict:
+    """A stage's own sizes plus a digest of the settings of the stages it reads (stale inputs are refused too)."""
+    digest = hashlib.sha256(b"".join(json.dumps(json.loads((u / MARKER).read_text())["settings"], sort_keys=True)
+                                     .encode() for u in upstream)).hexdigest()[:16]
+    return {**{k: sizes[k] for k in keys}, "upstream": digest}
 
 
 def finished(folder: Path, name: str, settings: dict) -> bool:
@@ -63,9 +72,14 @@ def run_stages(tasks: list[tuple[Path, str, dict, Callable[[Path], None]]], jobs
     pending = [task for task in tasks if not finished(task[0], task[1], task[2])]
     if len(tasks) > len(pending):
         print(f"[efficacy] {len(tasks) - len(pending)} of {len(tasks)} {tasks[0][1].split()[0]} stages done, skipped")
-    if jobs <= 1 or len(pending) <= 1:
-        for task in pending:
-            run_stage(*task)
+    run_calls([partial(run_stage, *task) for task in pending], jobs)
+
+
+def run_calls(calls: list[Callable[[], object]], jobs: int = 1) -> None:
+    """Each call in order, ``jobs`` spawned processes at a time (one torch thread each); errors re-raise here."""
+    if jobs <= 1 or len(calls) <= 1:
+        for call in calls:
+            call()
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -74,5 +88,5 @@ def run_stages(tasks: list[tuple[Path, str, dict, Callable[[Path], None]]], jobs
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for future in [pool.submit(run_stage, *task) for task in pending]:
+        for future in [pool.submit(call) for call in calls]:
             future.result()  # re-raises a worker's error here
