@@ -34,7 +34,7 @@ def write_datasets(args, tmp: Path) -> dict[str, str]:
     folders = {name: str(tmp / name) for name in ("plain", "latents", "focus")}
     load_pairs("toy", toy_num_pairs=3 * args.tp_pairs, resolution=args.tp_resolution).save_to_disk(folders["plain"])
     size = ["--resolution", str(args.tp_resolution)]
-    cli(["embed", "--out", folders["latents"], "--device", "cpu", "--latents", "--no_text",
+    cli(["embed", "--out", folders["latents"], "--device", "cpu", "--latents",
          "--dataset", folders["plain"], *size])
     cli(["focus", "--out", folders["focus"], "--device", "cpu", "--dataset", folders["latents"], *size,
          *[f"--{k}={v}" for k, v in FOCUS.items()]])

@@ -90,7 +90,8 @@ class ModelConfig:
         "help": "Keep the frozen text encoders on the CPU and encode prompts there (saves accelerator memory, "
                 "costs time per step; caching embeddings with `focusdpo embed` is faster)."})
     drop_text_encoders: bool = field(default=False, metadata={
-        "help": "Free the text encoders during training; needs prompt embeddings cached by `focusdpo embed`."})
+        "help": "Free the text encoders during training (flow families); needs prompt embeddings cached by "
+                "`focusdpo embed`. SD/SDXL runs on cached embeddings skip their CLIP encoders per step anyway."})
     text_encoder_out_layers: list[int] = field(default_factory=list, metadata={
         "help": "flux2: text-encoder hidden layers to stack; empty uses the pipeline's default."})
     channels_last: bool = field(default=False, metadata={
@@ -107,6 +108,10 @@ class ModelConfig:
         if self.reference_size is not None:
             check_int("reference_size", self.reference_size, 8)
         check_choice("family", self.family, FAMILIES)
+        if self.drop_text_encoders and self.family in ("sd", "sdxl"):
+            raise ConfigError(f"drop_text_encoders is for the flow families; {self.family}'s CLIP encoders are small "
+                              "and sample validation images: keep them (prompt embeddings cached by `focusdpo "
+                              "embed` already skip them in every step)")
         check_choice("flow_density", self.flow_density, FLOW_DENSITIES)
         check_choice("flow_shift_mode", self.flow_shift_mode, FLOW_SHIFT_MODES)
         if (self.flow_shift is not None) != (self.flow_shift_mode == "static"):

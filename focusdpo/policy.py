@@ -25,6 +25,13 @@ class PolicyModel(torch.nn.Module):
     def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
         return self.backbone[0].predict(self.denoiser, inputs)
 
+    def train(self, mode: bool = True) -> "PolicyModel":
+        """The Trainer calls ``model.train()`` every step; setting the flag on every submodule (~2 ms on the tiny
+        UNet) is skipped when each one already has it. Reading the flags is exact whoever changed them."""
+        if any(module.training != mode for module in self.modules()):
+            super().train(mode)
+        return self
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if getattr(self, "_trainable", None) is None:
             self._trainable = [p for p in self.parameters() if p.requires_grad]

@@ -9,9 +9,11 @@ walk over all parameters is saved.)
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 DPO_ADAPTER = "dpo"
 PERSONAL_ADAPTER = "personal"
@@ -27,15 +29,37 @@ def kept_trainable_flags(module: torch.nn.Module):
             param.requires_grad_(flag)
 
 
+# denoiser → (its adapter names, its peft layers). diffusers' disable_adapters / enable_adapters walk every submodule
+# on each call (two walks per step, ~16k module visits on the tiny UNet); the layers only change with the adapters.
+_TUNER_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tuner_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
+    """peft's adapter layers in ``denoiser``, found once per set of adapters."""
+    adapters = tuple(getattr(denoiser, "peft_config", {}))
+    cached = _TUNER_LAYERS.get(denoiser)
+    if cached is None or cached[0] != adapters:
+        cached = (adapters, [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)])
+        _TUNER_LAYERS[denoiser] = cached
+    if not cached[1]:
+        raise ValueError("reference_mode='disable_adapters' needs a LoRA on the denoiser (lora_rank > 0); a full "
+                         "fine-tune (lora_rank: 0) uses reference_mode: frozen_copy")
+    return cached[1]
+
+
 @contextmanager
 def disabled_adapters(denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None):
-    """Fresh LoRA: the reference is the base model (adapters off)."""
+    """Fresh LoRA: the reference is the base model (adapters off; peft's public per-layer switch, as diffusers'
+    ``disable_adapters`` does, on layers found once)."""
+    layers = tuner_layers(denoiser)
     with torch.no_grad():
-        denoiser.disable_adapters()
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
             yield denoiser
         finally:
-            denoiser.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 @contextmanager

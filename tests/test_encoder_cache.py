@@ -41,12 +41,26 @@ def test_dropping_text_encoders_without_a_cache_is_refused(tmp_path):
         main([*TINY, "--family", "flux2", "--output_dir", str(tmp_path), "--drop_text_encoders", "true"])
 
 
-def test_sd_does_not_cache_text():
-    with pytest.raises(NotImplementedError, match="flow families"):
-        load_backbone("sd").text_cache(["a dog"])
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_unet_runs_on_cached_prompt_embeddings_never_run_the_text_encoders(family, tmp_path):
+    args = [*TINY, "--family", family, "--max_steps", "3", "--sample_every_run", "false"]
+    cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", *args])
+    columns = set(load_pairs(str(tmp_path / "cached")).column_names)
+    assert {"prompt_embeds", "latents"} <= columns and ("pooled_prompt_embeds" in columns) == (family == "sdxl")
+    main([*args, "--output_dir", str(tmp_path / "live")])
+    from focusdpo.recipe import parse_config
+    from focusdpo.train import build_trainer
+
+    trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run"), "--dataset",
+                                           str(tmp_path / "cached")]))
+    trainer.backbone.pipeline.encode_prompt = None  # any text encoding during training would now fail
+    trainer.train()
+    assert step_losses(tmp_path / "run") == pytest.approx(step_losses(tmp_path / "live"), rel=1e-3)  # float16 cache
+    with pytest.raises(ValueError, match="drop_text_encoders is for the flow families"):
+        parse_config([*args, "--output_dir", str(tmp_path / "x"), "--drop_text_encoders", "true"])
 
 
-@pytest.mark.parametrize("family, extra", [("sd", ["--no_text"]), ("flux2", []), ("flux_kontext", [])])
+@pytest.mark.parametrize("family, extra", [("sd", []), ("flux2", []), ("flux_kontext", [])])
 def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tmp_path):
     from focusdpo.recipe import parse_config
     from focusdpo.train import build_trainer

@@ -105,6 +105,35 @@ def test_a_training_step_reads_no_device_or_dtype_from_the_models(family, tmp_pa
     assert step_losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
 
 
+def test_a_step_never_walks_the_model_for_adapters_or_train_mode(tmp_path, monkeypatch):
+    """diffusers' disable/enable_adapters walk every submodule per call; the reference pass switches peft's layers,
+    found once per set of adapters; ``model.train()`` sets flags only when one differs."""
+    from focusdpo.reference import disabled_adapters, tuner_layers
+
+    trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run")]))
+    for name in ("disable_adapters", "enable_adapters"):
+        monkeypatch.setattr(type(trainer.backbone.denoiser), name, lambda *a, n=name, **k: pytest.fail(f"{n} walked the model"))
+    trainer.train()
+    assert step_losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
+    denoiser = trainer.backbone.denoiser
+    layers = tuner_layers(denoiser)
+    assert layers and tuner_layers(denoiser) is layers  # found once
+    with disabled_adapters(denoiser):
+        assert all(layer.disable_adapters for layer in layers)
+    assert not any(layer.disable_adapters for layer in layers)
+    assert {n for n, p in denoiser.named_parameters() if p.requires_grad} == \
+        {n for n, _ in denoiser.named_parameters() if ".dpo." in n}  # the DPO LoRA alone trains again
+    from peft import LoraConfig
+
+    denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="other")
+    assert len(tuner_layers(denoiser)) == len(layers)  # re-found (to_q layers already hold the DPO LoRA)
+    assert tuner_layers(denoiser) is not layers
+    block = next(m for m in denoiser.modules() if m is not denoiser)
+    block.eval()  # a submodule switched by someone else: train() still restores it
+    trainer.model.train()
+    assert block.training
+
+
 def test_channels_last_trains_like_the_default_layout(tmp_path):
     main([*TINY, "--output_dir", str(tmp_path / "default")])
     trainer = main([*TINY, "--output_dir", str(tmp_path / "nhwc"), "--channels_last", "true"])

@@ -81,9 +81,19 @@ class Backbone(ABC):
         raise NotImplementedError
 
     def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Per-pair prompt embeddings to cache in the dataset (flow transformers; their text stacks are large)."""
-        raise NotImplementedError(f"caching prompt embeddings is for the flow families (flux2, flux_kontext); "
-                                  f"{self.family}'s CLIP text encoders are small enough to keep")
+        """Per-pair prompt embeddings to cache in the dataset (``focusdpo embed``): columns ``prompt_embeds``
+        ``(N, L, D)`` and, where the family has one, ``pooled_prompt_embeds`` ``(N, D)``."""
+        raise NotImplementedError(f"{self.family} cannot cache prompt embeddings")
+
+    def cached_prompt_embeds(self, batch: dict, pairs: int, key: str = "prompt_embeds") -> torch.Tensor | None:
+        embeds = batch.get(key)
+        if embeds is None:
+            return None
+        embeds = torch.as_tensor(embeds)
+        if embeds.shape[0] != pairs:
+            raise ValueError(f"batch[{key!r}] has {embeds.shape[0]} rows for {pairs} pairs: cache one row per "
+                             "pair (not per [w; l] image)")
+        return embeds.to(self.device)
 
     def to(self, device, dtype: torch.dtype | None = None) -> "Backbone":
         """Move the frozen components (VAE, text encoders) and the denoiser; cast frozen parts to ``dtype``."""

@@ -294,15 +294,6 @@ class FlowMatchingBackbone(Backbone):
                              "batch pairs with the same K (bucket by K, or per_device_train_batch_size: 1), or "
                              "set mixed_reference_counts: pad")
 
-    def cached_prompt_embeds(self, batch: dict, pairs: int, key: str = "prompt_embeds") -> torch.Tensor | None:
-        embeds = batch.get(key)
-        if embeds is None:
-            return None
-        embeds = torch.as_tensor(embeds)
-        if embeds.shape[0] != pairs:
-            raise ValueError(f"batch[{key!r}] has {embeds.shape[0]} rows for {pairs} pairs: cache one row per "
-                             "pair (not per [w; l] image)")
-        return embeds.to(self.device)
 
     # ---- running the transformer ----------------------------------------------------------------
     def denoiser_kwargs(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> dict:

@@ -79,10 +79,22 @@ class StableDiffusionBackbone(Backbone):
         return {"latents": list(torch.stack(posterior.chunk(2), dim=1))}  # per pair: [chosen, rejected]
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
-        """Prompt conditioning for ``[w; l]`` (``resolution`` is used by SDXL's size ids)."""
+    def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _ = self.pipeline.encode_prompt(prompts, self.text_device, 1, do_classifier_free_guidance=False)
-        return {"encoder_hidden_states": repeat_pairs(embeds.to(self.device))}
+        return {"prompt_embeds": embeds}
+
+    def text_conditioning(self, batch: dict, pairs: int, resolution: int) -> dict:
+        """Prompt conditioning for ``[w; l]``: the embeddings cached by ``focusdpo embed``, else the text encoder's
+        (``resolution`` is used by SDXL's size ids)."""
+        cached = self.cached_prompt_embeds(batch, pairs)
+        if cached is None:
+            return self.encode_prompts(batch["prompts"], resolution)
+        return {"encoder_hidden_states": repeat_pairs(cached.float())}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
+        """Prompt conditioning for ``[w; l]`` from the text encoder."""
+        return {"encoder_hidden_states": repeat_pairs(self.text_cache(prompts)["prompt_embeds"].to(self.device))}
 
     def prepare(self, batch: dict, generator: torch.Generator) -> DenoiseInputs:
         posterior = batch.get("latents")  # cached by `focusdpo embed --latents`: the posterior, not a sample
@@ -96,7 +108,7 @@ class StableDiffusionBackbone(Backbone):
         t = repeat_pairs(torch.randint(0, num_train, (pairs,), generator=generator)).to(self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-        kwargs = {"sample": noisy, "timestep": t, **self.encode_prompts(batch["prompts"], resolution)}
+        kwargs = {"sample": noisy, "timestep": t, **self.text_conditioning(batch, pairs, resolution)}
         self.add_size_conditioning(kwargs, batch, resolution)
         return DenoiseInputs(kwargs, target, noise_level=self.flow_equivalent_sigma(t))
 
@@ -125,15 +137,35 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
     family = "sdxl"
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
+    def text_cache(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, _, pooled, _ = self.pipeline.encode_prompt(prompts, device=self.text_device, num_images_per_prompt=1,
                                                            do_classifier_free_guidance=False)
-        embeds, pooled = embeds.to(self.device), pooled.to(self.device)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def text_conditioning(self, batch: dict, pairs: int, resolution: int) -> dict:
+        cached = self.cached_prompt_embeds(batch, pairs)
+        pooled = self.cached_prompt_embeds(batch, pairs, "pooled_prompt_embeds")
+        if (cached is None) != (pooled is None):
+            raise ValueError("cached SDXL text conditioning needs both batch['prompt_embeds'] and "
+                             "batch['pooled_prompt_embeds']: re-run `focusdpo embed`")
+        if cached is None:
+            return self.encode_prompts(batch["prompts"], resolution)
+        return self.conditioning(cached.float(), pooled.float(), resolution)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], resolution: int) -> dict:
+        text = self.text_cache(prompts)
+        return self.conditioning(text["prompt_embeds"].to(self.device), text["pooled_prompt_embeds"].to(self.device),
+                                 resolution)
+
+    def conditioning(self, embeds: torch.Tensor, pooled: torch.Tensor, resolution: int) -> dict:
+        """UNet kwargs for ``[w; l]`` from per-pair embeddings ``(B, L, D)`` and pooled ``(B, D)``."""
+        prompts = embeds.shape[0]
         size = (resolution, resolution)
         projection_dim = self.pipeline.text_encoder_2.config.projection_dim
         time_ids = self.pipeline._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
                                                    text_encoder_projection_dim=projection_dim)
-        time_ids = time_ids.to(self.device).repeat(2 * len(prompts), 1)
+        time_ids = time_ids.to(self.device).repeat(2 * prompts, 1)
         return {"encoder_hidden_states": repeat_pairs(embeds),
                 "added_cond_kwargs": {"text_embeds": repeat_pairs(pooled), "time_ids": time_ids}}
 
