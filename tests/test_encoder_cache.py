@@ -6,7 +6,6 @@ import pytest
 
 from focusdpo.cli import main as cli
 from focusdpo.data import load_pairs
-from focusdpo.models import load_backbone
 from focusdpo.train import main
 
 from conftest import REPO

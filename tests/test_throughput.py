@@ -112,7 +112,8 @@ def test_a_step_never_walks_the_model_for_adapters_or_train_mode(tmp_path, monke
 
     trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run")]))
     for name in ("disable_adapters", "enable_adapters"):
-        monkeypatch.setattr(type(trainer.backbone.denoiser), name, lambda *a, n=name, **k: pytest.fail(f"{n} walked the model"))
+        monkeypatch.setattr(type(trainer.backbone.denoiser), name,
+                            lambda *a, n=name, **k: pytest.fail(f"{n} walked the model"))
     trainer.train()
     assert step_losses(tmp_path / "run")[0] == pytest.approx(math.log(2), abs=1e-6)
     denoiser = trainer.backbone.denoiser

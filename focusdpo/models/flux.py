@@ -294,7 +294,6 @@ class FlowMatchingBackbone(Backbone):
                              "batch pairs with the same K (bucket by K, or per_device_train_batch_size: 1), or "
                              "set mixed_reference_counts: pad")
 
-
     # ---- running the transformer ----------------------------------------------------------------
     def denoiser_kwargs(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> dict:
         kw = inputs.model_kwargs
