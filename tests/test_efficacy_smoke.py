@@ -46,6 +46,10 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     report = (out / "report/report.md").read_text()
     assert all(f"| {a} | 1 |" in report for a in ("base", *arms)) and "focusdpo_mosaic" in report
     assert "Judge, exact identity" in report
+    from PIL import Image
+
+    figure = Image.open(out / "report/samples.png")  # references + base + every arm, one row each
+    assert figure.height == 64 * (2 + len(arms))
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("done.json")}
     second = run(out)

@@ -61,6 +61,22 @@ def evaluate_arm(out: Path, label: str, pipeline: Path, lora: Path | None, world
     shown = sizes["png_scenes"]
     tiles = [reference_tile(scene["identities"]) for scene in scenes[:shown]]
     image_grid([tiles, images[:shown]], ["references", label], min_cell=64).save(out / "samples.png")
+    strip(tiles).save(out / "references.png")  # unlabelled strips: the report stacks every arm's into one PNG
+    strip(images[:shown]).save(out / "strip.png")
+
+
+def strip(images) -> Image.Image:
+    """Images side by side, at their own size."""
+    out = Image.new("RGB", (sum(i.width for i in images), images[0].height), "white")
+    for k, image in enumerate(images):
+        out.paste(image, (k * images[0].width, 0))
+    return out
+
+
+def tiles_of(path: Path, size: int) -> list[Image.Image]:
+    """The ``size`` px images of a strip written by :func:`strip`."""
+    image = Image.open(path).convert("RGB")
+    return [image.crop((x, 0, x + size, size)) for x in range(0, image.width, size)]
 
 
 def reference_tile(identities: list[int]) -> Image.Image:

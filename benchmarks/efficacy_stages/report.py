@@ -91,8 +91,24 @@ def focus_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
     return lines
 
 
+def samples_figure(evals: Path, arms: list[str], seed: int, out: Path) -> None:
+    """One PNG: the references, then each arm's samples of the same held-out scenes (same noise)."""
+    from focusdpo.visualize import image_grid
+
+    from .evaluation import tiles_of
+    from .world import SIZE
+
+    shown = [a for a in arms if (evals / a / f"seed{seed}" / "strip.png").is_file()]  # the base model: seeds[0]
+    if not shown:
+        return
+    rows = [tiles_of(evals / shown[0] / f"seed{seed}" / "references.png", SIZE)]
+    rows += [tiles_of(evals / a / f"seed{seed}" / "strip.png", SIZE) for a in shown]
+    image_grid(rows, ["references", *shown], min_cell=64).save(out / "samples.png")
+
+
 def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo: dict, settings: dict) -> None:
     evaluated = ["base"] + arms
+    samples_figure(root / "eval", evaluated, seeds[0], out)
     accuracy = json.loads((root / "judge" / "accuracy.json").read_text())
     lines = ["# Efficacy study", "", f"Settings: `{json.dumps(settings, sort_keys=True)}`", "",
              f"Judge, exact identity per subject: {accuracy['renders'] * 100:.1f} % on clean renders, "
@@ -107,6 +123,7 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
              "| arm | focus/entropy | max/mean |", "| --- | --- | --- |", *focus_rows(root / "arms", arms, seeds), "",
              "Not run:", "",
              *(f"- `{name}`: {why}" for name, why in todo.items()), "",
-             "Samples per arm (first held-out scenes, seed 0): " + ", ".join(
+             f"All arms on the first held-out scenes (seed {seeds[0]}, the same noise): [samples.png](samples.png). "
+             "Per arm: " + ", ".join(
                  f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated), ""]
     (out / "report.md").write_text("\n".join(lines))
