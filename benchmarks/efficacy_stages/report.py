@@ -121,8 +121,7 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
              *arm_rows(root / "eval", evaluated, seeds, settings["bootstrap_draws"]), "",
              "Focus weights during training (mean over logged steps; uniform weights: entropy 1, max/mean 1):", "",
              "| arm | focus/entropy | max/mean |", "| --- | --- | --- |", *focus_rows(root / "arms", arms, seeds), "",
-             "Not run:", "",
-             *(f"- `{name}`: {why}" for name, why in todo.items()), "",
+             *(["Not run:", "", *(f"- `{name}`: {why}" for name, why in todo.items()), ""] if todo else []),
              f"All arms on the first held-out scenes (seed {seeds[0]}, the same noise): [samples.png](samples.png). "
              "Per arm: " + ", ".join(
                  f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated), ""]
