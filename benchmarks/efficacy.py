@@ -89,10 +89,13 @@ def pairs_stage(out: Path, sizes: dict, seed: int, base: Path) -> Path:
 def arm_stages(out: Path, sizes: dict, table: dict, seeds: list[int], base: Path, pairs: Path, world_dir: Path,
                judge_dir: Path) -> None:
     """The base model's samples, then per seed (seed-major, so an interrupted study has whole seeds) each arm's
-    training followed by its samples: two resumable stages per arm × seed, ``jobs`` at a time."""
+    training followed by its samples: two resumable stages per arm × seed, ``jobs`` at a time. The main comparison
+    (``arms.FIRST_ARMS``) runs on every seed before the other arms."""
     calls = [partial(evaluation.sample_stage, out, "base", seeds[0], None, sizes, base, world_dir, judge_dir)]
-    calls += [partial(evaluation.train_and_sample, out, name, arm, seed, sizes, base, pairs, world_dir, judge_dir)
-              for seed in seeds for name, arm in table.items()]
+    for first in (True, False):
+        calls += [partial(evaluation.train_and_sample, out, name, arm, seed, sizes, base, pairs, world_dir,
+                          judge_dir)
+                  for seed in seeds for name, arm in table.items() if (name in arms.FIRST_ARMS) == first]
     run_calls(calls, sizes["jobs"])
 
 

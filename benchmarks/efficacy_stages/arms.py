@@ -55,6 +55,9 @@ def arm_table(lam_s: float, lam_d: float, sdpo_mu: float, sweep: bool = True) ->
     return table
 
 
+# Run first, every seed (seed-major), then every other arm (seed-major too): an interrupted study has the main
+# comparison (vanilla DPO vs FocusDPO at the default and the strongest λ_s, SFT) on every seed first.
+FIRST_ARMS = ("dpo", "focusdpo", "lambda_s10", "sft")
 TODO_ARMS: dict[str, str] = {}  # arms the issue lists that this study does not run
 
 
