@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, int, str]:
     parser.add_argument("--seed", type=int, default=0, help="World / model seed; arm seeds are seed, seed+1, ...")
     parser.add_argument("--jobs", type=int, default=1, help="Arms / sample sets trained or sampled side by side "
                         "(one process and one thread each; 2 on a 2-core machine). Results do not depend on it.")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Only rewrite the report from the sample sets finished so far (safe while a study runs).")
     parser.add_argument("--until", choices=STAGES, default="report",
                         help="Stop after this stage (e.g. build the base model and pairs while arms are still edited).")
     for key, value in FULL.items():
@@ -148,12 +150,17 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, int, str]:
     args = parser.parse_args(argv)
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed, args.until
+    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed, "report_only" if args.report_only else args.until
 
 
 def main(argv: list[str] | None = None) -> None:
     out, sizes, seed, until = parse_args(argv)
-    folder = run_study(out, sizes, seed, until)
+    if until == "report_only":
+        seeds = [seed + i for i in range(sizes["seeds"])]
+        table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
+        folder = report_stage(out, sizes, table, seeds)
+    else:
+        folder = run_study(out, sizes, seed, until)
     print(f"[efficacy] report: {folder / 'report.md'}" if folder else f"[efficacy] stopped after stage {until!r}")
 
 

@@ -113,8 +113,9 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
     lines = ["# Efficacy study", "", f"Settings: `{json.dumps(settings, sort_keys=True)}`", "",
              f"Judge, exact identity per subject: {accuracy['renders'] * 100:.1f} % on clean renders, "
              f"{accuracy['reconstructions'] * 100:.1f} % on VAE reconstructions (check it on samples by eye).", "",
-             f"Held-out scenes scored by the judge; mean ± std over seeds {seeds} (percent; extra: subjects per "
-             "scene). Gain intervals: paired bootstrap 95 % of the arm minus vanilla DPO (`dpo`), scenes resampled.",
+             f"Held-out scenes scored by the judge; mean ± std over each arm's finished seeds (column `seeds`, of "
+             f"{seeds}; percent; extra: subjects per scene). Gain intervals: paired bootstrap 95 % of the arm minus "
+             "vanilla DPO (`dpo`), scenes resampled.",
              "A gain counts (marked **) only if it is at least 3 points and its interval excludes zero.",
              "", "| arm | seeds | fidelity | leakage | missing | extra | Δ fidelity vs dpo | Δ leakage vs dpo |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -124,5 +125,6 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
              *(["Not run:", "", *(f"- `{name}`: {why}" for name, why in todo.items()), ""] if todo else []),
              f"All arms on the first held-out scenes (seed {seeds[0]}, the same noise): [samples.png](samples.png). "
              "Per arm: " + ", ".join(
-                 f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated), ""]
+                 f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated
+                 if (root / "eval" / a / f"seed{seeds[0]}" / "samples.png").is_file()), ""]
     (out / "report.md").write_text("\n".join(lines))
