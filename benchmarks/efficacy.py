@@ -110,14 +110,40 @@ def report_stage(out: Path, sizes: dict, table: dict, seeds: list[int]) -> Path:
 
 
 STAGES = ("base", "judge", "pairs", "arms", "report")
+SHARED = ("world", "base", "judge", "pairs")  # what --reuse links (and the base samples): everything before the arms
 
 
-def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report") -> Path | None:
+def select_arms(table: dict, names: str | None) -> dict:
+    """The arms named in ``--arms`` (comma-separated), in the table's order; all of them when None."""
+    if names is None:
+        return table
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in table]
+    if unknown:
+        raise SystemExit(f"[efficacy] --arms: unknown arm(s) {', '.join(unknown)}; valid: {', '.join(table)}")
+    if report.BASELINE not in wanted:
+        raise SystemExit(f"[efficacy] --arms must include {report.BASELINE!r}: every gain is measured against it")
+    return {name: arm for name, arm in table.items() if name in wanted}
+
+
+def reuse_study(out: Path, earlier: Path, seed: int) -> None:
+    """Links the world, base model, judge, pairs and base samples of ``earlier`` into ``out`` (a follow-up study at
+    another arm budget reuses them; their settings are still checked, so a different world or base is refused)."""
+    for name in (*SHARED, f"eval/base/seed{seed}"):
+        source, link = (earlier / name).resolve(), out / name
+        if not (source / "done.json").is_file():
+            raise SystemExit(f"[efficacy] --reuse: {source} is not a finished stage; run that study first")
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(source, target_is_directory=True)
+
+
+def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", table: dict | None = None) -> Path | None:
     """Runs the stages in order up to and including ``until``; returns the report folder (None if not reached)."""
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(sizes["seeds"])]
-    table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
+    table = table or arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
     world_dir = world_stage(out, sizes, seed)
     base = base_stage(out, sizes, seed)
     if until == "base":
@@ -134,7 +160,7 @@ def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report") -> P
     return report_stage(out, sizes, table, seeds)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Path, dict, int, str]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="Study folder (stages resume from it).")
     parser.add_argument("--smoke", action="store_true", help="Smallest sizes: checks every stage runs (no results).")
@@ -145,23 +171,31 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, int, str]:
                         help="Only rewrite the report from the sample sets finished so far (safe while a study runs).")
     parser.add_argument("--until", choices=STAGES, default="report",
                         help="Stop after this stage (e.g. build the base model and pairs while arms are still edited).")
+    parser.add_argument("--arms", default=None, help="Comma-separated arms to run and report (default: all; must "
+                        "include dpo), e.g. dpo,focusdpo,lambda_s10 for a follow-up at another --arm_steps.")
+    parser.add_argument("--reuse", type=Path, default=None, help="An earlier study folder whose world, base model, "
+                        "judge, pairs and base samples this one links instead of rebuilding (same sizes required).")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (smoke {SMOKE[key]})")
     args = parser.parse_args(argv)
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    return Path(args.out), {**sizes, "jobs": args.jobs}, args.seed, "report_only" if args.report_only else args.until
+    args.sizes = {**sizes, "jobs": args.jobs}
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    out, sizes, seed, until = parse_args(argv)
-    if until == "report_only":
-        seeds = [seed + i for i in range(sizes["seeds"])]
-        table = arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
-        folder = report_stage(out, sizes, table, seeds)
+    args = parse_args(argv)
+    out, sizes, seed = Path(args.out), args.sizes, args.seed
+    table = select_arms(arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"]),
+                        args.arms)
+    if args.reuse is not None:
+        reuse_study(out, args.reuse, seed)
+    if args.report_only:
+        folder = report_stage(out, sizes, table, [seed + i for i in range(sizes["seeds"])])
     else:
-        folder = run_study(out, sizes, seed, until)
-    print(f"[efficacy] report: {folder / 'report.md'}" if folder else f"[efficacy] stopped after stage {until!r}")
+        folder = run_study(out, sizes, seed, args.until, table)
+    print(f"[efficacy] report: {folder / 'report.md'}" if folder else f"[efficacy] stopped after stage {args.until!r}")
 
 
 if __name__ == "__main__":

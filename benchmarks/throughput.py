@@ -3,7 +3,8 @@
 Everything runs in one process on the tiny SD generator, so ratios compare like with like on a busy machine:
 
 - profile: ``Trainer.train`` under ``torch.profiler``; the denoiser's forward (policy and reference: one module
-  under ``disable_adapters``) and the backward are marked ranges, the rest of the step is the overhead share;
+  under ``disable_adapters``) and the backward are marked ranges, the rest of the step, with loading its batch
+  (median CPU time of the DataLoader's fetch), is the overhead share;
 - A/B rows: two arms take turns step by step (order alternating every round) on the same pre-collated batches;
   each row prints both medians and the ratio B/A. Steps are timed in CPU time of this thread (torch runs one
   thread here): on a shared machine wall time mostly measures the other processes.
@@ -109,6 +110,17 @@ def profile_share(args, dataset: str) -> dict[str, float]:
         else:
             totals[f"cpu_{name}"] = totals.get(f"cpu_{name}", 0.0) + (time.thread_time() - start) * 1000 / steps
 
+    fetch, fetch_ms = trainer.get_batch_samples, []
+
+    def timed_fetch(*args, **kwargs):  # the DataLoader's next batch: before on_step_begin, so outside the "step" mark
+        start = time.thread_time()
+        try:
+            return fetch(*args, **kwargs)
+        finally:
+            if trainer.state.global_step >= warmup:
+                fetch_ms.append((time.thread_time() - start) * 1000)
+    trainer.get_batch_samples = timed_fetch
+
     denoiser = trainer.backbone.denoiser
     denoiser.register_forward_pre_hook(lambda *_: enter("denoiser_forward"))
     denoiser.register_forward_hook(lambda *_: leave())
@@ -133,7 +145,7 @@ def profile_share(args, dataset: str) -> dict[str, float]:
             if state.global_step == warmup + steps:
                 profiler.stop()
                 profiling[0] = False
-            if state.global_step < warmup:  # not counted: drop what the warm-up steps' marks add
+            if state.global_step <= warmup:  # not counted: drop what the warm-up steps' marks add
                 totals.clear()
             enter("step")
 
@@ -145,6 +157,8 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     for event in profiler.events():
         if event.name in ("step", "denoiser_forward", "backward"):
             totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / steps
+    # the median fetch: the toy dataset starts a new epoch (a new DataLoader iterator) every 3 steps, a real one rarely
+    totals["data"] = totals["cpu_data"] = statistics.median(fetch_ms)
     return totals
 
 
@@ -181,10 +195,13 @@ def print_throughput(args, totals: dict[str, float], rows: list) -> None:
     print(f"\nprofile, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, cached latents, W = 1, "
           f"{args.tp_steps} steps each:")
     for prefix, how in (("", "torch.profiler, wall"), ("cpu_", "range marks, CPU time")):
-        step, forward, backward = (totals.get(prefix + k, 0.0) for k in ("step", "denoiser_forward", "backward"))
+        step, forward, backward, data = (totals.get(prefix + k, 0.0)
+                                         for k in ("step", "denoiser_forward", "backward", "data"))
+        step += data  # the batch is loaded in the training process (dataloader_num_workers: 0, the default)
         outside = step - forward - backward
         print(f"  {how:<22} step {step:7.1f} ms = denoiser forward (policy + reference) {forward:6.1f} + backward "
-              f"{backward:6.1f} + outside {outside:5.1f} ms -> outside share {outside / max(step, 1e-9):.1%}")
+              f"{backward:6.1f} + outside {outside:5.1f} ms (data loading {data:4.1f} of it, CPU time) "
+              f"-> outside share {outside / max(step, 1e-9):.1%}")
     if not rows:
         return
     title = f"A/B, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, CPU time"

@@ -238,6 +238,23 @@ def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PIL
     return ImageOps.exif_transpose(image).convert(mode)
 
 
+def needs_pixels(columns: list[str], flow: bool, focus_on: bool, mosaic_on: bool) -> bool:
+    """Whether a training step reads decoded images: it does unless the VAE latents are cached (with the reference
+    latents, for the flow families), and so are the focus maps when focus weights are on and the MOSAIC points
+    when MOSAIC losses are on."""
+    return ("latents" not in columns or (flow and "reference_latents" not in columns)
+            or (focus_on and "focus_maps" not in columns) or (mosaic_on and "mosaic_points" not in columns))
+
+
+ARRAY_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds", "latents", "reference_latents", "focus_maps")
+
+
+def with_array_format(ds):
+    """``ds`` reading its cached array columns as numpy arrays (arrow → Python lists per row cost ~1 ms a pair)."""
+    columns = [c for c in ARRAY_COLUMNS if c in getattr(ds, "column_names", [])]
+    return ds.with_format("numpy", columns=columns, output_all_columns=True) if columns else ds
+
+
 def square(image: PILImage.Image, size: int, resample=PILImage.BICUBIC) -> PILImage.Image:
     """Resize the short side to ``size`` and centre-crop to ``size × size``."""
     return ImageOps.fit(image, (size, size), method=resample)
@@ -272,16 +289,21 @@ class PairCollator:
     ``(B, L, D)`` / ``pooled_prompt_embeds`` ``(B, D)``.
     """
 
-    def __init__(self, resolution: int, max_references: int = 6):
+    def __init__(self, resolution: int, max_references: int = 6, pixels: bool = True):
+        """``pixels=False``: no image is decoded, for runs whose every reader of images uses a cache instead (VAE
+        and reference latents, focus maps, MOSAIC points; :func:`needs_pixels`). The batch then has no
+        ``pixel_values``; ``references`` are ``(K_i, 3, 0, 0)`` (their count is what is read), masks are None."""
         self.resolution = resolution
         self.max_references = max_references
+        self.pixels = pixels
 
     def __call__(self, rows: list[dict]) -> dict:
         parsed = [self.parse(row) for row in rows]
-        winners = torch.stack([p["chosen"] for p in parsed])
-        losers = torch.stack([p["rejected"] for p in parsed])
-        batch = {"pixel_values": torch.cat([winners, losers]) * 2 - 1,
-                 "prompts": [row["prompt"] for row in rows], "pair_ids": [row["pair_id"] for row in rows]}
+        batch = {"prompts": [row["prompt"] for row in rows], "pair_ids": [row["pair_id"] for row in rows]}
+        if self.pixels:
+            winners = torch.stack([p["chosen"] for p in parsed])
+            losers = torch.stack([p["rejected"] for p in parsed])
+            batch["pixel_values"] = torch.cat([winners, losers]) * 2 - 1
         for key in ("references", "reference_masks", "prior_mask"):
             batch[key] = [p[key] for p in parsed]
         for key in TEXT_CACHE_COLUMNS:  # cached text conditioning (focusdpo embed): one row per pair
@@ -320,17 +342,23 @@ class PairCollator:
                 out[key] = torch.cat([torch.stack([s[0] for s in sizes]), torch.stack([s[1] for s in sizes])])
         return out
 
-    def parse(self, row: dict) -> dict:
-        pair_id, size = row["pair_id"], self.resolution
-        chosen, rejected = (open_image(row[c], c, pair_id) for c in ("chosen", "rejected"))
-        check_same_size(chosen, rejected, pair_id)
-        refs = row["references"] or []
+    def counted_references(self, row: dict, pair_id: str) -> tuple[list, list]:
+        """The row's (undecoded) references and masks, their counts checked."""
+        refs, masks = row["references"] or [], row["reference_masks"] or []
         if len(refs) > self.max_references:
             raise PairDataError(f"pair {pair_id} has {len(refs)} references; at most {self.max_references} "
                                 "are supported (max_references)")
-        masks = row["reference_masks"] or []
         if masks and len(masks) != len(refs):
             raise PairDataError(f"pair {pair_id}: {len(masks)} reference masks for {len(refs)} references")
+        return refs, masks
+
+    def parse(self, row: dict) -> dict:
+        pair_id, size = row["pair_id"], self.resolution
+        refs, masks = self.counted_references(row, pair_id)
+        if not self.pixels:  # every reader uses a cache: the counts are all a step needs
+            return {"references": torch.zeros(len(refs), 3, 0, 0), "reference_masks": None, "prior_mask": None}
+        chosen, rejected = (open_image(row[c], c, pair_id) for c in ("chosen", "rejected"))
+        check_same_size(chosen, rejected, pair_id)
         prior = row["prior_mask"] and open_image(row["prior_mask"], "prior_mask", pair_id, "L")
         refs = [open_image(r, "references", pair_id) for r in refs]
         masks = [open_image(m, "reference_masks", pair_id, "L") for m in masks]

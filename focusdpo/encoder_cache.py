@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 
 import numpy as np
 import torch
@@ -37,9 +38,19 @@ def encoder_cache_key(model_cfg: ModelConfig, data_cfg: DataConfig) -> str:
     return json.dumps(settings, sort_keys=True)
 
 
+def comparable_key(key: str) -> dict:
+    """A cache key's settings with a local model folder named by its real path: the same folder reached by a
+    relative path, an absolute path or a symlink is the same model (a hub id, or a folder gone, stays as written)."""
+    settings = json.loads(key)
+    path = settings.get("pretrained_path")
+    if path and os.path.isdir(path):
+        settings["pretrained_path"] = os.path.realpath(path)
+    return settings
+
+
 def check_encoder_key(key: str, model_cfg: ModelConfig, data_cfg: DataConfig) -> None:
     expected = encoder_cache_key(model_cfg, data_cfg)
-    if key != expected:
+    if key != expected and comparable_key(key) != comparable_key(expected):
         raise ValueError(f"the dataset's cached embeddings/latents were made with {key} but this run uses "
                          f"{expected}: re-run `focusdpo embed` with this recipe, or train on the uncached pairs")
 

@@ -22,8 +22,8 @@ import torch
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .config import DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
-from .data import PairCollator, load_recipe_pairs
+from .config import FLOW_FAMILIES, DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
+from .data import PairCollator, load_recipe_pairs, needs_pixels, with_array_format
 from .export import export_lora
 from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .interrupts import SaveOnSignal
@@ -83,8 +83,11 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
         if args.torch_compile:  # in place: policy and reference run one compiled module (see _build_accelerator_args)
             for module in filter(None, (backbone.denoiser, self.frozen_copy)):
                 module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
-        super().__init__(model=PolicyModel(backbone), args=args, train_dataset=train_dataset,
-                         data_collator=PairCollator(data_config.resolution, data_config.max_references),
+        # decoding chosen/rejected is skipped when every reader of them is cached (latents, maps, points)
+        self.pixels = needs_pixels(getattr(train_dataset, "column_names", []), model_config.family in FLOW_FAMILIES,
+                                   self.focus_config.enabled, loss_config.mosaic_enabled)
+        super().__init__(model=PolicyModel(backbone), args=args, train_dataset=with_array_format(train_dataset),
+                         data_collator=PairCollator(data_config.resolution, data_config.max_references, self.pixels),
                          callbacks=[SkippedStepCallback(self), MetricsFileCallback(), PlacementCallback(backbone),
                                     *(callbacks or [])])
         backbone.to(self.args.device, half_dtype(self.args))
@@ -148,7 +151,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
             return None
         from .mosaic import MosaicCollator, MosaicObjective
 
-        self.data_collator = MosaicCollator(self.data_config.resolution, self.data_config.max_references)
+        self.data_collator = MosaicCollator(self.data_config.resolution, self.data_config.max_references, self.pixels)
         return MosaicObjective(self.backbone.denoiser, self.model_config.family, self.loss_config,
                                self.focus_config, self.args.device)
 

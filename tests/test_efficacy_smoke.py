@@ -64,6 +64,19 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     assert changed.returncode != 0
     assert "stage 'arm sft seed 0'" in changed.stderr and "arm_steps" in changed.stderr
 
+    # a follow-up at another arm budget: the earlier world, base, judge, pairs and base samples are linked, not
+    # rebuilt; only the chosen arms train and are reported
+    follow_up = run(tmp_path / "longer", "--reuse", str(out), "--arms", "dpo,focusdpo", "--arm_steps", "2")
+    assert follow_up.returncode == 0, follow_up.stderr[-3000:]
+    ran = [line.split(": running")[0] for line in follow_up.stdout.splitlines() if ": running" in line]
+    assert ran == ["[efficacy] arm dpo seed 0", "[efficacy] sampling dpo seed 0", "[efficacy] arm focusdpo seed 0",
+                   "[efficacy] sampling focusdpo seed 0", "[efficacy] report"]
+    rows = [line for line in (tmp_path / "longer/report/report.md").read_text().splitlines() if line.startswith("| ")]
+    assert [row.split(" | ")[0] for row in rows[2:5]] == ["| base", "| dpo", "| focusdpo"]
+    assert not (tmp_path / "longer/arms/sft").exists()
+    refused = run(tmp_path / "other", "--arms", "focusdpo,nonsense")
+    assert refused.returncode != 0 and "unknown arm(s) nonsense; valid: sft, dpo," in refused.stderr
+
 
 # ---- pure parts of the study, hand-computed -------------------------------------------------------------------
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -85,3 +85,21 @@ def test_latents_cached_for_another_model_are_refused(tmp_path):
     with pytest.raises(ValueError, match="re-run `focusdpo embed`"):  # before the model loads
         build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run"), "--dataset",
                                      str(tmp_path / "cached"), "--tiny_seed", "1"]))
+
+
+def test_a_cache_key_names_a_local_model_folder_by_its_real_path(tmp_path, monkeypatch):
+    from focusdpo.config import DataConfig, ModelConfig
+    from focusdpo.encoder_cache import check_encoder_key, encoder_cache_key
+
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    (tmp_path / "link").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    data = DataConfig(resolution=32)
+    made = encoder_cache_key(ModelConfig(family="flux2", pretrained_path="model"), data)  # a relative path
+    for same in (str(model), str(tmp_path / "link"), "./model"):  # the same folder, named otherwise: accepted
+        check_encoder_key(made, ModelConfig(family="flux2", pretrained_path=same), data)
+    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):  # another folder, or another size: refused
+        check_encoder_key(made, ModelConfig(family="flux2", pretrained_path=str(other)), data)
+    with pytest.raises(ValueError, match="re-run `focusdpo embed`"):
+        check_encoder_key(made, ModelConfig(family="flux2", pretrained_path=str(model)), DataConfig(resolution=64))

@@ -66,6 +66,32 @@ def test_sd_run_on_cached_latents_matches_the_uncached_run(tmp_path):
     assert from_cache == pytest.approx(live, rel=1e-3)
 
 
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_a_run_on_cached_encoders_decodes_no_image_and_matches_the_decoding_run(family, tmp_path, monkeypatch):
+    import focusdpo.data
+
+    args = [*TINY, "--family", family, "--dataset", embed_latents(tmp_path, [*TINY, "--family", family])]
+    decoding = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "decoding")]))
+    assert decoding.pixels is False
+    decoding.data_collator.pixels = True  # as before: every image decoded, each batch carrying pixel_values
+    decoding.train()
+    monkeypatch.setattr(focusdpo.data, "open_image", lambda *a, **k: pytest.fail("an image was decoded"))
+    build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "cached")])).train()
+    assert step_losses(tmp_path / "cached") == step_losses(tmp_path / "decoding")  # exact: the pixels were unused
+
+
+def test_images_are_decoded_whenever_a_reader_of_them_is_not_cached():
+    from focusdpo.data import needs_pixels
+
+    cached = ["latents", "reference_latents", "focus_maps", "mosaic_points"]
+    assert not needs_pixels(cached, flow=True, focus_on=True, mosaic_on=True)
+    assert not needs_pixels(["latents"], flow=False, focus_on=False, mosaic_on=False)  # SD reads no references
+    for missing, flow, focus_on, mosaic_on in (("latents", False, False, False), ("reference_latents", True, False,
+                                               False), ("focus_maps", False, True, False),
+                                               ("mosaic_points", True, False, True)):
+        assert needs_pixels([c for c in cached if c != missing], flow, focus_on, mosaic_on), missing
+
+
 def test_latents_cached_before_the_posterior_format_are_refused(tmp_path):
     cached = load_pairs(embed_latents(tmp_path, TINY))
     old_key = json.loads(cached[0]["encoder_key"])
@@ -119,16 +145,20 @@ def test_a_step_never_walks_the_model_for_adapters_or_train_mode(tmp_path, monke
     denoiser = trainer.backbone.denoiser
     layers = tuner_layers(denoiser)
     assert layers and tuner_layers(denoiser) is layers  # found once
-    with disabled_adapters(denoiser):
+    trainable = {n for n, p in denoiser.named_parameters() if p.requires_grad}
+    with disabled_adapters(denoiser):  # peft's public property reads the flag switch_adapters sets (pinned here)
         assert all(layer.disable_adapters for layer in layers)
+        assert {n for n, p in denoiser.named_parameters() if p.requires_grad} == trainable  # flags not flipped
     assert not any(layer.disable_adapters for layer in layers)
     assert {n for n, p in denoiser.named_parameters() if p.requires_grad} == \
         {n for n, _ in denoiser.named_parameters() if ".dpo." in n}  # the DPO LoRA alone trains again
     from peft import LoraConfig
 
+    modules = trainer.model.module_list()
     denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="other")
     assert len(tuner_layers(denoiser)) == len(layers)  # re-found (to_q layers already hold the DPO LoRA)
     assert tuner_layers(denoiser) is not layers
+    assert len(trainer.model.module_list()) > len(modules)  # the new adapter's modules are checked by train() too
     block = next(m for m in denoiser.modules() if m is not denoiser)
     block.eval()  # a submodule switched by someone else: train() still restores it
     trainer.model.train()
