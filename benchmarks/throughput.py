@@ -184,6 +184,7 @@ def throughput_section(args) -> None:
                  "B": stepper(trainer_for(args, data["latents"], "--torch_compile", "true"), cached)},
                 args.tp_steps, 2)))
         focus = trainer_for(args, data["focus"], *[f"--{k}={v}" for k, v in FOCUS.items()])
+        focus.data_collator.pixels = True  # arm A makes its maps on the fly, from the decoded images
         with_maps = batches_of(focus)
         without_maps = [{k: v for k, v in b.items() if k not in ("focus_maps", "focus_key")} for b in with_maps]
         rows.append(("focus maps: on the fly (toy DINOv2) vs cached (`focus`)", interleaved(

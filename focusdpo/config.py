@@ -318,6 +318,10 @@ class FocusDPOConfig(TrainingArguments):
     validation_prompts: list[str] = field(default_factory=list, metadata={
         "help": "Prompts of the validation grid; empty uses the first training prompts (num_sample_prompts)."})
     num_validation_images: int = field(default=2, metadata={"help": "Validation images per prompt (one seed each)."})
+    ema_decay: float = field(default=0.0, metadata={
+        "help": "Keep an EMA of the trained weights (LoRA, or the denoiser with lora_rank: 0) with this decay, e.g. "
+                "0.999 (0 = off); saved in every checkpoint, restored on resume; the final weights written are the "
+                "EMA's (focusdpo/ema.py)."})
 
     def __post_init__(self):
         import torch
@@ -335,6 +339,8 @@ class FocusDPOConfig(TrainingArguments):
             check_int(name, getattr(self, name), minimum)
         for name in ("logging_steps", "save_steps"):
             check_positive(name, getattr(self, name))
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1): e.g. 0.999, or 0 for no EMA")
         for name in ("weight_decay", "max_grad_norm", "adam_epsilon", "warmup_steps"):
             check_positive(name, getattr(self, name), allow_zero=True)
         if not isinstance(self.validation_prompts, list) or not all(

@@ -11,8 +11,6 @@ LoRA files in diffusers format, atomic checkpoints and a NaN guard.
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import sys
 import zlib
 from collections import defaultdict
@@ -20,11 +18,11 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import FLOW_FAMILIES, DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
+from .checkpoints import Checkpointing, write_resolved_config
 from .data import PairCollator, load_recipe_pairs, needs_pixels, with_array_format
-from .export import export_lora
 from .guards import NonFiniteLossError, SkippedStepCallback, StepGuards  # noqa: F401 (the error is public here)
 from .interrupts import SaveOnSignal
 from .losses import (diffusion_dpo_loss, dpo_inside, patch_error, scale_loser_gradient, sdpo_loser_scale,
@@ -34,9 +32,8 @@ from .models import Backbone, DenoiseInputs, load_backbone
 from .policy import PolicyModel, add_dpo_lora, half_dtype
 from .recipe import config_fields, parse_config
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
-from .run_checks import (CHECKPOINT_CONFIG, check_inputs, check_objective, check_resume_settings,
-                         keep_segment_configs, prepare_output_dir, release_lock, resolve_resume)
-from .safe_write import disk_full_names
+from .run_checks import (check_inputs, check_objective, check_resume_settings, keep_segment_configs,
+                         prepare_output_dir, release_lock, resolve_resume)
 from .train_metrics import MetricsFileCallback, MetricsLogging
 from .visualize import save_before_after
 
@@ -52,7 +49,7 @@ class PlacementCallback(TrainerCallback):
         self.backbone.resolve_placement()
 
 
-class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
+class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
     """Trainer for focus-weighted Diffusion-DPO on any :class:`~focusdpo.models.Backbone`."""
 
     def __init__(self, backbone: Backbone, args: FocusDPOConfig, train_dataset, model_config: ModelConfig,
@@ -98,6 +95,12 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self.init_guards()
         self.mosaic = self.build_mosaic()
+        self.weight_average = None
+        if args.ema_decay > 0:
+            from .ema import EMAUpdate, WeightAverage
+
+            self.weight_average = WeightAverage(self.model.trainable_parameters(), args.ema_decay)
+            self.add_callback(EMAUpdate(self.weight_average))
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """transformers compiles the whole model it wraps when ``torch_compile`` is set; here the denoiser is
@@ -245,57 +248,6 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Trainer):
             return sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
         self.stop_non_finite(f"loss is {loss.item()}", model, pair_ids)
 
-    # ---- saving and resuming --------------------------------------------------------------------
-    def all_configs(self) -> tuple:
-        return self.args, self.model_config, self.data_config, self.loss_config, self.focus_config
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Write the DPO LoRA in diffusers format (or the full denoiser for a full fine-tune).
-
-        Under FSDP/DeepSpeed the Trainer passes the gathered ``state_dict`` of the PolicyModel.
-        """
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        if state_dict is not None:
-            state_dict = {k.removeprefix("denoiser."): v for k, v in state_dict.items()}
-        if self.model_config.lora_rank > 0:
-            self.backbone.save_lora(output_dir, DPO_ADAPTER, state_dict)
-            if self.model_config.save_kohya_format and self.args.should_save:
-                export_lora(output_dir, self.model_config.family)
-        else:
-            self.backbone.denoiser.save_pretrained(Path(output_dir) / self.backbone.denoiser_name)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if self.model_config.lora_rank > 0:
-            self.backbone.load_lora(resume_from_checkpoint, DPO_ADAPTER)
-        else:
-            loaded = type(self.backbone.denoiser).from_pretrained(
-                Path(resume_from_checkpoint) / self.backbone.denoiser_name)
-            self.backbone.denoiser.load_state_dict(loaded.state_dict())
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write the checkpoint into a staging folder and rename it: a crash never leaves half a checkpoint."""
-        run_dir = self.args.output_dir
-        staging = os.path.join(run_dir, ".staging")
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self.args.output_dir = staging
-        try:
-            with disk_full_names(Path(run_dir), Path(staging)):
-                super()._save_checkpoint(model, trial)
-        finally:
-            self.args.output_dir = run_dir
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
-        if self.args.should_save:
-            with disk_full_names(Path(run_dir), Path(staging)):  # what resume compares the next settings with
-                write_resolved_config(Path(staging, name, CHECKPOINT_CONFIG), self.all_configs())
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(run_dir, self.args.save_total_limit)
-        self.accelerator.wait_for_everyone()
-
 
 def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: DataConfig, loss_cfg: LossConfig,
                   focus_cfg: FocusConfig, callbacks=None) -> FocusDPOTrainer:
@@ -321,15 +273,6 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
         from .validation import ValidationCallback
         trainer.add_callback(ValidationCallback(trainer, validation))
     return trainer
-
-
-def write_resolved_config(path: Path, configs) -> None:
-    """The full configuration the run used (every field, defaults included), as YAML that ``--config`` reads back."""
-    import yaml
-
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(yaml.safe_dump(config_fields(*configs), sort_keys=True))
-    os.replace(staging, path)
 
 
 def main(argv: list[str] | None = None) -> FocusDPOTrainer:
@@ -365,6 +308,8 @@ def train_and_save(configs, out: Path, resume: str | None) -> FocusDPOTrainer:
         print(f"[focusdpo] stopped by {interrupt.received} after step {trainer.state.global_step}; the state is "
               f"saved in {saved}: resume with --resume_from_checkpoint latest", file=sys.stderr)
         raise SystemExit(130 if interrupt.received == "SIGINT" else 143)
+    if trainer.weight_average is not None:  # the run's result is the average (the checkpoints keep both)
+        trainer.weight_average.copy_to_model()
     trainer.save_model(str(out))
     if model_cfg.save_fused_lora and trainer.is_world_process_zero():
         trainer.backbone.save_fused_lora(out / "fused", (PERSONAL_ADAPTER, DPO_ADAPTER))

@@ -167,3 +167,51 @@ def test_offloaded_text_encoders_stay_on_the_cpu(family):
 def test_training_with_offloaded_text_encoders(tmp_path):
     trainer = main(tiny_argv(tmp_path, "--offload_text_encoders", "true", "--max_steps", "2"))
     assert trainer.backbone.offload_text_encoders and (tmp_path / "samples_before_after.png").is_file()
+
+
+class Snapshots(TrainerCallback):
+    """The trainable weights after every optimizer step."""
+
+    def __init__(self):
+        self.trainer, self.taken = None, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.taken.append([p.detach().clone() for p in self.trainer.model.trainable_parameters()])
+
+
+def test_ema_is_the_warmed_up_average_of_the_steps_weights(tmp_path):
+    snapshots = Snapshots()
+    argv = tiny_argv(tmp_path, "--sample_every_run", "false", "--ema_decay", "0.2", "--save_steps", "100")
+    trainer = snapshots.trainer = build_trainer(*parse_config(argv), callbacks=[snapshots])
+    expected = [p.detach().clone() for p in trainer.model.trainable_parameters()]
+    trainer.train()
+    for n, weights in enumerate(snapshots.taken, start=1):  # diffusers' warm-up: 0, then min(decay, n / (9 + n))
+        decay = 0.0 if n == 1 else min(0.2, n / (9 + n))  # n = 3, 4 hit the cap: 0.25, 0.31 > 0.2
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    assert len(snapshots.taken) == 4
+    for average, want, last in zip(trainer.weight_average.ema.shadow_params, expected, snapshots.taken[-1]):
+        torch.testing.assert_close(average, want, rtol=1e-5, atol=1e-7)
+    assert any(not torch.equal(a, w) for a, w in zip(trainer.weight_average.ema.shadow_params, snapshots.taken[-1]))
+
+
+def test_ema_survives_a_kill_and_is_what_the_run_writes(tmp_path):
+    from safetensors.torch import load_file
+
+    argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false", "--ema_decay", "0.9"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    main(tiny_argv(full, *argv))
+    trainer = build_trainer(*parse_config(tiny_argv(killed, *argv)), callbacks=[CrashAt(4)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert (killed / "checkpoint-3" / "ema.safetensors").is_file()
+    main(tiny_argv(killed, *argv, "--resume_from_checkpoint", str(killed / "checkpoint-3")))
+    written, resumed = (load_file(str(out / "pytorch_lora_weights.safetensors")) for out in (full, killed))
+    raw = load_file(str(full / "checkpoint-6" / "pytorch_lora_weights.safetensors"))  # the step-6 weights
+    assert written.keys() == resumed.keys() == raw.keys()
+    for key in written:
+        torch.testing.assert_close(resumed[key], written[key], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(written[k], raw[k]) for k in written)  # the run wrote the average, not step 6
+    with pytest.raises(ValueError, match="has no ema.safetensors"):  # a checkpoint saved without an EMA
+        main(tiny_argv(tmp_path / "plain", "--max_steps", "2", "--save_steps", "2", "--sample_every_run", "false"))
+        main(tiny_argv(tmp_path / "plain", "--max_steps", "3", "--save_steps", "2", "--sample_every_run", "false",
+                       "--ema_decay", "0.9", "--resume_from_checkpoint", "latest"))
