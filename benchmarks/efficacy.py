@@ -36,9 +36,9 @@ from efficacy_stages.resume import run_calls, run_stage, settings_of  # noqa: E4
 # ~1.0 s/step at batch 32, a DPO arm ~0.6 s/step at batch 8 (so ~0.3 at batch 4), sampling ~0.012 s per image
 # and Euler step. Estimate for these sizes: about 2 h sequential on one core (docs/efficacy.md).
 FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 2000, "base_batch": 32,
-        "base_lr": 1e-3, "judge_steps": 1500, "judge_batch": 32, "judge_check_scenes": 200, "pairs": 2000,
-        "arm_steps": 500, "arm_batch": 4, "arm_lr": 3e-4, "beta": 1000.0, "lora_rank": 8, "held_out": 500,
-        "sample_steps": 12, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
+        "base_lr": 1e-3, "base_ema_decay": 0.0, "judge_steps": 1500, "judge_batch": 32, "judge_check_scenes": 200,
+        "pairs": 2000, "arm_steps": 500, "arm_batch": 4, "arm_lr": 3e-4, "beta": 1000.0, "lora_rank": 8,
+        "held_out": 500, "sample_steps": 12, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
         "lambda_structure": 1.0, "lambda_detail": 1.0, "sdpo_mu": 0.1}
 SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
          "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
@@ -55,6 +55,8 @@ def world_stage(out: Path, sizes: dict, seed: int) -> Path:
 
 def base_stage(out: Path, sizes: dict, seed: int) -> Path:
     keys = ("vae_steps", "vae_batch", "base_scenes", "base_steps", "base_batch", "base_lr")
+    if sizes["base_ema_decay"]:  # a key only when set: studies made before the option still resume
+        keys += ("base_ema_decay",)
     run_stage(out / "base", "base model", {**settings_of(sizes, keys), "seed": seed},
               lambda staging: base_model.build_base(staging, sizes, seed))
     return out / "base"

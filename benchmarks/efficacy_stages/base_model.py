@@ -98,7 +98,8 @@ def build_base(out: Path, sizes: dict, seed: int) -> None:
         "objective": "sft", "lora_rank": 0, "reference_mode": "frozen_copy",
         "learning_rate": sizes["base_lr"], "max_steps": sizes["base_steps"],
         "per_device_train_batch_size": sizes["base_batch"], "save_steps": max(sizes["base_steps"], 1),
-        "lr_scheduler_type": "cosine", "warmup_steps": min(50, sizes["base_steps"] // 10), "seed": seed})
+        "lr_scheduler_type": "cosine", "warmup_steps": min(50, sizes["base_steps"] // 10), "seed": seed,
+        "ema_decay": sizes["base_ema_decay"]})  # the trainer writes the EMA's weights when > 0
     recipes.train(recipe)
     shutil.copytree(out / "vae_pipeline", out / "pipeline")
     shutil.rmtree(out / "pipeline" / "transformer")

@@ -87,7 +87,10 @@ def focus_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
             continue
         entropy, ratio = (np.nanmean([s[k] for s in stats]) if not all(math.isnan(s[k]) for s in stats) else math.nan
                           for k in ("entropy", "max_over_mean"))
-        lines.append(f"| {arm} | {entropy:.3f} | {ratio:.2f} |")
+        if math.isnan(entropy):  # no focus weights logged: uniform W (vanilla DPO, SFT)
+            lines.append(f"| {arm} | – (uniform) | – |")
+        else:
+            lines.append(f"| {arm} | {entropy:.3f} | {ratio:.2f} |")
     return lines
 
 
