@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import TrainerCallback
 
 EMA_FILE = "ema.safetensors"
@@ -45,11 +46,9 @@ class WeightAverage:
         if not path.is_file():
             raise ValueError(f"{folder} has no {EMA_FILE}: it was saved by a run without ema_decay. Resume it "
                              "without ema_decay, or start a new run (another output_dir) with it")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as handle:
+        with safe_open(str(path), "pt") as handle:  # one read: the scalars (metadata) and the averaged tensors
             state = json.loads(handle.metadata()["state"])
-        shadows = load_file(str(path))
+            shadows = {key: handle.get_tensor(key) for key in handle.keys()}
         if len(shadows) != len(self.parameters):
             raise ValueError(f"{path} holds {len(shadows)} averaged tensors but the model trains "
                              f"{len(self.parameters)}: it belongs to another model or LoRA rank")

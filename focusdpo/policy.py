@@ -6,7 +6,7 @@ import torch
 
 from .config import FocusDPOConfig, ModelConfig
 from .models import Backbone, DenoiseInputs
-from .reference import DPO_ADAPTER, PERSONAL_ADAPTER
+from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, adapter_names
 from .run_checks import check_personalization_lora
 
 
@@ -35,7 +35,7 @@ class PolicyModel(torch.nn.Module):
 
     def module_list(self) -> list[torch.nn.Module]:
         """Every submodule, re-found when the denoiser's adapters change (adding one adds modules)."""
-        adapters = tuple(getattr(self.denoiser, "peft_config", {}))
+        adapters = adapter_names(self.denoiser)
         cached = getattr(self, "_module_list", None)
         if cached is None or cached[0] != adapters:
             self._module_list = cached = (adapters, list(self.modules()))

@@ -34,9 +34,14 @@ def kept_trainable_flags(module: torch.nn.Module):
 _TUNER_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def adapter_names(denoiser: torch.nn.Module) -> tuple[str, ...]:
+    """The denoiser's adapters: what caches of its submodules are keyed on (adding an adapter adds modules)."""
+    return tuple(getattr(denoiser, "peft_config", {}))
+
+
 def tuner_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
     """peft's adapter layers in ``denoiser``, found once per set of adapters."""
-    adapters = tuple(getattr(denoiser, "peft_config", {}))
+    adapters = adapter_names(denoiser)
     cached = _TUNER_LAYERS.get(denoiser)
     if cached is None or cached[0] != adapters:
         cached = (adapters, [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)])

@@ -80,7 +80,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
         if args.torch_compile:  # in place: policy and reference run one compiled module (see _build_accelerator_args)
             for module in filter(None, (backbone.denoiser, self.frozen_copy)):
                 module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
-        # decoding chosen/rejected is skipped when every reader of them is cached (latents, maps, points)
+        # no image is decoded when every reader of the images has its cache (latents, maps, points)
         self.pixels = needs_pixels(getattr(train_dataset, "column_names", []), model_config.family in FLOW_FAMILIES,
                                    self.focus_config.enabled, loss_config.mosaic_enabled)
         super().__init__(model=PolicyModel(backbone), args=args, train_dataset=with_array_format(train_dataset),

@@ -64,15 +64,21 @@ def losses(out):
     return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
 
 
-def test_resume_after_a_kill_continues_the_loss_trajectory(tmp_path):
-    argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false"]
+def full_and_resumed_runs(tmp_path, argv: list[str], saved: str):
+    """An uninterrupted 6-step run, and one killed at step 4 (``saved`` checked in checkpoint-3) then resumed."""
     full, killed = tmp_path / "full", tmp_path / "killed"
     main(tiny_argv(full, *argv))
     trainer = build_trainer(*parse_config(tiny_argv(killed, *argv)), callbacks=[CrashAt(4)])
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert (killed / "checkpoint-3" / "optimizer.pt").is_file()
+    assert (killed / "checkpoint-3" / saved).is_file()
     main(tiny_argv(killed, *argv, "--resume_from_checkpoint", str(killed / "checkpoint-3")))
+    return full, killed
+
+
+def test_resume_after_a_kill_continues_the_loss_trajectory(tmp_path):
+    argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false"]
+    full, killed = full_and_resumed_runs(tmp_path, argv, "optimizer.pt")
     expected, got = losses(full), losses(killed)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in (4, 5, 6):
@@ -189,7 +195,7 @@ def test_ema_is_the_warmed_up_average_of_the_steps_weights(tmp_path):
         decay = 0.0 if n == 1 else min(0.2, n / (9 + n))  # n = 3, 4 hit the cap: 0.25, 0.31 > 0.2
         expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
     assert len(snapshots.taken) == 4
-    for average, want, last in zip(trainer.weight_average.ema.shadow_params, expected, snapshots.taken[-1]):
+    for average, want in zip(trainer.weight_average.ema.shadow_params, expected):
         torch.testing.assert_close(average, want, rtol=1e-5, atol=1e-7)
     assert any(not torch.equal(a, w) for a, w in zip(trainer.weight_average.ema.shadow_params, snapshots.taken[-1]))
 
@@ -198,20 +204,14 @@ def test_ema_survives_a_kill_and_is_what_the_run_writes(tmp_path):
     from safetensors.torch import load_file
 
     argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false", "--ema_decay", "0.9"]
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    main(tiny_argv(full, *argv))
-    trainer = build_trainer(*parse_config(tiny_argv(killed, *argv)), callbacks=[CrashAt(4)])
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
-    assert (killed / "checkpoint-3" / "ema.safetensors").is_file()
-    main(tiny_argv(killed, *argv, "--resume_from_checkpoint", str(killed / "checkpoint-3")))
+    full, killed = full_and_resumed_runs(tmp_path, argv, "ema.safetensors")
     written, resumed = (load_file(str(out / "pytorch_lora_weights.safetensors")) for out in (full, killed))
     raw = load_file(str(full / "checkpoint-6" / "pytorch_lora_weights.safetensors"))  # the step-6 weights
     assert written.keys() == resumed.keys() == raw.keys()
     for key in written:
         torch.testing.assert_close(resumed[key], written[key], rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(written[k], raw[k]) for k in written)  # the run wrote the average, not step 6
+    main(tiny_argv(tmp_path / "plain", "--max_steps", "2", "--save_steps", "2", "--sample_every_run", "false"))
     with pytest.raises(ValueError, match="has no ema.safetensors"):  # a checkpoint saved without an EMA
-        main(tiny_argv(tmp_path / "plain", "--max_steps", "2", "--save_steps", "2", "--sample_every_run", "false"))
         main(tiny_argv(tmp_path / "plain", "--max_steps", "3", "--save_steps", "2", "--sample_every_run", "false",
                        "--ema_decay", "0.9", "--resume_from_checkpoint", "latest"))
