@@ -79,7 +79,7 @@ def interleaved(arms: dict, steps: int, warmup: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def profile_share(args, dataset: str) -> dict[str, float]:
+def profile_share(args, dataset: str, *extra: str) -> dict[str, float]:
     """Per-step ms of the Trainer's step, of the denoiser's forwards and of the backward: first ``tp_steps`` steps
     under ``torch.profiler`` (wall time; the profiler's per-op cost inflates the many small ops outside the model),
     then ``tp_steps`` steps timed by the same range marks in this thread's CPU time (``cpu_`` keys)."""
@@ -91,7 +91,7 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     from focusdpo.train import build_trainer
 
     warmup, steps = 2, args.tp_steps
-    argv = [*base_argv(args, tempfile.mkdtemp(), dataset), "--max_steps", str(warmup + 2 * steps)]
+    argv = [*base_argv(args, tempfile.mkdtemp(), dataset), "--max_steps", str(warmup + 2 * steps), *extra]
     trainer = build_trainer(*parse_config(argv))
     open_ranges: list = []
     totals: dict[str, float] = {}
@@ -126,16 +126,24 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     denoiser.register_forward_hook(lambda *_: leave())
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
 
+    training_step = trainer.training_step
+
+    def marked_training_step(*args, **kwargs):
+        """The backward range ends as the Trainer's training_step returns: dropping its loss frees the autograd
+        graph of both denoiser passes (~1 ms here; nothing else runs after the backward in there)."""
+        try:
+            return training_step(*args, **kwargs)
+        finally:
+            leave()
+    trainer.training_step = marked_training_step
+
     class StepRanges(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
             backward = trainer.accelerator.backward  # wrapped once the accelerator exists
 
             def marked_backward(loss, **kwargs):
-                enter("backward")
-                try:
-                    return backward(loss, **kwargs)
-                finally:
-                    leave()
+                enter("backward")  # left as training_step returns (marked_training_step)
+                return backward(loss, **kwargs)
             trainer.accelerator.backward = marked_backward
 
         def on_step_begin(self, a, state, control, **kw):
@@ -162,13 +170,93 @@ def profile_share(args, dataset: str) -> dict[str, float]:
     return totals
 
 
+PIECES = {  # consecutive marks within a step -> what runs between them (outside the denoiser)
+    ("fetch", "fetched"): "load the batch (DataLoader, datasets rows, collate)",
+    ("step_begin", "training_step"): "Trainer: before training_step",
+    ("training_step", "forward"): "model.train(), batch to device, seed, noise and timesteps (prepare)",
+    ("forwarded", "forward"): "switch to the reference pass (LoRA off)",
+    ("forwarded", "backward"): "loss, metrics and NaN guard (one collective)",
+    ("backwarded", "clip"): "Trainer: loss bookkeeping",
+    ("clip", "clipped"): "gradient norm and clipping (trainable parameters)",
+    ("clipped", "optimizer"): "gradient-norm guard",
+    ("optimizer", "optimized"): "AdamW step",
+    ("optimized", "step_end"): "LR scheduler, zero_grad, callbacks",
+    ("step_end", "fetch"): "Trainer: log/save/evaluate checks",
+}
+
+
+def outside_pieces(args, dataset: str) -> dict[str, float]:
+    """Median CPU ms per step of each piece of :data:`PIECES` (``backwarded``: training_step returned, so the
+    backward includes freeing the autograd graph), over ``tp_steps`` steps after a warm-up."""
+    from transformers import TrainerCallback
+
+    from focusdpo.recipe import parse_config
+    from focusdpo.train import build_trainer
+
+    warmup = 2
+    argv = [*base_argv(args, tempfile.mkdtemp(), dataset), "--max_steps", str(warmup + args.tp_steps + 1)]
+    trainer = build_trainer(*parse_config(argv))
+    marks: list[tuple[str, float]] = []
+    per_step: dict[str, list[float]] = {label: [] for label in PIECES.values()}
+
+    def mark(name: str) -> None:
+        marks.append((name, time.thread_time()))
+
+    def marked(function, before: str, after: str | None = None):
+        def wrapper(*a, **kw):
+            mark(before)
+            try:
+                return function(*a, **kw)
+            finally:
+                if after:
+                    mark(after)
+        return wrapper
+
+    trainer.get_batch_samples = marked(trainer.get_batch_samples, "fetch", "fetched")
+    trainer.training_step = marked(trainer.training_step, "training_step", "backwarded")
+    trainer._clip_grad_norm = marked(trainer._clip_grad_norm, "clip", "clipped")  # the guards' override
+    trainer.backbone.denoiser.register_forward_pre_hook(lambda *_: mark("forward"))
+    trainer.backbone.denoiser.register_forward_hook(lambda *_: mark("forwarded"))
+
+    class Marks(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            trainer.accelerator.backward = marked(trainer.accelerator.backward, "backward")
+
+        def on_step_begin(self, a, state, control, **kw):
+            mark("step_begin")
+
+        def on_pre_optimizer_step(self, a, state, control, **kw):
+            mark("optimizer")
+
+        def on_optimizer_step(self, a, state, control, **kw):
+            mark("optimized")
+
+        def on_step_end(self, a, state, control, **kw):
+            mark("step_end")
+            if warmup < state.global_step <= warmup + args.tp_steps:  # marks from the last step_end on
+                step = {label: 0.0 for label in PIECES.values()}
+                for (a_name, a_time), (b_name, b_time) in zip(marks, marks[1:]):
+                    if (a_name, b_name) in PIECES:
+                        step[PIECES[a_name, b_name]] += (b_time - a_time) * 1000
+                for label, ms in step.items():
+                    per_step[label].append(ms)
+            del marks[:-1]
+
+    trainer.add_callback(Marks())
+    trainer.train()
+    return {label: statistics.median(values) for label, values in per_step.items()}
+
+
 def throughput_section(args) -> None:
     import torch
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_datasets(args, Path(tmp))
-        totals = profile_share(args, data["latents"])
+        profiles = {loading: profile_share(args, data["latents"], "--dataloader_num_workers", str(workers),
+                                           "--dataloader_persistent_workers", str(workers > 0).lower())
+                    for loading, workers in (("in the trainer", 0), ("in 1 worker", 1))}
+        pieces = outside_pieces(args, data["latents"])
         rows = []
         trainer = trainer_for(args, data["plain"])
         live, cached = batches_of(trainer), batches_of(trainer_for(args, data["latents"]))
@@ -189,20 +277,22 @@ def throughput_section(args) -> None:
         without_maps = [{k: v for k, v in b.items() if k not in ("focus_maps", "focus_key")} for b in with_maps]
         rows.append(("focus maps: on the fly (toy DINOv2) vs cached (`focus`)", interleaved(
             {"A": stepper(focus, without_maps), "B": stepper(focus, with_maps)}, args.tp_steps, 1)))
-    print_throughput(args, totals, rows)
+    print_throughput(args, profiles, rows)
+    print_pieces(args, pieces, profiles["in the trainer"]["cpu_step"] + profiles["in the trainer"]["cpu_data"])
 
 
-def print_throughput(args, totals: dict[str, float], rows: list) -> None:
+def print_throughput(args, profiles: dict[str, dict[str, float]], rows: list) -> None:
     print(f"\nprofile, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, cached latents, W = 1, "
           f"{args.tp_steps} steps each:")
-    for prefix, how in (("", "torch.profiler, wall"), ("cpu_", "range marks, CPU time")):
-        step, forward, backward, data = (totals.get(prefix + k, 0.0)
-                                         for k in ("step", "denoiser_forward", "backward", "data"))
-        step += data  # the batch is loaded in the training process (dataloader_num_workers: 0, the default)
-        outside = step - forward - backward
-        print(f"  {how:<22} step {step:7.1f} ms = denoiser forward (policy + reference) {forward:6.1f} + backward "
-              f"{backward:6.1f} + outside {outside:5.1f} ms (data loading {data:4.1f} of it, CPU time) "
-              f"-> outside share {outside / max(step, 1e-9):.1%}")
+    for loading, totals in profiles.items():
+        for prefix, how in (("", "torch.profiler, wall"), ("cpu_", "range marks, CPU time")):
+            step, forward, backward, data = (totals.get(prefix + k, 0.0)
+                                             for k in ("step", "denoiser_forward", "backward", "data"))
+            step += data  # the training process's share of loading: all of it, or taking a worker's batch
+            outside = step - forward - backward
+            print(f"  loading {loading:<14} {how:<22} step {step:7.1f} ms = denoiser forward (policy + reference) "
+                  f"{forward:6.1f} + backward {backward:6.1f} + outside {outside:5.1f} ms (batch fetch {data:4.1f} "
+                  f"of it, CPU time) -> outside share {outside / max(step, 1e-9):.1%}")
     if not rows:
         return
     title = f"A/B, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs, CPU time"
@@ -210,3 +300,13 @@ def print_throughput(args, totals: dict[str, float], rows: list) -> None:
     print("| --- | ---: | ---: | ---: |")
     for name, medians in rows:
         print(f"| {name} | {1000 * medians['A']:.1f} | {1000 * medians['B']:.1f} | {medians['B'] / medians['A']:.2f} |")
+
+
+def print_pieces(args, pieces: dict[str, float], step_ms: float) -> None:
+    title = f"outside the denoiser, tiny SD step at {args.tp_resolution} px, {args.tp_pairs} pairs (median CPU time)"
+    print(f"\n| {title} | ms | share of the step |")
+    print("| --- | ---: | ---: |")
+    for label, ms in pieces.items():
+        print(f"| {label} | {ms:.2f} | {ms / step_ms:.2%} |")
+    total = sum(pieces.values())
+    print(f"| **all of it** | **{total:.2f}** | **{total / step_ms:.2%}** |")

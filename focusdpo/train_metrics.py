@@ -41,21 +41,26 @@ class MetricsLogging:
     Needs the :class:`~focusdpo.guards.StepGuards` state (``_step_metrics``, ``_metrics``, skipped-step counts).
     """
 
-    def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> None:
-        """Average metrics over processes (one collective) and keep them until the next log."""
+    def store_metrics(self, metrics: dict, inside: torch.Tensor, noise_level: torch.Tensor, weights) -> bool:
+        """Average metrics over processes and keep them until the next log, if every process's ``metrics["_loss"]``
+        is finite; return whether it is. One collective and one device sync a step (the NaN guard's included)."""
         if weights is not None:
             metrics.update(focus_summary(weights))
         names = list(metrics)
         bucket = (noise_level.float() * TIMESTEP_BUCKETS).long().clamp(max=TIMESTEP_BUCKETS - 1)
         sums = torch.zeros(TIMESTEP_BUCKETS, device=inside.device).index_add_(0, bucket, inside)
         counts = torch.bincount(bucket, minlength=TIMESTEP_BUCKETS).float()
-        local = torch.cat([torch.stack([metrics[n].float() for n in names]).to(inside.device), sums, counts])
-        total = self.accelerator.reduce(local, reduction="sum")
+        values = torch.stack([metrics[n].float() for n in names]).to(inside.device)
+        bad = (~torch.isfinite(metrics["_loss"].float())).float().reshape(1).to(inside.device)
+        total = self.accelerator.reduce(torch.cat([bad, values, sums, counts]), reduction="sum").tolist()
+        if total[0] > 0:
+            return False
         world = self.accelerator.num_processes
-        for name, value in zip(names, total[: len(names)].tolist()):
+        for name, value in zip(names, total[1: len(names) + 1]):
             self._step_metrics[name].append(value / world)
-        self._step_metrics["_bucket_sums"].append(total[len(names):-TIMESTEP_BUCKETS].tolist())
-        self._step_metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:].tolist())
+        self._step_metrics["_bucket_sums"].append(total[len(names) + 1:-TIMESTEP_BUCKETS])
+        self._step_metrics["_bucket_counts"].append(total[-TIMESTEP_BUCKETS:])
+        return True
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:  # training logs only

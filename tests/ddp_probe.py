@@ -23,7 +23,7 @@ def main(argv):
 
     def recording_store(metrics, *args):
         local.append({k: v.item() for k, v in metrics.items()})
-        store(metrics, *args)
+        return store(metrics, *args)
 
     trainer.data_collator, trainer.store_metrics = recording_collate, recording_store
     trainer.train()

@@ -165,6 +165,42 @@ def test_a_step_never_walks_the_model_for_adapters_or_train_mode(tmp_path, monke
     assert block.training
 
 
+def test_the_heap_alive_at_the_start_is_frozen_during_training_and_released_after(tmp_path):
+    """Full garbage collections skip the model and dataset while training, also after a run that raised."""
+    import gc
+
+    from transformers import TrainerCallback
+
+    frozen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            frozen.append(gc.get_freeze_count())
+            if state.global_step == 2 and args.output_dir.endswith("raises"):
+                raise KeyboardInterrupt
+
+    gc.unfreeze()
+    trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "run")]), callbacks=[Probe()])
+    trainer.train()
+    assert len(frozen) == 3 and min(frozen) > 10_000  # the modules, tensors and arrow tables of the run
+    assert gc.get_freeze_count() == 0
+    frozen.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / "raises")]), callbacks=[Probe()]).train()
+    assert frozen and gc.get_freeze_count() == 0
+
+
+def test_loading_in_worker_processes_trains_exactly_like_loading_in_the_trainer(tmp_path):
+    """``dataloader_num_workers`` moves fetching and collating (and image decoding) out of the training process;
+    batches, noise and so losses are unchanged."""
+    main([*TINY, "--output_dir", str(tmp_path / "inline")])
+    main([*TINY, "--output_dir", str(tmp_path / "workers"), "--dataloader_num_workers", "2",
+          "--dataloader_persistent_workers", "true"])
+    inline = step_losses(tmp_path / "inline")
+    assert inline[0] == pytest.approx(math.log(2), abs=1e-6)
+    assert step_losses(tmp_path / "workers") == inline
+
+
 def test_channels_last_trains_like_the_default_layout(tmp_path):
     main([*TINY, "--output_dir", str(tmp_path / "default")])
     trainer = main([*TINY, "--output_dir", str(tmp_path / "nhwc"), "--channels_last", "true"])
