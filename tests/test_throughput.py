@@ -92,6 +92,68 @@ def test_images_are_decoded_whenever_a_reader_of_them_is_not_cached():
         assert needs_pixels([c for c in cached if c != missing], flow, focus_on, mosaic_on), missing
 
 
+@pytest.mark.parametrize("family", ["sd", "flux2"])
+def test_batches_read_from_arrow_equal_the_datasets_rows(family, tmp_path):
+    """ArrayRows (the trainer's batch reads) gives what datasets' own formatting gives: the same arrays (float16
+    values; reference latents with a per-row count), focus maps, strings, undecoded images and lists."""
+    import numpy as np
+    from datasets import Array2D, Features, List, Value
+
+    from focusdpo.array_rows import ArrayRows
+    from focusdpo.data import with_array_format
+
+    args = [*TINY, "--family", family, "--toy_num_pairs", "6"]
+    embed_latents(tmp_path, args)
+    cli(["focus", "--out", str(tmp_path / "maps"), "--device", "cpu", "--dataset", str(tmp_path / "cached"),
+         *args[:2], "--lambda_structure", "1", "--dino_random_weights", "true", "--dino_depth", "1",
+         "--dino_image_size", "28", "--family", family])
+    with_maps = load_pairs(str(tmp_path / "maps"))
+    extra = Features({**with_maps.features, "pooled": List(Value("float16")), "ragged": Array2D((None, 3), "float16")})
+    with_maps = with_maps.map(lambda row, i: {"pooled": [i * 0.5] * 4, "ragged": [[i, 1, 2]] * (i % 3)},
+                              with_indices=True, features=extra)
+    fast = with_array_format(with_maps)
+    assert isinstance(fast, ArrayRows)
+    assert {"latents", "focus_maps", *(["reference_latents"] if family != "sd" else [])} <= set(fast.array_columns)
+    fast.array_columns.append("ragged")  # a dynamic first axis with empty rows, as SDXL/flux caches may hold
+    fast.inner_shapes["ragged"] = (3,)
+    reference = fast.dataset.with_format("numpy", columns=fast.array_columns, output_all_columns=True)
+    for indices in ([0, 1, 2], [5, 0, 3, 3], [4]):
+        got, expected = fast.__getitems__(indices), reference.__getitems__(indices)
+        assert [sorted(row) for row in got] == [sorted(row) for row in expected]
+        for row, want in zip(got, expected):
+            for name, value in want.items():
+                if name in fast.array_columns:
+                    np.testing.assert_array_equal(np.asarray(row[name], np.float32).reshape(np.shape(value)),
+                                                  np.asarray(value, np.float32))
+                else:
+                    assert row[name] == value, name
+    assert len(fast) == 6 and fast[0]["pair_id"] == with_maps[0]["pair_id"] and fast.column_names
+
+
+def test_a_batch_read_copies_the_batch_not_the_column():
+    """pyarrow's Table.take concatenates all chunks of a column per call: on a real latent cache, gigabytes a step."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Array2D, Dataset, Features, Value, concatenate_datasets
+
+    from focusdpo.data import with_array_format
+
+    features = Features({"pair_id": Value("string"), "latents": Array2D((64, 64), "float16")})
+    chunk = {"pair_id": ["p"] * 50, "latents": [np.ones((64, 64), np.float16)] * 50}
+    rows = with_array_format(concatenate_datasets([Dataset.from_dict(chunk, features=features)] * 8))  # 8 chunks
+    assert rows.table.column("latents").num_chunks == 8
+    default, counting = pa.default_memory_pool(), pa.proxy_memory_pool(pa.default_memory_pool())
+    pa.set_memory_pool(counting)  # what arrow allocates while reading, temporaries included (max_memory)
+    try:
+        batch = rows.__getitems__([3, 399, 120, 7])
+        shapes = [row["latents"].shape for row in batch]
+        del batch  # its buffers come from the counting pool: free them while it exists
+    finally:
+        pa.set_memory_pool(default)
+    assert counting.max_memory() < 20 * 64 * 64 * 2  # 4 rows (+ slack), not the 400-row column
+    assert shapes == [(64, 64)] * 4
+
+
 def test_latents_cached_before_the_posterior_format_are_refused(tmp_path):
     cached = load_pairs(embed_latents(tmp_path, TINY))
     old_key = json.loads(cached[0]["encoder_key"])
