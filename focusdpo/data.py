@@ -44,6 +44,7 @@ from datasets import Array2D, Array3D, Array4D, Dataset, Features, Image, List, 
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from .array_rows import ArrayRows
 from .hub_data import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
 from .pair_checks import PairDataError, check_jsonl_row, check_mask_size, preflight, to_eight_bit
 
@@ -255,8 +256,6 @@ def with_array_format(ds):
     columns = [c for c in ARRAY_COLUMNS if c in getattr(ds, "column_names", [])]
     if not columns or not isinstance(ds, Dataset):
         return ds
-    from .array_rows import ArrayRows
-
     return ArrayRows(ds.with_format("numpy", columns=columns, output_all_columns=True), columns)
 
 
