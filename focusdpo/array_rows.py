@@ -62,6 +62,12 @@ class ArrayRows(torch.utils.data.Dataset):
                 row[name] = value
         return rows
 
+    def __getstate__(self) -> dict:  # DataLoader workers under "spawn": the table would pickle the whole cache
+        return {"dataset": self.dataset, "array_columns": self.array_columns}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["dataset"], state["array_columns"])
+
     def __len__(self) -> int:
         return len(self.dataset)
 

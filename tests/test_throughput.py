@@ -128,6 +128,13 @@ def test_batches_read_from_arrow_equal_the_datasets_rows(family, tmp_path):
                 else:
                     assert row[name] == value, name
     assert len(fast) == 6 and fast[0]["pair_id"] == with_maps[0]["pair_id"] and fast.column_names
+    import pickle
+
+    on_disk = with_array_format(load_pairs(str(tmp_path / "maps")))  # as spawned DataLoader workers receive it
+    pickled = pickle.dumps(on_disk)
+    assert len(pickled) < on_disk.table.nbytes / 2  # the memory-mapped file is named, not copied
+    again = pickle.loads(pickled)
+    np.testing.assert_array_equal(again.__getitems__([2])[0]["latents"], on_disk.__getitems__([2])[0]["latents"])
 
 
 def test_a_batch_read_copies_the_batch_not_the_column():
