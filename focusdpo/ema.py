@@ -10,6 +10,7 @@ the LoRA (or, with ``lora_rank: 0``, the denoiser) a run writes is the EMA's.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -58,10 +59,19 @@ class WeightAverage:
 
 
 class EMAUpdate(TrainerCallback):
-    """Updates the average after each optimizer step (``on_step_end`` follows the step and ``zero_grad``)."""
+    """Updates the average after each optimizer step (``on_step_end`` follows the step and ``zero_grad``), but not
+    after a step the NaN guard skipped (``skipped_steps()`` grew): a skipped step leaves no trace, in the average
+    neither."""
 
-    def __init__(self, average: WeightAverage):
-        self.average = average
+    def __init__(self, average: WeightAverage, skipped_steps: Callable[[], int]):
+        self.average, self.skipped_steps = average, skipped_steps
+        self.skipped_seen = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.skipped_seen = self.skipped_steps()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.average.update()
+        skipped = self.skipped_steps()
+        if skipped == self.skipped_seen:
+            self.average.update()
+        self.skipped_seen = skipped

@@ -101,7 +101,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
             from .ema import EMAUpdate, WeightAverage
 
             self.weight_average = WeightAverage(self.model.trainable_parameters(), args.ema_decay)
-            self.add_callback(EMAUpdate(self.weight_average))
+            self.add_callback(EMAUpdate(self.weight_average, lambda: self._skipped_steps))
 
     def train(self, *args, **kwargs):
         """``Trainer.train`` with what is alive at its start (model, pipeline, dataset, imported modules) kept out

@@ -106,6 +106,23 @@ def test_a_skipped_nan_loss_step_changes_no_weight_optimizer_or_scheduler_state(
     assert all(math.isfinite(m.get("rewards/margins", 0.0)) for m in logs)
 
 
+def test_a_skipped_step_leaves_the_weight_average_unchanged(tmp_path):
+    trainer = build_trainer(*parse_config(tiny_argv(tmp_path, *FAST, "--nan_policy", "skip", "--save_steps", "100",
+                                                    "--ema_decay", "0.9")))
+    seen = {}
+
+    def average(t):
+        return [p.clone() for p in t.weight_average.ema.shadow_params], t.weight_average.ema.optimization_step
+
+    trainer.add_callback(AtStep(trainer, 2, begin=lambda t: (seen.update(before=average(t)), poison_beta(t)),
+                                end=lambda t: (seen.update(after=average(t)), heal_beta(t))))
+    trainer.train()
+    (before, count_before), (after, count_after) = seen["before"], seen["after"]
+    assert count_after == count_before == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert trainer.weight_average.ema.optimization_step == 3  # 4 steps, 1 skipped
+
+
 def infinite_gradient(trainer):
     param = next(iter(lora_params(trainer).values()))
     trainer.hook = param.register_hook(lambda grad: grad * float("inf"))
