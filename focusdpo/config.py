@@ -294,6 +294,10 @@ class FocusDPOConfig(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=10, metadata={"help": "Checkpoint every N steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep image columns (needed)."})
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "The Trainer's filter of NaN/inf logged losses. Off: nan_policy stops or skips a non-finite step "
+                "before its loss reaches the Trainer, so the filter never acts, and it costs two device syncs a "
+                "step."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     sample_every_run: bool = field(default=True, metadata={
         "help": "Write samples_before_after.png (base vs trained) at the end of training."})
