@@ -312,16 +312,16 @@ class PairCollator:
             batch[key] = [p[key] for p in parsed]
         for key in TEXT_CACHE_COLUMNS:  # cached text conditioning (focusdpo embed): one row per pair
             if key in rows[0]:
-                batch[key] = torch.stack([as_tensor(row[key]) for row in rows])
+                batch[key] = as_tensor(np.stack([row[key] for row in rows]))
         if "latents" in rows[0]:  # cached VAE latents (focusdpo embed --latents): [chosen, rejected] per pair
-            latents = torch.stack([as_tensor(row["latents"]) for row in rows])
+            latents = as_tensor(np.stack([row["latents"] for row in rows]))
             batch["latents"] = torch.cat([latents[:, 0], latents[:, 1]])
         if "reference_latents" in rows[0]:
             batch["reference_latents"] = [as_tensor(row["reference_latents"]) for row in rows]
         if "encoder_key" in rows[0]:
             batch["encoder_key"] = rows[0]["encoder_key"]
         if "focus_maps" in rows[0]:
-            maps = torch.stack([as_tensor(row["focus_maps"]) for row in rows])
+            maps = as_tensor(np.stack([row["focus_maps"] for row in rows]))
             batch["focus_maps"] = torch.cat([maps[:, 0], maps[:, 1]])
             batch["focus_key"] = rows[0]["focus_key"]
         batch.update(self.optional_pair_columns(rows))
