@@ -6,7 +6,7 @@ import torch
 
 from .config import FocusDPOConfig, ModelConfig
 from .models import Backbone, DenoiseInputs
-from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, adapter_names
+from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, submodules
 from .run_checks import check_personalization_lora
 
 
@@ -29,17 +29,14 @@ class PolicyModel(torch.nn.Module):
         """The Trainer calls ``model.train()`` every step; setting the flag on every submodule (~2 ms on the tiny
         UNet) is skipped when each one already has it. The flags are read live (exact whoever changed them), on a
         module list found once per set of adapters (walking the tree itself cost ~1 ms a step)."""
-        if any(module.training != mode for module in self.module_list()):
+        if self.training != mode or any(module.training != mode for module in self.module_list()):
             super().train(mode)
         return self
 
     def module_list(self) -> list[torch.nn.Module]:
-        """Every submodule, re-found when the denoiser's adapters change (adding one adds modules)."""
-        adapters = adapter_names(self.denoiser)
-        cached = getattr(self, "_module_list", None)
-        if cached is None or cached[0] != adapters:
-            self._module_list = cached = (adapters, list(self.modules()))
-        return cached[1]
+        """The denoiser's modules, re-found when its adapters change (adding one adds modules): the one cache
+        the reference pass also reads its LoRA layers from (:func:`~focusdpo.reference.submodules`)."""
+        return submodules(self.denoiser)[0]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         if getattr(self, "_trainable", None) is None:

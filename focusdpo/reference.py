@@ -29,27 +29,35 @@ def kept_trainable_flags(module: torch.nn.Module):
             param.requires_grad_(flag)
 
 
-# denoiser → (its adapter names, its peft layers). diffusers' disable_adapters / enable_adapters walk every submodule
-# on each call (two walks per step, ~16k module visits on the tiny UNet); the layers only change with the adapters.
-_TUNER_LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# denoiser → (its adapter names, its submodules, its peft layers). diffusers' disable_adapters / enable_adapters walk
+# every submodule on each call (two walks per step, ~16k module visits on the tiny UNet), and so would the policy's
+# per-step train-mode check; the modules only change with the adapters.
+_SUBMODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def adapter_names(denoiser: torch.nn.Module) -> tuple[str, ...]:
-    """The denoiser's adapters: what caches of its submodules are keyed on (adding an adapter adds modules)."""
+    """The denoiser's adapters: what the cache of its submodules is keyed on (adding an adapter adds modules)."""
     return tuple(getattr(denoiser, "peft_config", {}))
+
+
+def submodules(denoiser: torch.nn.Module) -> tuple[list[torch.nn.Module], list[BaseTunerLayer]]:
+    """Every module of ``denoiser`` (itself included) and its peft adapter layers, found once per set of adapters."""
+    adapters = adapter_names(denoiser)
+    cached = _SUBMODULES.get(denoiser)
+    if cached is None or cached[0] != adapters:
+        modules = list(denoiser.modules())
+        cached = (adapters, modules, [m for m in modules if isinstance(m, BaseTunerLayer)])
+        _SUBMODULES[denoiser] = cached
+    return cached[1], cached[2]
 
 
 def tuner_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
     """peft's adapter layers in ``denoiser``, found once per set of adapters."""
-    adapters = adapter_names(denoiser)
-    cached = _TUNER_LAYERS.get(denoiser)
-    if cached is None or cached[0] != adapters:
-        cached = (adapters, [m for m in denoiser.modules() if isinstance(m, BaseTunerLayer)])
-        _TUNER_LAYERS[denoiser] = cached
-    if not cached[1]:
+    layers = submodules(denoiser)[1]
+    if not layers:
         raise ValueError("reference_mode='disable_adapters' needs a LoRA on the denoiser (lora_rank > 0); a full "
                          "fine-tune (lora_rank: 0) uses reference_mode: frozen_copy")
-    return cached[1]
+    return layers
 
 
 def switch_adapters(layers: list[BaseTunerLayer], enabled: bool) -> None:
