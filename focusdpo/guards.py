@@ -68,14 +68,24 @@ class StepGuards:
     # ---- the optimizer step: gradient norm, clipping and the gradient guard -----------------------
     # The Trainer's own `_clip_grad_norm` / `_get_grad_norm` walk model.parameters(), the frozen base included,
     # and clip a NaN norm into NaN weights. These two private hooks are the only place to act between backward
-    # and optimizer.step; both go through the public accelerator.clip_grad_norm_ on the trainable parameters.
+    # and optimizer.step; both clip the trainable parameters only (clip_trainable).
     def _clip_grad_norm(self, model):
-        return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), self.args.max_grad_norm)
+        return self.clip_trainable(model, self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
         if grad_norm is None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.trainable_parameters(model), float("inf"))
+            grad_norm = self.clip_trainable(model, float("inf"))
         return self.guard_step(model, grad_norm)
+
+    def clip_trainable(self, model, max_norm: float):
+        """The trainable gradients' norm, after clipping them to ``max_norm``: one op on the policy's gradient buffer
+        while every gradient is its view (:mod:`~focusdpo.grad_buffer`), else the public
+        ``accelerator.clip_grad_norm_`` (FSDP, DeepSpeed, DTensors, a wrapper that replaced the gradients)."""
+        buffer = getattr(self.model, "gradients", None)
+        if buffer is not None and buffer.attached():
+            self.accelerator.unscale_gradients()  # fp16: the GradScaler's gradients, as clip_grad_norm_ does first
+            return buffer.clip_(max_norm)
+        return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), max_norm)
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         if getattr(self, "_trainable", None) is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .config import FocusDPOConfig, ModelConfig
+from .grad_buffer import GradientBuffer
 from .models import Backbone, DenoiseInputs
 from .reference import DPO_ADAPTER, PERSONAL_ADAPTER, submodules
 from .run_checks import check_personalization_lora
@@ -17,10 +18,15 @@ class PolicyModel(torch.nn.Module):
     config, which diffusers models do not have.
     """
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, contiguous_gradients: bool = True):
+        """``contiguous_gradients``: keep the trainable gradients as views of one buffer, zeroed in place
+        (:mod:`~focusdpo.grad_buffer`); for a LoRA, whose gradients are small. A full fine-tune frees them instead,
+        so they do not hold memory through the forward."""
         super().__init__()
         self.denoiser = backbone.denoiser
         self.backbone = [backbone]  # a list: keep the frozen pipeline out of this module's parameters
+        self.contiguous_gradients = contiguous_gradients
+        self.gradients: GradientBuffer | None = None  # made at the first zero_grad, once the model is placed
 
     def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
         return self.backbone[0].predict(self.denoiser, inputs)
@@ -44,8 +50,16 @@ class PolicyModel(torch.nn.Module):
         return self._trainable
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Only the trainable parameters (the LoRA) hold gradients: skip the walk over the frozen base."""
-        for param in self.trainable_parameters():
+        """Only the trainable parameters (the LoRA) hold gradients: skip the walk over the frozen base. With
+        ``contiguous_gradients`` they are zeroed in place in one op whatever ``set_to_none`` says (their memory is
+        the LoRA's size, and freeing it each step cost more than the zeroing)."""
+        params = self.trainable_parameters()
+        if self.contiguous_gradients and (self.gradients is None or not self.gradients.holds(params)):
+            self.gradients = GradientBuffer.of(params)
+            self.contiguous_gradients = self.gradients is not None  # None: several devices or dtypes, DTensors
+        if self.gradients is not None:
+            return self.gradients.zero_()
+        for param in params:
             if set_to_none:
                 param.grad = None
             elif param.grad is not None:

@@ -84,7 +84,8 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
         # no image is decoded when every reader of the images has its cache (latents, maps, points)
         self.pixels = needs_pixels(getattr(train_dataset, "column_names", []), model_config.family in FLOW_FAMILIES,
                                    self.focus_config.enabled, loss_config.mosaic_enabled)
-        super().__init__(model=PolicyModel(backbone), args=args, train_dataset=with_array_format(train_dataset),
+        super().__init__(model=PolicyModel(backbone, contiguous_gradients=model_config.lora_rank > 0), args=args,
+                         train_dataset=with_array_format(train_dataset),
                          data_collator=PairCollator(data_config.resolution, data_config.max_references, self.pixels),
                          callbacks=[SkippedStepCallback(self), MetricsFileCallback(), PlacementCallback(backbone),
                                     *(callbacks or [])])

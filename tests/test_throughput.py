@@ -234,6 +234,45 @@ def test_a_step_never_walks_the_model_for_adapters_or_train_mode(tmp_path, monke
     assert block.training
 
 
+def test_the_gradient_buffer_by_hand():
+    """Gradients [3, 0] and [[0, 4]]: one buffer of norm 5, clipped to 1 by torch's coefficient 1 / (5 + 1e-6);
+    backward adds into the views, a replaced gradient is re-attached by zero_, mixed dtypes get no buffer."""
+    from focusdpo.grad_buffer import GradientBuffer
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1, 2))
+    buffer = GradientBuffer.of([a, b])
+    ((a * torch.tensor([3.0, 0.0])).sum() + (b * torch.tensor([[0.0, 4.0]])).sum()).backward()
+    assert buffer.attached() and buffer.flat.tolist() == [3.0, 0.0, 0.0, 4.0]
+    assert buffer.clip_(10.0).item() == 5.0 and buffer.flat.tolist() == [3.0, 0.0, 0.0, 4.0]  # below: untouched
+    assert buffer.clip_(1.0).item() == 5.0
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 0.0]) / (5 + 1e-6), rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, torch.tensor([[0.0, 4.0]]) / (5 + 1e-6), rtol=0, atol=0)
+    a.grad = None
+    assert not buffer.attached()
+    buffer.zero_()
+    assert buffer.attached() and buffer.flat.abs().sum() == 0 and a.grad is buffer.views[0]
+    assert GradientBuffer.of([a, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]) is None
+
+
+@pytest.mark.parametrize("max_grad_norm", ["1e9", "1e-4"])
+def test_a_run_on_the_gradient_buffer_trains_like_per_tensor_gradients(max_grad_norm, tmp_path):
+    """The LoRA's gradients live in one buffer (zeroed, measured and clipped as one tensor); the run equals one
+    with a gradient tensor per parameter: bit for bit without clipping (1e9), to rounding with it (1e-4 clips
+    every step; the norm is summed in another order)."""
+    runs = {}
+    for contiguous in (True, False):
+        trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / str(contiguous)),
+                                               "--max_grad_norm", max_grad_norm]))
+        trainer.model.contiguous_gradients = contiguous
+        trainer.train()
+        runs[contiguous] = [p.detach().clone() for p in trainer.model.trainable_parameters()]
+        buffer = trainer.model.gradients
+        assert (buffer is not None and buffer.attached()) == contiguous
+    rtol = 0 if max_grad_norm == "1e9" else 1e-5
+    for with_buffer, per_tensor in zip(runs[True], runs[False]):
+        torch.testing.assert_close(with_buffer, per_tensor, rtol=rtol, atol=rtol * 1e-3)
+
+
 def test_the_heap_alive_at_the_start_is_frozen_during_training_and_released_after(tmp_path):
     """Full garbage collections skip the model and dataset while training, also after a run that raised."""
     import gc
