@@ -1,14 +1,18 @@
-"""The trainable parameters' gradients as views of one flat buffer.
+"""The trainable parameters' gradients, and optionally their values, as views of one flat buffer each.
 
 A LoRA has many small tensors (96 on the tiny SD UNet, thousands on a FLUX transformer). Zeroing, the
-gradient norm and clipping then cost one call per tensor, and freeing the gradients each step hands their
-memory back to the allocator: on the tiny SD step these were ~2.5 ms, more than any other piece outside
-the denoiser. With every ``.grad`` a view of one buffer, each is a single tensor op.
+gradient norm, clipping and the optimizer step then cost one call per tensor, and freeing the gradients
+each step hands their memory back to the allocator: on the tiny SD step these were ~4.5 ms, more than any
+other piece outside the denoiser. With every ``.grad`` a view of one buffer, and every value a view of one
+flat parameter that an elementwise optimizer (AdamW, SGD, ...) steps, each is a single tensor op.
 
 Autograd adds into a gradient that exists in place (``grad += new``), and DDP copies its all-reduced
 buckets back in place, so the views survive backward. Whatever replaces a ``.grad`` (``zero_grad`` of a
-wrapping module, a skipped step setting them to None) detaches its view: the buffer is read only while
-:meth:`GradientBuffer.attached`, and :meth:`GradientBuffer.zero_` attaches the views again.
+wrapping module, a skipped step setting them to None) detaches its view: :meth:`GradientBuffer.collect_`,
+run before every optimizer step, copies such gradients back into the buffer and attaches the views again.
+The same holds for values whose ``.data`` was replaced after they were shared (DDP's start-up broadcast
+does it): their current values are copied in and the views attached again; one moved to another device
+or cast is refused there, as the optimizer would step a copy the model no longer reads.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ class GradientBuffer:
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = list(params)
         first = self.params[0]
-        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype, device=first.device)
-        pieces = self.flat.split([p.numel() for p in self.params])
-        self.views = [piece.view_as(param) for piece, param in zip(pieces, self.params)]
+        self.flat = torch.zeros(sum(self.sizes()), dtype=first.dtype, device=first.device)
+        self.views = [piece.view_as(param) for piece, param in zip(self.flat.split(self.sizes()), self.params)]
+        self.values: torch.nn.Parameter | None = None  # see share_values
+        self.value_views: list[torch.Tensor] = []
         self.attach()
 
     @classmethod
@@ -42,13 +47,63 @@ class GradientBuffer:
         return (len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
                 and params[0].device == self.flat.device and params[0].dtype == self.flat.dtype)
 
+    def share_values(self) -> torch.nn.Parameter:
+        """One parameter holding every value of ``params`` (each one's ``.data`` becomes its view), whose
+        ``.grad`` is the gradient buffer: for an elementwise optimizer, which then steps all of them at once."""
+        values = torch.cat([param.detach().reshape(-1) for param in self.params])
+        self.value_views = [piece.view_as(param) for piece, param in zip(values.split(self.sizes()), self.params)]
+        for param, view in zip(self.params, self.value_views):
+            param.data = view
+        self.values = torch.nn.Parameter(values, requires_grad=False)  # the same storage: not a copy
+        self.values.grad = self.flat
+        return self.values
+
+    def sizes(self) -> list[int]:
+        return [param.numel() for param in self.params]
+
     def attach(self) -> None:
         for param, view in zip(self.params, self.views):
             param.grad = view
+        if self.values is not None:
+            self.values.grad = self.flat
 
     def attached(self) -> bool:
         """Whether every parameter's ``.grad`` is still its view (nothing replaced one since :meth:`zero_`)."""
-        return all(param.grad is view for param, view in zip(self.params, self.views))
+        flat_attached = self.values is None or self.values.grad is self.flat
+        return flat_attached and all(param.grad is view for param, view in zip(self.params, self.views))
+
+    def detach(self) -> None:
+        """No gradients at all (a skipped step): an optimizer then changes no weight and no moment."""
+        for param in self.params:
+            param.grad = None
+        if self.values is not None:
+            self.values.grad = None
+
+    def collect_(self) -> None:
+        """Before an optimizer step: bring gradients that replaced their views (a wrapper's ``zero_grad`` set them
+        to None, backward then made new ones), and values that replaced theirs (DDP's start-up broadcast gives
+        every parameter new storage), back into the buffers, and attach the views again."""
+        if self.values is not None:
+            self.collect_values_()
+        if self.attached():
+            return
+        for param, view in zip(self.params, self.views):
+            if param.grad is not view:
+                view.copy_(param.grad) if param.grad is not None else view.zero_()
+        self.attach()
+
+    def collect_values_(self) -> None:
+        for param, view in zip(self.params, self.value_views):
+            if param.data_ptr() == view.data_ptr():
+                continue
+            if param.dtype != view.dtype or param.device != view.device:
+                raise RuntimeError(
+                    f"a trainable parameter was moved or cast to {param.device}/{param.dtype} after the optimizer was "
+                    f"built over its values ({view.device}/{view.dtype}), so the optimizer would step a copy the "
+                    "model no longer reads: place and cast the model before training starts, or build the "
+                    "PolicyModel with contiguous_gradients=False")
+            view.copy_(param.detach())
+            param.data = view
 
     def zero_(self) -> None:
         """Zero every gradient in place, attaching the views again where a ``.grad`` was replaced."""

@@ -21,6 +21,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from .run_checks import numerics_advice
 
+# The Trainer's optimizers whose update of a value reads only that value's gradient and state: stepping the LoRA
+# as one flat tensor is then the per-tensor step (Adafactor factors per matrix, 8-bit ones quantize per block).
+ELEMENTWISE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss or gradient became NaN/inf; the message names the step, the pairs and the last good state."""
@@ -82,10 +86,33 @@ class StepGuards:
         while every gradient is its view (:mod:`~focusdpo.grad_buffer`), else the public
         ``accelerator.clip_grad_norm_`` (FSDP, DeepSpeed, DTensors, a wrapper that replaced the gradients)."""
         buffer = getattr(self.model, "gradients", None)
-        if buffer is not None and buffer.attached():
-            self.accelerator.unscale_gradients()  # fp16: the GradScaler's gradients, as clip_grad_norm_ does first
-            return buffer.clip_(max_norm)
-        return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), max_norm)
+        if buffer is None:
+            return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), max_norm)
+        buffer.collect_()
+        self.accelerator.unscale_gradients()  # fp16: the GradScaler's gradients, as clip_grad_norm_ does first
+        return buffer.clip_(max_norm)
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, over one flat parameter holding the LoRA's values where the optimizer is
+        elementwise (each value's update reads only its own gradient and moments, so the flat step equals the
+        per-tensor one) and the Trainer would put them all in one weight-decay group; else the Trainer's own."""
+        values = self.model.shared_values() if self.flat_optimizer_applies() else None
+        if values is None:
+            return super().create_optimizer(model)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        decays = bool(self.get_decay_parameter_names(self.model))
+        group = {"params": [values], "weight_decay": self.args.weight_decay if decays else 0.0}
+        self.optimizer = optimizer_cls([group], **optimizer_kwargs)
+        return self.optimizer
+
+    def flat_optimizer_applies(self) -> bool:
+        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None or self.args.optim_args:
+            return False
+        if not getattr(self.model, "contiguous_gradients", False) or self.args.optim not in ELEMENTWISE_OPTIMIZERS:
+            return False
+        names = [name for name, param in self.model.named_parameters() if param.requires_grad]
+        decayed = set(self.get_decay_parameter_names(self.model)).intersection(names)
+        return len(decayed) in (0, len(names))  # one weight-decay group
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         if getattr(self, "_trainable", None) is None:
@@ -110,8 +137,12 @@ class StepGuards:
             return grad_norm
         if not finite and self.loss_config.nan_policy == "stop":
             self.stop_non_finite(f"gradient norm is {float(grad_norm)}", model, pair_ids)
-        for param in self.trainable_parameters(model):
-            param.grad = None
+        buffer = getattr(self.model, "gradients", None)
+        if buffer is not None:
+            buffer.detach()
+        else:
+            for param in self.trainable_parameters(model):
+                param.grad = None
         self._skipped_state = (copy.deepcopy(self.lr_scheduler.state_dict()),
                                [group["lr"] for group in self.optimizer.param_groups])
         self._skipped_steps += 1

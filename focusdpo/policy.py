@@ -49,6 +49,12 @@ class PolicyModel(torch.nn.Module):
             self._trainable = [p for p in self.parameters() if p.requires_grad]
         return self._trainable
 
+    def shared_values(self) -> torch.nn.Parameter | None:
+        """The trainable values as one parameter for an elementwise optimizer (:meth:`GradientBuffer.share_values`),
+        or None where the gradients are not one buffer (a full fine-tune, several devices or dtypes, DTensors)."""
+        self.zero_grad()  # makes the buffer
+        return None if self.gradients is None else self.gradients.share_values()
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Only the trainable parameters (the LoRA) hold gradients: skip the walk over the frozen base. With
         ``contiguous_gradients`` they are zeroed in place in one op whatever ``set_to_none`` says (their memory is

@@ -254,11 +254,38 @@ def test_the_gradient_buffer_by_hand():
     assert GradientBuffer.of([a, torch.nn.Parameter(torch.ones(2, dtype=torch.float64))]) is None
 
 
+def test_shared_values_are_the_parameters_and_replaced_gradients_are_collected():
+    """share_values: one parameter over [a; b] whose in-place update is the parameters' update and whose .grad
+    is the buffer; a gradient replaced by a wrapper (set to None, then made anew) is copied back before the
+    step; a parameter given new storage is copied back in, one cast to another dtype is refused with the fix."""
+    from focusdpo.grad_buffer import GradientBuffer
+
+    a, b = torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([[3.0]]))
+    buffer = GradientBuffer.of([a, b])
+    values = buffer.share_values()
+    assert values.tolist() == [1.0, 2.0, 3.0] and values.grad is buffer.flat
+    with torch.no_grad():
+        values.sub_(torch.tensor([1.0, 1.0, 1.0]))
+    assert a.tolist() == [0.0, 1.0] and b.tolist() == [[2.0]]
+    a.grad, b.grad = None, None  # a wrapping module's zero_grad
+    (a.sum() * 5).backward()  # a gets a new tensor, b none
+    buffer.collect_()
+    assert buffer.attached() and values.grad.tolist() == [5.0, 5.0, 0.0]
+    buffer.detach()
+    assert a.grad is None and values.grad is None
+    a.data = torch.tensor([7.0, 8.0])  # new storage, as DDP's start-up broadcast gives it
+    buffer.collect_()
+    assert values.tolist() == [7.0, 8.0, 2.0] and a.data_ptr() == values.data_ptr()
+    a.data = a.data.double()
+    with pytest.raises(RuntimeError, match="place and cast the model before training"):
+        buffer.collect_()
+
+
 @pytest.mark.parametrize("max_grad_norm", ["1e9", "1e-4"])
 def test_a_run_on_the_gradient_buffer_trains_like_per_tensor_gradients(max_grad_norm, tmp_path):
-    """The LoRA's gradients live in one buffer (zeroed, measured and clipped as one tensor); the run equals one
-    with a gradient tensor per parameter: bit for bit without clipping (1e9), to rounding with it (1e-4 clips
-    every step; the norm is summed in another order)."""
+    """The LoRA's gradients live in one buffer (zeroed, measured and clipped as one tensor) and AdamW steps its
+    values as one tensor; the run equals one with a tensor per parameter: bit for bit without clipping (1e9), to
+    rounding with it (1e-4 clips every step; the norm is summed in another order)."""
     runs = {}
     for contiguous in (True, False):
         trainer = build_trainer(*parse_config([*TINY, "--output_dir", str(tmp_path / str(contiguous)),
@@ -268,6 +295,8 @@ def test_a_run_on_the_gradient_buffer_trains_like_per_tensor_gradients(max_grad_
         runs[contiguous] = [p.detach().clone() for p in trainer.model.trainable_parameters()]
         buffer = trainer.model.gradients
         assert (buffer is not None and buffer.attached()) == contiguous
+        stepped = trainer.optimizer.param_groups[0]["params"]
+        assert [buffer.values] == stepped if contiguous else len(stepped) == len(runs[contiguous]) == 96
     rtol = 0 if max_grad_norm == "1e9" else 1e-5
     for with_buffer, per_tensor in zip(runs[True], runs[False]):
         torch.testing.assert_close(with_buffer, per_tensor, rtol=rtol, atol=rtol * 1e-3)

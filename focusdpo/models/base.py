@@ -113,8 +113,10 @@ class Backbone(ABC):
 
     def lora_state_dict(self, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
         """The adapter's LoRA weights; from ``state_dict`` (the denoiser's full one) when given: under
-        FSDP/ZeRO-3 the parameters are shards and only a gathered state dict holds the whole LoRA."""
-        return get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name=adapter_name)
+        FSDP/ZeRO-3 the parameters are shards and only a gathered state dict holds the whole LoRA. Copies: in
+        training they are views of one tensor (:mod:`~focusdpo.grad_buffer`), which safetensors refuses to write."""
+        layers = get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name=adapter_name)
+        return {name: tensor.clone() for name, tensor in layers.items()}
 
     def save_lora(self, out_dir: str | Path, adapter_name: str = "default", state_dict: dict | None = None) -> None:
         """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.
