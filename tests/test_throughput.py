@@ -298,8 +298,8 @@ def test_a_run_on_the_gradient_buffer_trains_like_per_tensor_gradients(max_grad_
         stepped = trainer.optimizer.param_groups[0]["params"]
         assert [buffer.values] == stepped if contiguous else len(stepped) == len(runs[contiguous]) == 96
     rtol = 0 if max_grad_norm == "1e9" else 1e-5
-    for with_buffer, per_tensor in zip(runs[True], runs[False]):
-        torch.testing.assert_close(with_buffer, per_tensor, rtol=rtol, atol=rtol * 1e-3)
+    for with_buffer, per_tensor in zip(runs[True], runs[False]):  # rounding scales with each tensor's updates
+        torch.testing.assert_close(with_buffer, per_tensor, rtol=rtol, atol=rtol * per_tensor.abs().max().item())
 
 
 def test_the_heap_alive_at_the_start_is_frozen_during_training_and_released_after(tmp_path):
