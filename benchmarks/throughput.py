@@ -33,7 +33,10 @@ def write_datasets(args, tmp: Path) -> dict[str, str]:
     from focusdpo.data import load_pairs
 
     folders = {name: str(tmp / name) for name in ("plain", "latents", "focus")}
-    load_pairs("toy", toy_num_pairs=3 * args.tp_pairs, resolution=args.tp_resolution).save_to_disk(folders["plain"])
+    # one epoch holds every step of the longest run (profile_share): as in a real run, no step in the timed ones
+    # starts a new DataLoader iterator (a reshuffle and two batches' fetch, ~3x a plain fetch)
+    pairs = args.tp_pairs * (2 * args.tp_steps + 4)
+    load_pairs("toy", toy_num_pairs=pairs, resolution=args.tp_resolution).save_to_disk(folders["plain"])
     size = ["--resolution", str(args.tp_resolution)]
     cli(["embed", "--out", folders["latents"], "--device", "cpu", "--latents",
          "--dataset", folders["plain"], *size])
@@ -165,7 +168,7 @@ def profile_share(args, dataset: str, *extra: str) -> dict[str, float]:
     for event in profiler.events():
         if event.name in ("step", "denoiser_forward", "backward"):
             totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() / 1000 / steps
-    # the median fetch: the toy dataset starts a new epoch (a new DataLoader iterator) every 3 steps, a real one rarely
+    # the median fetch (one epoch holds the whole run: write_datasets)
     totals["data"] = totals["cpu_data"] = statistics.median(fetch_ms)
     return totals
 
