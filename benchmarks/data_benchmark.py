@@ -1,6 +1,6 @@
 """Memory and disk of the data paths, old and new side by side in one run, on the toy pairs.
 
-    python benchmarks/data_benchmark.py [--pairs 400] [--grid 64] [--pickapic_rows 600]
+    python benchmarks/data_benchmark.py [--rows maps disk read] [--pairs 400] [--grid 64] [--pickapic_rows 600]
 
 Rows:
   focus maps     extra peak RSS of `precompute_focus_maps` per 1000 pairs (after a warm-up run on 8 pairs):
@@ -10,6 +10,9 @@ Rows:
                  now vs the previous image-column casts (cast_column rewrites lists of images).
   pickapic       bytes written by loading Pick-a-Pic parquet and saving it as a pair folder (the import),
                  as multiples of the kept image bytes: now (one generator copy + the saved folder) vs before.
+  batch read     CPU time of reading a batch of 4 pairs for a cached step (`ArrayRows.__getitems__`), pairs with
+                 two references and PNG-sized image bytes: image columns copied out of arrow (pixels=True, the
+                 previous read) vs passed as counts (pixels=False, what a step over caches does now); interleaved.
 The grid is the loss grid of the maps (64 = SD at 512 px); the toy images are 2×grid px.
 """
 
@@ -142,12 +145,40 @@ def run_child(args: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def batch_read_row(pairs: int, image_kib: int, repeats: int = 60) -> dict[str, float]:
+    """Median CPU ms of one 4-pair batch read, image columns read (True) or passed as counts (False)."""
+    import statistics
+
+    import numpy as np
+    from datasets import Array3D, Dataset, Features, Image, List, Value
+
+    from focusdpo.data import with_array_format
+
+    image = {"bytes": os.urandom(image_kib * 1024), "path": None}  # never decoded: the bytes' size is what counts
+    features = Features({"pair_id": Value("string"), "chosen": Image(), "rejected": Image(),
+                         "references": List(Image()), "latents": Array3D((2, 8, 128), "float16")})
+    ds = Dataset.from_dict({"pair_id": [str(i) for i in range(pairs)], "chosen": [image] * pairs,
+                            "rejected": [image] * pairs, "references": [[image, image]] * pairs,
+                            "latents": [np.zeros((2, 8, 128), np.float16)] * pairs}, features=features)
+    readers = {pixels: with_array_format(ds, pixels) for pixels in (True, False)}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(repeats):
+        for pixels in ((True, False) if i % 2 else (False, True)):
+            start = time.thread_time()
+            readers[pixels].__getitems__([(4 * i + j) % pairs for j in range(4)])
+            times[pixels].append((time.thread_time() - start) * 1000)
+    return {pixels: statistics.median(values) for pixels, values in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=400, help="Pairs for the focus-map rows.")
     parser.add_argument("--grid", type=int, default=64, help="Loss grid side of the maps.")
     parser.add_argument("--load_pairs", type=int, default=200, help="Pairs in the saved folder that is loaded.")
     parser.add_argument("--pickapic_rows", type=int, default=600, help="Rows of the Pick-a-Pic file (1/3 ties).")
+    parser.add_argument("--read_image_kib", type=int, default=1536, help="Bytes of each image in the batch-read "
+                        "row, in KiB (1536: a 1024 px PNG photo).")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="Which rows to run.")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -155,12 +186,20 @@ def main() -> None:
         child = maps_child if kind == "maps" else disk_child
         print(json.dumps(child(mode, *map(int, numbers))))
         return
+    for row in args.rows:
+        ROWS[row](args)
+
+
+def print_maps_row(args) -> None:
     maps = {m: run_child(["maps", m, str(args.pairs), str(args.grid)]) for m in ("list", "batched")}
-    disk = {m: run_child(["disk", m, str(args.load_pairs), str(args.pickapic_rows)]) for m in ("before", "now")}
     print(f"focus maps, {args.pairs} pairs on a {args.grid}x{args.grid} grid: extra peak RSS per 1000 pairs "
           f"list {maps['list']['rss_per_1000']:.0f} MiB, batched {maps['batched']['rss_per_1000']:.0f} MiB "
           f"(ratio {maps['list']['rss_per_1000'] / max(maps['batched']['rss_per_1000'], 1e-9):.1f}x); "
           f"time list {maps['list']['seconds']:.1f} s, batched {maps['batched']['seconds']:.1f} s")
+
+
+def print_disk_rows(args) -> None:
+    disk = {m: run_child(["disk", m, str(args.load_pairs), str(args.pickapic_rows)]) for m in ("before", "now")}
     old, new = disk["before"]["load"], disk["now"]["load"]
     print(f"saved-folder load, {args.load_pairs} pairs ({new['dataset'] / 2**20:.1f} MiB on disk): bytes written "
           f"before {old['written'] / 2**20:.2f} MiB ({old['written'] / new['dataset']:.2f}x the dataset), "
@@ -170,6 +209,14 @@ def main() -> None:
     print(f"pickapic import, {args.pickapic_rows} rows: bytes written per kept image byte before "
           f"{disk['before']['import_written_x_kept']:.2f}x, now {disk['now']['import_written_x_kept']:.2f}x")
 
+
+def print_read_row(args) -> None:
+    read = batch_read_row(32, args.read_image_kib)
+    print(f"batch read, 4 pairs with 2 references, {args.read_image_kib} KiB images, cached latents: image columns "
+          f"read {read[True]:.2f} ms, passed as counts {read[False]:.2f} ms (ratio {read[False] / read[True]:.2f})")
+
+
+ROWS = {"maps": print_maps_row, "disk": print_disk_rows, "read": print_read_row}
 
 if __name__ == "__main__":
     main()

@@ -39,13 +39,22 @@ def without_extension_types(table: pa.Table) -> pa.Table:
     return table
 
 
+def placeholders(column: pa.ChunkedArray) -> list:
+    """A column no step reads, as what its rows' counts need: ``[None] * n`` for a list of n values, None for a
+    null row or a value that is not a list (the bytes of an image are never copied out of arrow)."""
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        return [None] * len(column)
+    return [None if n is None else [None] * n for n in column.combine_chunks().value_lengths().to_pylist()]
+
+
 class ArrayRows(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` whose batch reads (``__getitems__``, what the DataLoader calls) return its
-    ``array_columns`` as numpy arrays read from arrow directly; indexing, iteration and every attribute are the
-    wrapped dataset's (``dataset``, numpy-formatted for those columns)."""
+    ``array_columns`` as numpy arrays read from arrow directly and its ``unread_columns`` as
+    :func:`placeholders`; indexing, iteration and every attribute are the wrapped dataset's (``dataset``,
+    numpy-formatted for the array columns)."""
 
-    def __init__(self, dataset, array_columns: list[str]):
-        self.dataset, self.array_columns = dataset, array_columns
+    def __init__(self, dataset, array_columns: list[str], unread_columns: tuple[str, ...] = ()):
+        self.dataset, self.array_columns, self.unread_columns = dataset, array_columns, tuple(unread_columns)
         self.table = without_extension_types(dataset.with_format("arrow")[:])  # zero-copy: memory-mapped views
         self.inner_shapes = {name: tuple(getattr(dataset.features[name], "shape", (None,))[1:])
                              for name in array_columns}
@@ -53,7 +62,10 @@ class ArrayRows(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         # one-row slices (zero-copy), not Table.take: take concatenates every chunk of a column, all of it, per call
         table = pa.concat_tables([self.table.slice(i, 1) for i in indices])
-        rows = table.drop_columns(self.array_columns).to_pylist()
+        rows = table.drop_columns([*self.array_columns, *self.unread_columns]).to_pylist()
+        for name in self.unread_columns:
+            for row, value in zip(rows, placeholders(table[name])):
+                row[name] = value
         for name in self.array_columns:
             values = row_arrays(table[name], self.inner_shapes[name])
             if values is None:
@@ -63,10 +75,10 @@ class ArrayRows(torch.utils.data.Dataset):
         return rows
 
     def __getstate__(self) -> dict:  # DataLoader workers under "spawn": the table would pickle the whole cache
-        return {"dataset": self.dataset, "array_columns": self.array_columns}
+        return {"dataset": self.dataset, "array_columns": self.array_columns, "unread_columns": self.unread_columns}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["dataset"], state["array_columns"])
+        self.__init__(state["dataset"], state["array_columns"], state["unread_columns"])
 
     def __len__(self) -> int:
         return len(self.dataset)

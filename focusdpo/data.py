@@ -250,13 +250,17 @@ def needs_pixels(columns: list[str], flow: bool, focus_on: bool, mosaic_on: bool
 ARRAY_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds", "latents", "reference_latents", "focus_maps")
 
 
-def with_array_format(ds):
+def with_array_format(ds, pixels: bool = True):
     """``ds`` reading its cached array columns as numpy arrays (arrow → Python lists per row cost ~1 ms a pair),
-    batches straight from arrow (:class:`~focusdpo.array_rows.ArrayRows`)."""
-    columns = [c for c in ARRAY_COLUMNS if c in getattr(ds, "column_names", [])]
+    batches straight from arrow (:class:`~focusdpo.array_rows.ArrayRows`). ``pixels=False`` (no step decodes an
+    image: :func:`needs_pixels`): the image columns' bytes stay in arrow, rows carry only their counts (on real
+    data megabytes of PNG a pair, copied every step, and pickled to the workers)."""
+    names = getattr(ds, "column_names", [])
+    columns = [c for c in ARRAY_COLUMNS if c in names]
     if not columns or not isinstance(ds, Dataset):
         return ds
-    return ArrayRows(ds.with_format("numpy", columns=columns, output_all_columns=True), columns)
+    unread = () if pixels else tuple(c for c in IMAGE_COLUMNS if c in names)
+    return ArrayRows(ds.with_format("numpy", columns=columns, output_all_columns=True), columns, unread)
 
 
 def square(image: PILImage.Image, size: int, resample=PILImage.BICUBIC) -> PILImage.Image:

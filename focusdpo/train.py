@@ -85,7 +85,7 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
         self.pixels = needs_pixels(getattr(train_dataset, "column_names", []), model_config.family in FLOW_FAMILIES,
                                    self.focus_config.enabled, loss_config.mosaic_enabled)
         super().__init__(model=PolicyModel(backbone, contiguous_gradients=model_config.lora_rank > 0), args=args,
-                         train_dataset=with_array_format(train_dataset),
+                         train_dataset=with_array_format(train_dataset, self.pixels),
                          data_collator=PairCollator(data_config.resolution, data_config.max_references, self.pixels),
                          callbacks=[SkippedStepCallback(self), MetricsFileCallback(), PlacementCallback(backbone),
                                     *(callbacks or [])])

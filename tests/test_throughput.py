@@ -74,6 +74,7 @@ def test_a_run_on_cached_encoders_decodes_no_image_and_matches_the_decoding_run(
     decoding = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "decoding")]))
     assert decoding.pixels is False
     decoding.data_collator.pixels = True  # as before: every image decoded, each batch carrying pixel_values
+    decoding.train_dataset.unread_columns = ()  # and the image columns read out of arrow for it
     decoding.train()
     monkeypatch.setattr(focusdpo.data, "open_image", lambda *a, **k: pytest.fail("an image was decoded"))
     build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "cached")])).train()
@@ -135,6 +136,33 @@ def test_batches_read_from_arrow_equal_the_datasets_rows(family, tmp_path):
     assert len(pickled) < on_disk.table.nbytes / 2  # the memory-mapped file is named, not copied
     again = pickle.loads(pickled)
     np.testing.assert_array_equal(again.__getitems__([2])[0]["latents"], on_disk.__getitems__([2])[0]["latents"])
+
+
+def test_image_columns_no_step_reads_are_passed_as_counts(tmp_path):
+    """pixels=False: the image columns' bytes stay in arrow (rows get None, or a list of as many None as the row has
+    references/masks, None for a null row); the collator's batch equals the one from the full rows."""
+    from datasets import Dataset
+
+    from focusdpo.array_rows import placeholders
+    from focusdpo.data import IMAGE_COLUMNS, with_array_format
+
+    cached = load_pairs(embed_latents(tmp_path, [*TINY, "--toy_num_pairs", "6"]))
+    full, counted = with_array_format(cached), with_array_format(cached, pixels=False)
+    assert counted.unread_columns == tuple(c for c in IMAGE_COLUMNS if c in cached.column_names)
+    indices = [4, 0, 3, 3]
+    got, want = counted.__getitems__(indices), full.__getitems__(indices)
+    assert any(row["references"] for row in want)  # the toy pairs have references: the counts are checked
+    for row, expected in zip(got, want):
+        assert row["chosen"] is None and row["rejected"] is None and row["prior_mask"] is None
+        for name in ("references", "reference_masks"):
+            assert row[name] == (None if expected[name] is None else [None] * len(expected[name])), name
+        assert {k: v for k, v in row.items() if k not in IMAGE_COLUMNS}.keys() == \
+            {k for k in expected if k not in IMAGE_COLUMNS}
+    collate = PairCollator(32, pixels=False)
+    fast, slow = collate(got), collate(want)
+    assert [r.shape for r in fast["references"]] == [r.shape for r in slow["references"]]
+    assert torch.equal(fast["latents"], slow["latents"]) and fast["pair_ids"] == slow["pair_ids"]
+    assert placeholders(Dataset.from_dict({"r": [[1, 2], None, []]}).data.column("r")) == [[None, None], None, []]
 
 
 def test_a_batch_read_copies_the_batch_not_the_column():
