@@ -118,3 +118,36 @@ class GradientBuffer:
         if max_norm != float("inf"):  # a tensor clamp, not a Python `if`: no wait for the device
             self.flat.mul_((max_norm / (norm + 1e-6)).clamp_(max=1.0))
         return norm
+
+
+def flat_optimizer_state(state_dict: dict, sizes: list[int]) -> dict:
+    """An optimizer state dict over one tensor per parameter (sizes ``sizes``, in the buffer's order: what a
+    checkpoint of a per-tensor optimizer holds) as the state of one flat parameter in the same group (the others
+    kept, empty): each per-parameter tensor (AdamW's moments, SGD's momentum) concatenated, scalars (``step``)
+    kept where every parameter agrees. A state dict that already holds one parameter is returned as it is."""
+    ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    if len(ids) == 1:
+        return state_dict
+    holding = [group for group in state_dict["param_groups"] if group["params"]]
+    if len(ids) != len(sizes) or len(holding) != 1:
+        raise ValueError(f"the checkpoint's optimizer holds {len(ids)} parameters in {len(holding)} groups, not the "
+                         f"{len(sizes)} trainable tensors of this model in one group: resume with the settings it "
+                         "was saved with (lora_rank, lora_target_modules, optim, weight_decay)")
+    states = [state_dict["state"].get(i, {}) for i in ids]
+    if any(state.keys() != states[0].keys() for state in states):
+        raise ValueError("the checkpoint's optimizer has state for some trainable tensors and not others, so it "
+                         "cannot be merged into one flat parameter: resume from another checkpoint")
+    merged = {key: flat_state_entry(key, [state[key] for state in states], sizes) for key in states[0]}
+    groups = [{**group, "params": [0] if group["params"] else []} for group in state_dict["param_groups"]]
+    return {"state": {0: merged} if merged else {}, "param_groups": groups}
+
+
+def flat_state_entry(key: str, values: list, sizes: list[int]):
+    """One state entry of every parameter as the flat parameter's: tensors of each one's size concatenated, a
+    value every parameter shares kept."""
+    if all(torch.is_tensor(v) and v.dim() > 0 and v.numel() == n for v, n in zip(values, sizes)):  # not `step`
+        return torch.cat([v.reshape(-1) for v in values])
+    if all(torch.equal(torch.as_tensor(v), torch.as_tensor(values[0])) for v in values):
+        return values[0]
+    raise ValueError(f"the checkpoint's optimizer state {key!r} differs between trainable tensors: it cannot be "
+                     "merged into one flat parameter")

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .grad_buffer import flat_optimizer_state
 from .run_checks import numerics_advice
 
 # The Trainer's optimizers whose update of a value reads only that value's gradient and state: stepping the LoRA
@@ -101,8 +102,12 @@ class StepGuards:
             return super().create_optimizer(model)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
         decays = bool(self.get_decay_parameter_names(self.model))
-        group = {"params": [values], "weight_decay": self.args.weight_decay if decays else 0.0}
-        self.optimizer = optimizer_cls([group], **optimizer_kwargs)
+        # the Trainer's two groups (decayed, not), one of them empty: checkpoints and LR schedulers keep their shape
+        groups = [{"params": [values] if decays else [], "weight_decay": self.args.weight_decay},
+                  {"params": [] if decays else [values], "weight_decay": 0.0}]
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        sizes = self.model.gradients.sizes()  # checkpoints of a per-tensor optimizer (earlier versions) resume
+        self.optimizer.register_load_state_dict_pre_hook(lambda _, state: flat_optimizer_state(state, sizes))
         return self.optimizer
 
     def flat_optimizer_applies(self) -> bool:

@@ -330,6 +330,39 @@ def test_a_run_on_the_gradient_buffer_trains_like_per_tensor_gradients(max_grad_
         torch.testing.assert_close(with_buffer, per_tensor, rtol=rtol, atol=rtol * per_tensor.abs().max().item())
 
 
+def test_a_per_tensor_optimizer_state_is_merged_into_the_flat_parameter_by_hand():
+    from focusdpo.grad_buffer import flat_optimizer_state
+
+    saved = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.tensor([1.0, 2.0])},
+                       1: {"step": torch.tensor(3.0), "exp_avg": torch.tensor([[5.0]])}},
+             "param_groups": [{"params": [0, 1], "lr": 0.1}, {"params": [], "lr": 0.1}]}  # the Trainer's two groups
+    merged = flat_optimizer_state(saved, [2, 1])
+    assert merged["param_groups"] == [{"params": [0], "lr": 0.1}, {"params": [], "lr": 0.1}]
+    assert list(merged["state"]) == [0]
+    assert merged["state"][0]["step"].item() == 3.0 and merged["state"][0]["exp_avg"].tolist() == [1.0, 2.0, 5.0]
+    assert flat_optimizer_state(merged, [2, 1]) is merged  # already flat
+    saved["state"][1]["step"] = torch.tensor(4.0)
+    with pytest.raises(ValueError, match="'step' differs"):
+        flat_optimizer_state(saved, [2, 1])
+    with pytest.raises(ValueError, match="resume with the settings it was saved with"):
+        flat_optimizer_state(saved, [2, 1, 7])
+
+
+def test_a_checkpoint_of_a_per_tensor_optimizer_resumes_on_the_flat_one(tmp_path):
+    """A run saved by a per-tensor optimizer (an earlier version) resumes on the flat parameter: its moments are
+    merged, and the resumed run ends where the uninterrupted per-tensor run ends."""
+    argv = [*TINY, "--max_steps", "4", "--save_steps", "2", "--max_grad_norm", "1e9"]
+    per_tensor = build_trainer(*parse_config([*argv, "--output_dir", str(tmp_path / "per_tensor")]))
+    per_tensor.model.contiguous_gradients = False
+    per_tensor.train()
+    resumed = build_trainer(*parse_config([*argv, "--output_dir", str(tmp_path / "flat")]))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "per_tensor" / "checkpoint-2"))
+    assert [group["params"] for group in resumed.optimizer.param_groups] == [[resumed.model.gradients.values], []]
+    assert resumed.state.global_step == 4
+    for flat, expected in zip(resumed.model.trainable_parameters(), per_tensor.model.trainable_parameters()):
+        torch.testing.assert_close(flat, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
 def test_the_heap_alive_at_the_start_is_frozen_during_training_and_released_after(tmp_path):
     """Full garbage collections skip the model and dataset while training, also after a run that raised."""
     import gc
