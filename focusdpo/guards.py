@@ -97,11 +97,11 @@ class StepGuards:
         """The Trainer's optimizer, over one flat parameter holding the LoRA's values where the optimizer is
         elementwise (each value's update reads only its own gradient and moments, so the flat step equals the
         per-tensor one) and the Trainer would put them all in one weight-decay group; else the Trainer's own."""
-        values = self.model.shared_values() if self.flat_optimizer_applies() else None
+        decays = self.trainables_decayed() if self.flat_optimizer_applies() else None
+        values = self.model.shared_values() if decays is not None else None
         if values is None:
             return super().create_optimizer(model)
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        decays = bool(self.get_decay_parameter_names(self.model))
         # the Trainer's two groups (decayed, not), one of them empty: checkpoints and LR schedulers keep their shape
         groups = [{"params": [values] if decays else [], "weight_decay": self.args.weight_decay},
                   {"params": [] if decays else [values], "weight_decay": 0.0}]
@@ -113,11 +113,14 @@ class StepGuards:
     def flat_optimizer_applies(self) -> bool:
         if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None or self.args.optim_args:
             return False
-        if not getattr(self.model, "contiguous_gradients", False) or self.args.optim not in ELEMENTWISE_OPTIMIZERS:
-            return False
+        return getattr(self.model, "contiguous_gradients", False) and self.args.optim in ELEMENTWISE_OPTIMIZERS
+
+    def trainables_decayed(self) -> bool | None:
+        """Whether the Trainer would put every trainable parameter in its weight-decay group (True) or every one in
+        its no-decay group (False); None where they would be split between the two."""
         names = [name for name, param in self.model.named_parameters() if param.requires_grad]
         decayed = set(self.get_decay_parameter_names(self.model)).intersection(names)
-        return len(decayed) in (0, len(names))  # one weight-decay group
+        return None if 0 < len(decayed) < len(names) else bool(decayed)
 
     def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
         if getattr(self, "_trainable", None) is None:
