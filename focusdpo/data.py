@@ -44,7 +44,6 @@ from datasets import Array2D, Array3D, Array4D, Dataset, Features, Image, List, 
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from .array_rows import ArrayRows
 from .hub_data import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
 from .pair_checks import PairDataError, check_jsonl_row, check_mask_size, preflight, to_eight_bit
 
@@ -251,16 +250,15 @@ ARRAY_COLUMNS = ("prompt_embeds", "pooled_prompt_embeds", "latents", "reference_
 
 
 def with_array_format(ds, pixels: bool = True):
-    """``ds`` reading its cached array columns as numpy arrays (arrow → Python lists per row cost ~1 ms a pair),
-    batches straight from arrow (:class:`~focusdpo.array_rows.ArrayRows`). ``pixels=False`` (no step decodes an
-    image: :func:`needs_pixels`): the image columns' bytes stay in arrow, rows carry only their counts (on real
-    data megabytes of PNG a pair, copied every step, and pickled to the workers)."""
-    names = getattr(ds, "column_names", [])
-    columns = [c for c in ARRAY_COLUMNS if c in names]
-    if not columns or not isinstance(ds, Dataset):
+    """``ds`` as the training DataLoader reads it: cached array columns as numpy arrays (not nested Python lists),
+    and, when no step decodes an image (``pixels=False``: :func:`needs_pixels`), without the image columns, whose
+    encoded bytes would otherwise be copied out of arrow for every row."""
+    if not isinstance(ds, Dataset):
         return ds
-    unread = () if pixels else tuple(c for c in IMAGE_COLUMNS if c in names)
-    return ArrayRows(ds.with_format("numpy", columns=columns, output_all_columns=True), columns, unread)
+    if not pixels:
+        ds = ds.remove_columns([c for c in IMAGE_COLUMNS if c in ds.column_names])
+    columns = [c for c in ARRAY_COLUMNS if c in ds.column_names]
+    return ds.with_format("numpy", columns=columns, output_all_columns=True) if columns else ds
 
 
 def square(image: PILImage.Image, size: int, resample=PILImage.BICUBIC) -> PILImage.Image:
@@ -298,9 +296,10 @@ class PairCollator:
     """
 
     def __init__(self, resolution: int, max_references: int = 6, pixels: bool = True):
-        """``pixels=False``: no image is decoded, for runs whose every reader of images uses a cache instead (VAE
-        and reference latents, focus maps, MOSAIC points; :func:`needs_pixels`). The batch then has no
-        ``pixel_values``; ``references`` are ``(K_i, 3, 0, 0)`` (their count is what is read), masks are None."""
+        """``pixels=False``: rows have no image columns (every reader of images uses a cache instead: VAE and
+        reference latents, focus maps, MOSAIC points; :func:`needs_pixels`). The batch then has no
+        ``pixel_values``; ``references`` are ``(K_i, 3, 0, 0)``, K_i counted from the cached reference latents (their
+        count is what is read), masks are None."""
         self.resolution = resolution
         self.max_references = max_references
         self.pixels = pixels
@@ -362,9 +361,10 @@ class PairCollator:
 
     def parse(self, row: dict) -> dict:
         pair_id, size = row["pair_id"], self.resolution
-        refs, masks = self.counted_references(row, pair_id)
         if not self.pixels:  # every reader uses a cache: the counts are all a step needs
-            return {"references": torch.zeros(len(refs), 3, 0, 0), "reference_masks": None, "prior_mask": None}
+            count = len(row["reference_latents"]) if row.get("reference_latents") is not None else 0
+            return {"references": torch.zeros(count, 3, 0, 0), "reference_masks": None, "prior_mask": None}
+        refs, masks = self.counted_references(row, pair_id)
         chosen, rejected = (open_image(row[c], c, pair_id) for c in ("chosen", "rejected"))
         check_same_size(chosen, rejected, pair_id)
         prior = row["prior_mask"] and open_image(row["prior_mask"], "prior_mask", pair_id, "L")

@@ -26,7 +26,7 @@ def training_items(trainer, count: int) -> list[dict]:
     from .data import open_image, to_tensor
 
     items = []
-    for row in trainer.train_dataset:
+    for row in trainer.pairs:
         if row["references"]:
             views = [to_tensor(open_image(r, "references", row["pair_id"])) for r in row["references"]]
             items.append({"item_id": str(row["pair_id"]), "prompt": row["prompt"], "views": views,

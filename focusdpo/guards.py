@@ -9,6 +9,7 @@ watches ``mse/winner_drift`` for the known Diffusion-DPO failure. See docs/stabi
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 import warnings
@@ -19,12 +20,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .grad_buffer import flat_optimizer_state
 from .run_checks import numerics_advice
 
-# The Trainer's optimizers whose update of a value reads only that value's gradient and state: stepping the LoRA
-# as one flat tensor is then the per-tensor step (Adafactor factors per matrix, 8-bit ones quantize per block).
-ELEMENTWISE_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+ZERO_GRADIENT_STEPS = 3  # this many all-zero gradient steps at the start of a run: it trains nothing, said loudly
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,6 +51,7 @@ class StepGuards:
         self._kept_loss = [0.0, 0]  # sum and count of kept micro-batch losses this session (train_loss)
         self._drift: list[float] = []
         self._drift_warned = False
+        self._zero_gradient_steps = 0  # consecutive all-zero gradient steps since the start; -1 once one was not
 
     def stop_non_finite(self, what: str, model, pair_ids: list[str]) -> None:
         """Save the weights as the last good state if they are finite (else name the previous checkpoint); raise."""
@@ -83,48 +82,14 @@ class StepGuards:
         return self.guard_step(model, grad_norm)
 
     def clip_trainable(self, model, max_norm: float):
-        """The trainable gradients' norm, after clipping them to ``max_norm``: one op on the policy's gradient buffer
-        while every gradient is its view (:mod:`~focusdpo.grad_buffer`), else the public
-        ``accelerator.clip_grad_norm_`` (FSDP, DeepSpeed, DTensors, a wrapper that replaced the gradients)."""
-        buffer = getattr(self.model, "gradients", None)
-        if buffer is None:
-            return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), max_norm)
-        buffer.collect_()
-        self.accelerator.unscale_gradients()  # fp16: the GradScaler's gradients, as clip_grad_norm_ does first
-        return buffer.clip_(max_norm)
+        """The trainable gradients' norm, after clipping them to ``max_norm`` (accelerate's ``clip_grad_norm_``
+        unscales fp16 gradients first and handles FSDP/DeepSpeed)."""
+        return self.accelerator.clip_grad_norm_(self.trainable_parameters(model), max_norm)
 
-    def create_optimizer(self, model=None):
-        """The Trainer's optimizer, over one flat parameter holding the LoRA's values where the optimizer is
-        elementwise (each value's update reads only its own gradient and moments, so the flat step equals the
-        per-tensor one) and the Trainer would put them all in one weight-decay group; else the Trainer's own."""
-        decays = self.trainables_decayed() if self.flat_optimizer_applies() else None
-        values = self.model.shared_values() if decays is not None else None
-        if values is None:
-            return super().create_optimizer(model)
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        # the Trainer's two groups (decayed, not), one of them empty: checkpoints and LR schedulers keep their shape
-        groups = [{"params": [values] if decays else [], "weight_decay": self.args.weight_decay},
-                  {"params": [] if decays else [values], "weight_decay": 0.0}]
-        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        sizes = self.model.gradients.sizes()  # checkpoints of a per-tensor optimizer (earlier versions) resume
-        self.optimizer.register_load_state_dict_pre_hook(lambda _, state: flat_optimizer_state(state, sizes))
-        return self.optimizer
-
-    def flat_optimizer_applies(self) -> bool:
-        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None or self.args.optim_args:
-            return False
-        return getattr(self.model, "contiguous_gradients", False) and self.args.optim in ELEMENTWISE_OPTIMIZERS
-
-    def trainables_decayed(self) -> bool | None:
-        """Whether the Trainer would put every trainable parameter in its weight-decay group (True) or every one in
-        its no-decay group (False); None where they would be split between the two."""
-        names = [name for name, param in self.model.named_parameters() if param.requires_grad]
-        decayed = set(self.get_decay_parameter_names(self.model)).intersection(names)
-        return None if 0 < len(decayed) < len(names) else bool(decayed)
-
-    def trainable_parameters(self, model) -> list[torch.nn.Parameter]:
+    def trainable_parameters(self, model=None) -> list[torch.nn.Parameter]:
+        """The policy's trainable parameters, found once (the set never changes during a run)."""
         if getattr(self, "_trainable", None) is None:
-            self._trainable = [p for p in model.parameters() if p.requires_grad]
+            self._trainable = self.accelerator.unwrap_model(self.model).trainable_parameters()
         return self._trainable
 
     def guard_step(self, model, grad_norm):
@@ -134,7 +99,8 @@ class StepGuards:
         moment), the LR scheduler is put back after the Trainer steps it, and its metrics are dropped.
         """
         pair_ids, self._step_pair_ids = self._step_pair_ids, []
-        finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())  # None: DeepSpeed
+        norm = None if grad_norm is None else float(grad_norm)  # None: DeepSpeed; the step's one host sync
+        finite = norm is None or math.isfinite(norm)
         skip, self._skip_pending = self._skip_pending or not finite, False
         step_metrics, self._step_metrics = self._step_metrics, defaultdict(list)
         if not skip:
@@ -142,15 +108,12 @@ class StepGuards:
                 self._metrics[name].extend(values)
             self._kept_loss[0] += sum(step_metrics.get("_loss", []))
             self._kept_loss[1] += len(step_metrics.get("_loss", []))
+            self.watch_zero_gradients(norm)
             return grad_norm
         if not finite and self.loss_config.nan_policy == "stop":
             self.stop_non_finite(f"gradient norm is {float(grad_norm)}", model, pair_ids)
-        buffer = getattr(self.model, "gradients", None)
-        if buffer is not None:
-            buffer.detach()
-        else:
-            for param in self.trainable_parameters(model):
-                param.grad = None
+        for param in self.trainable_parameters(model):
+            param.grad = None
         self._skipped_state = (copy.deepcopy(self.lr_scheduler.state_dict()),
                                [group["lr"] for group in self.optimizer.param_groups])
         self._skipped_steps += 1
@@ -159,6 +122,21 @@ class StepGuards:
         print(f"[focusdpo] non-finite {what} at step {self.state.global_step} (pairs {pair_ids}); step skipped",
               file=sys.stderr)
         return None
+
+    def watch_zero_gradients(self, norm: float | None) -> None:
+        """Say loudly when the first ``ZERO_GRADIENT_STEPS`` optimizer steps all had exactly zero gradients: such a
+        run trains nothing (a LoRA that lost its gradients, a frozen adapter, an all-zero loss) yet would finish
+        with rc 0 and every file written."""
+        if norm is None or self._zero_gradient_steps < 0:
+            return
+        self._zero_gradient_steps = self._zero_gradient_steps + 1 if norm == 0 else -1
+        if self._zero_gradient_steps == ZERO_GRADIENT_STEPS:
+            message = (f"the gradients of every trainable parameter were exactly zero for the first "
+                       f"{ZERO_GRADIENT_STEPS} optimizer steps: this run is not training. Check that the DPO LoRA is "
+                       "trainable (lora_rank > 0, lora_target_modules exist in the denoiser), that the loss depends "
+                       "on it, and that pair_weight is not zero everywhere")
+            print(f"[focusdpo] WARNING: {message}", file=sys.stderr)
+            warnings.warn(message, stacklevel=2)
 
     def restore_after_skipped_step(self) -> None:
         """Undo the LR scheduler's step on a skipped optimizer step (called from on_step_end)."""

@@ -11,14 +11,13 @@ LoRA files in diffusers format, atomic checkpoints and a NaN guard.
 from __future__ import annotations
 
 import copy
-import gc
 import sys
 import zlib
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import FLOW_FAMILIES, DataConfig, FocusConfig, FocusDPOConfig, LossConfig, ModelConfig
@@ -37,17 +36,6 @@ from .run_checks import (check_inputs, check_objective, check_resume_settings, k
                          prepare_output_dir, release_lock, resolve_resume)
 from .train_metrics import MetricsFileCallback, MetricsLogging
 from .visualize import save_before_after
-
-
-class PlacementCallback(TrainerCallback):
-    """Re-read the denoiser's device and dtype once training starts: accelerate/DeepSpeed may have moved or cast it
-    in ``prepare`` (backbones cache both, see ``Backbone.resolve_placement``)."""
-
-    def __init__(self, backbone: Backbone):
-        self.backbone = backbone
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.backbone.resolve_placement()
 
 
 class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
@@ -81,14 +69,14 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
         if args.torch_compile:  # in place: policy and reference run one compiled module (see _build_accelerator_args)
             for module in filter(None, (backbone.denoiser, self.frozen_copy)):
                 module.compile(backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+        self.pairs = train_dataset  # every column, images included: what samples and panels are drawn from
         # no image is decoded when every reader of the images has its cache (latents, maps, points)
         self.pixels = needs_pixels(getattr(train_dataset, "column_names", []), model_config.family in FLOW_FAMILIES,
                                    self.focus_config.enabled, loss_config.mosaic_enabled)
-        super().__init__(model=PolicyModel(backbone, contiguous_gradients=model_config.lora_rank > 0), args=args,
+        super().__init__(model=PolicyModel(backbone), args=args,
                          train_dataset=with_array_format(train_dataset, self.pixels),
                          data_collator=PairCollator(data_config.resolution, data_config.max_references, self.pixels),
-                         callbacks=[SkippedStepCallback(self), MetricsFileCallback(), PlacementCallback(backbone),
-                                    *(callbacks or [])])
+                         callbacks=[SkippedStepCallback(self), MetricsFileCallback(), *(callbacks or [])])
         backbone.to(self.args.device, half_dtype(self.args))
         if self.frozen_copy is not None:
             self.frozen_copy.to(self.args.device)
@@ -103,17 +91,6 @@ class FocusDPOTrainer(StepGuards, MetricsLogging, Checkpointing, Trainer):
 
             self.weight_average = WeightAverage(self.model.trainable_parameters(), args.ema_decay)
             self.add_callback(EMAUpdate(self.weight_average, lambda: self._skipped_steps))
-
-    def train(self, *args, **kwargs):
-        """``Trainer.train`` with what is alive at its start (model, pipeline, dataset, imported modules) kept out
-        of the garbage collector's reach: its full collections walk that whole heap, a pause of ~0.3 s that,
-        averaged, cost 7 ms a step on the tiny SD step (more than everything else outside the model)."""
-        gc.collect()  # what is garbage now is freed now, not kept for the whole run
-        gc.freeze()
-        try:
-            return super().train(*args, **kwargs)
-        finally:
-            gc.unfreeze()
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         """transformers compiles the whole model it wraps when ``torch_compile`` is set; here the denoiser is
@@ -325,17 +302,17 @@ def train_and_save(configs, out: Path, resume: str | None) -> FocusDPOTrainer:
     if model_cfg.save_fused_lora and trainer.is_world_process_zero():
         trainer.backbone.save_fused_lora(out / "fused", (PERSONAL_ADAPTER, DPO_ADAPTER))
     if trainer.is_world_process_zero() and train_cfg.sample_every_run and not model_cfg.drop_text_encoders:
-        prompts = list(trainer.train_dataset[: train_cfg.num_sample_prompts]["prompt"])
+        prompts = list(trainer.pairs[: train_cfg.num_sample_prompts]["prompt"])
         save_before_after(trainer, prompts, out / "samples_before_after.png", data_cfg.resolution)
         if trainer.focus_mapper is not None:  # maps made on the fly: show what the loss focused on
             from .mapper import save_focus_panels
 
-            rows = [trainer.train_dataset[i] for i in range(train_cfg.num_sample_prompts)]
+            rows = [trainer.pairs[i] for i in range(train_cfg.num_sample_prompts)]
             grid = trainer.backbone.loss_grid(data_cfg.resolution)
             save_focus_panels(rows, trainer.focus_mapper, grid, data_cfg.resolution, out / "focus")
         print(f"[focusdpo] LoRA, config.yaml, metrics.jsonl and PNGs (samples, focus maps) are in {out}")
     if trainer.is_world_process_zero():
-        write_model_card(out, configs, trainer.state.global_step, len(trainer.train_dataset))
+        write_model_card(out, configs, trainer.state.global_step, len(trainer.pairs))
     return trainer
 
 

@@ -167,7 +167,7 @@ class ValidationCallback(TrainerCallback):
 
         # Maps read from a `focusdpo focus` cache: a mapper with the same settings (the cache key) draws the same maps.
         mapper = trainer.focus_mapper or FocusMapper(trainer.focus_config, device=trainer.args.device)
-        rows = [trainer.train_dataset[i] for i in range(min(FOCUS_PANEL_PAIRS, len(trainer.train_dataset)))]
+        rows = [trainer.pairs[i] for i in range(min(FOCUS_PANEL_PAIRS, len(trainer.pairs)))]
         resolution = trainer.data_config.resolution
         paths = save_focus_panels(rows, mapper, trainer.backbone.loss_grid(resolution), resolution,
                                   self.folder / "focus")

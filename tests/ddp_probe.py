@@ -1,12 +1,11 @@
 """Run the trainer under ``accelerate launch`` and record, per rank, what the DDP test checks:
-the pairs this rank saw, its local (un-gathered) metrics per step, and a hash of its trainable weights."""
+the pairs this rank saw, its local (un-gathered) metrics per step, and its trainable weights (safetensors)."""
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-import torch
+from safetensors.torch import save_file
 
 from focusdpo.recipe import parse_config
 from focusdpo.train import build_trainer
@@ -27,10 +26,10 @@ def main(argv):
 
     trainer.data_collator, trainer.store_metrics = recording_collate, recording_store
     trainer.train()
-    weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters() if p.requires_grad])
     rank = trainer.args.process_index
-    report = {"rank": rank, "world": trainer.accelerator.num_processes, "pairs": seen, "local": local,
-              "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest()}
+    save_file({name: p.detach().contiguous() for name, p in trainer.model.named_parameters() if p.requires_grad},
+              Path(trainer.args.output_dir) / f"probe-rank{rank}.safetensors")
+    report = {"rank": rank, "world": trainer.accelerator.num_processes, "pairs": seen, "local": local}
     (Path(trainer.args.output_dir) / f"probe-rank{rank}.json").write_text(json.dumps(report))
 
 

@@ -42,15 +42,20 @@ class Backbone(ABC):
         self.pipeline = pipeline
         self.offload_text_encoders = False  # True: text encoders stay on the CPU and encode there
         self.channels_last = False  # True: UNet inputs are fed channels-last (see use_channels_last)
-        self.resolve_placement()
 
-    def resolve_placement(self) -> None:
-        """Read where the denoiser runs and in which dtype, once: diffusers' ``.device``/``.dtype`` walk every
-        submodule on each access (0.3–0.9 ms each), which adds up over the lookups of a training step.
-        :meth:`to` calls this again; call it after moving or casting the denoiser by other means."""
-        self.device: torch.device = self.denoiser.device
-        self.dtype: torch.dtype = self.denoiser.dtype  # the denoiser's compute dtype (frozen base weights)
-        self.vae_dtype: torch.dtype = self.pipeline.vae.dtype
+    @property
+    def device(self) -> torch.device:
+        """Where the denoiser runs (read live: accelerate or DeepSpeed may move it after the backbone is built)."""
+        return self.denoiser.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The denoiser's compute dtype (its frozen base weights)."""
+        return self.denoiser.dtype
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.pipeline.vae.dtype
 
     @property
     def text_device(self) -> torch.device:
@@ -103,7 +108,6 @@ class Backbone(ABC):
             if isinstance(module, torch.nn.Module):
                 cast = dtype not in (None, torch.float32) and name != self.denoiser_name
                 module.to(device, dtype) if cast else module.to(device)  # a dtype argument warns in diffusers
-        self.resolve_placement()
         return self
 
     def use_channels_last(self) -> None:
@@ -113,10 +117,8 @@ class Backbone(ABC):
 
     def lora_state_dict(self, adapter_name: str = "default", state_dict: dict | None = None) -> dict[str, torch.Tensor]:
         """The adapter's LoRA weights; from ``state_dict`` (the denoiser's full one) when given: under
-        FSDP/ZeRO-3 the parameters are shards and only a gathered state dict holds the whole LoRA. Copies: in
-        training they are views of one tensor (:mod:`~focusdpo.grad_buffer`), which safetensors refuses to write."""
-        layers = get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name=adapter_name)
-        return {name: tensor.clone() for name, tensor in layers.items()}
+        FSDP/ZeRO-3 the parameters are shards and only a gathered state dict holds the whole LoRA."""
+        return get_peft_model_state_dict(self.denoiser, state_dict=state_dict, adapter_name=adapter_name)
 
     def save_lora(self, out_dir: str | Path, adapter_name: str = "default", state_dict: dict | None = None) -> None:
         """Write ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(out_dir)`` reads.

@@ -189,5 +189,4 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         super().to(device, dtype)
         if self.pipeline.vae.config.get("force_upcast", False):
             self.pipeline.vae.to(torch.float32)
-            self.resolve_placement()  # the cached VAE dtype follows the upcast
         return self
