@@ -23,9 +23,9 @@ def extractors() -> dict:
     import timm
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from focusdpo.config import FocusConfig
-    from focusdpo.eval_features import DINO_V1_MODEL, ClipScorer, load_dino_v1, load_subject_extractor
-    from focusdpo.evaluate import Scorers
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.features.eval import DINO_V1_MODEL, ClipScorer, load_dino_v1, load_subject_extractor
+    from focusdpo.evaluation.run import Scorers
     from focusdpo.models.tiny import char_tokenizer
 
     dinov2 = load_subject_extractor(FocusConfig(dino_random_weights=True))
@@ -56,8 +56,8 @@ def main() -> None:
 
     import torch
 
-    from focusdpo.eval_config import EvalConfig
-    from focusdpo.evaluate import reference_embeddings, score_image
+    from focusdpo.config.evaluation import EvalConfig
+    from focusdpo.evaluation.run import reference_embeddings, score_image
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

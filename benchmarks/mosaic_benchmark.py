@@ -35,8 +35,8 @@ def run_count(count: int, args) -> list[dict]:
     """All rows for K = ``count`` in one trainer: interleaved step times, then per-row peak memory."""
     import torch
 
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:
@@ -80,9 +80,9 @@ def run_count(count: int, args) -> list[dict]:
 
 def write_pairs(args, folder: str) -> None:
     """Toy pairs with exactly K references each and their precomputed correspondence points, one folder per K."""
-    from focusdpo.config import FocusConfig
-    from focusdpo.data import load_pairs
-    from focusdpo.mosaic import precompute_points
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.data.load import load_pairs
+    from focusdpo.mosaic.objective import precompute_points
 
     pairs = load_pairs("toy", toy_num_pairs=8 * args.batch, resolution=args.resolution)
     target = (args.resolution // 4,) * 2  # tiny VAE ×2, 2×2 packing

@@ -22,12 +22,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 def time_family(family: str, items, args) -> dict:
     import torch
 
-    from focusdpo.config import FocusConfig
+    from focusdpo.config.focus import FocusConfig
     from focusdpo.models import load_backbone
-    from focusdpo.pair_config import PairGenConfig
-    from focusdpo.pair_scoring import CandidateScorer
-    from focusdpo.pairs import open_references
-    from focusdpo.sampling import sample_images
+    from focusdpo.config.pairs import PairGenConfig
+    from focusdpo.pairs.scoring import CandidateScorer
+    from focusdpo.pairs.generate import open_references
+    from focusdpo.models.sampling import sample_images
 
     backbone = load_backbone(family)
     cfg = PairGenConfig(prompts="-", out="-", resolution=args.resolution, num_candidates=args.candidates)
@@ -62,7 +62,7 @@ def main() -> None:
 
     import torch
 
-    from focusdpo.prompt_sets import load_prompt_set
+    from focusdpo.data.prompt_sets import load_prompt_set
 
     torch.set_num_threads(1)
     prompts = SHARED / "uno" / "dreambench_multiip_covered_by_subset.json"

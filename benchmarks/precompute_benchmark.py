@@ -18,10 +18,11 @@ import time
 
 import torch
 
-from focusdpo.cnn_features import WHEELS
-from focusdpo.config import FEATURE_BACKBONES, FocusConfig
-from focusdpo.data import PairCollator, load_pairs
-from focusdpo.mapper import FocusMapper
+from focusdpo.features.cnn import WHEELS
+from focusdpo.config.focus import FEATURE_BACKBONES, FocusConfig
+from focusdpo.data.collate import PairCollator
+from focusdpo.data.load import load_pairs
+from focusdpo.focus.mapper import FocusMapper
 
 
 def config(backbone: str, image_size: int) -> FocusConfig:

@@ -17,8 +17,8 @@ import time
 
 
 def build(family: str, batch: int, resolution: int, out: str):
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     argv = ["--family", family, "--output_dir", out, "--toy_num_pairs", str(max(batch, 2)),
             "--resolution", str(resolution), "--per_device_train_batch_size", str(batch),

@@ -13,9 +13,7 @@ Ratios are against dpo_copy (SD rows) and flux2_k1 (FLUX rows). Peak memory: CUD
 GPU, peak RSS (VmHWM, reset after setup) on CPU.
 
 The ``throughput`` section (benchmarks/throughput.py) runs in this process on the tiny SD step at
---tp_resolution px with --tp_pairs pairs: a profile of the Trainer's own loop (the share of a step outside
-the denoiser's forward/backward and the reference forward), then A/B ratios with the two arms' steps
-interleaved on the same batches: cached vs live VAE latents, channels_last, torch_compile (--compile; inductor
+--tp_resolution px with --tp_pairs pairs: A/B ratios with the two arms' steps interleaved on the same batches: cached vs live VAE latents, channels_last, torch_compile (--compile; inductor
 takes minutes on a CPU), cached vs on-the-fly focus maps.
 """
 
@@ -41,10 +39,10 @@ def make_trainer(variant: str, args, out: str):
     import torch
     from transformers import TrainerCallback
 
-    from focusdpo.recipe import parse_config
+    from focusdpo.config.recipe import parse_config
     from focusdpo.losses import weighted_error
     from focusdpo.models import load_backbone
-    from focusdpo.train import FocusDPOTrainer, build_trainer
+    from focusdpo.training.trainer import FocusDPOTrainer, build_trainer
 
     argv = ["--output_dir", out, "--dataset", f"{args.cached_pairs}_plain",
             "--max_steps", str(args.steps + args.warmup), "--save_steps", "100000",
@@ -100,9 +98,9 @@ def run_variant(variant: str, args) -> dict:
 
 def cache_pairs(args, folder: str) -> float:
     """Write toy pairs with cached focus maps to ``folder``; return the precompute throughput (pairs/s)."""
-    from focusdpo.config import FocusConfig
-    from focusdpo.data import load_pairs
-    from focusdpo.mapper import precompute_focus_maps
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.data.load import load_pairs
+    from focusdpo.focus.mapper import precompute_focus_maps
 
     pairs = load_pairs("toy", toy_num_pairs=4 * args.batch * (args.steps + args.warmup), resolution=args.resolution)
     start = time.perf_counter()
@@ -115,7 +113,7 @@ def cache_pairs(args, folder: str) -> float:
 
 def pairs_with_references(args, count: int, folder: str) -> None:
     """Toy pairs whose reference list is repeated/cut to exactly ``count`` subjects."""
-    from focusdpo.data import load_pairs
+    from focusdpo.data.load import load_pairs
 
     pairs = load_pairs("toy", toy_num_pairs=4 * args.batch * (args.steps + args.warmup), resolution=args.resolution)
     pairs.map(lambda refs, masks: {"references": (refs * count)[:count], "reference_masks": (masks * count)[:count]},
@@ -129,8 +127,8 @@ def focus_overhead(args) -> float:
 
     import torch
 
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as out:

@@ -7,9 +7,10 @@ folder, or a hub id when online) into the focusdpo schema on disk.
 
 import argparse
 
-from focusdpo.config import DATASET_FORMATS
-from focusdpo.data import load_pairs
-from focusdpo.safe_write import check_out_is_not_input, save_dataset
+from focusdpo.config.training import DATASET_FORMATS
+from focusdpo.data.load import load_pairs
+from focusdpo.atomic import check_out_is_not_input
+from focusdpo.data.load import save_dataset
 
 
 def main() -> None:

@@ -12,16 +12,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
-KOHYA_FAMILIES = ("sd", "sdxl")
-FLOW_FAMILIES = ("flux2", "flux_kontext")
+from focusdpo.atomic import atomic_write
+from focusdpo.errors import LoraFileError, OutputError
+from focusdpo.models.base import LORA_WEIGHTS_NAME
+from focusdpo.models.families import FAMILIES
+
 EXPORT_NAMES = {"kohya": "lora_kohya.safetensors", "comfyui": "lora_comfyui.safetensors"}
 
 
@@ -67,32 +68,52 @@ def scale_folded_state_dict(tensors: dict[str, torch.Tensor], config: dict) -> t
     return folded, {**config, "lora_alpha": config["r"], "use_rslora": False}
 
 
+def check_lora_family(tensors: dict, family: str, source: Path) -> None:
+    """The LoRA's own keys name its denoiser (``unet.…`` or ``transformer.…``): refuse an export for another one."""
+    held = next(iter(tensors), "").split(".", 1)[0]
+    wanted = FAMILIES[family].denoiser
+    if held != wanted:
+        fits = [name for name, facts in FAMILIES.items() if facts.denoiser == held]
+        raise LoraFileError(f"{source} holds {held or 'no'} LoRA weights, not the {wanted} weights of family "
+                            f"{family!r}: export it as {' or '.join(fits) or 'the family it was trained for'}")
+
+
+def target_is_source(out, source: Path) -> bool:
+    return out is not None and Path(out).resolve() == source.resolve()
+
+
+def kohya_metadata(config: dict, family: str) -> dict[str, str]:
+    """What kohya-style tools read from the header: rank, alpha and the base model's version."""
+    version = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+    return {"ss_network_dim": str(config["r"]), "ss_network_alpha": str(lora_scale(config) * config["r"]),
+            "ss_base_model_version": version, "ss_network_module": "networks.lora"}
+
+
 def export_lora(lora: str | Path, family: str, out: str | Path | None = None) -> Path:
     """Write the loadable export of ``lora`` (a run folder or .safetensors file) for ``family``; returns its path."""
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import save_file
 
-    from .models.base import LORA_WEIGHTS_NAME
 
     source = Path(lora) / LORA_WEIGHTS_NAME if Path(lora).is_dir() else Path(lora)
     if not source.is_file():
         raise FileNotFoundError(f"no LoRA file at {source}; give a run folder holding {LORA_WEIGHTS_NAME} "
                                 "or the .safetensors file itself")
     tensors, config = read_lora(source)
-    if family in KOHYA_FAMILIES:
-        state, metadata, kind = kohya_state_dict(tensors, config), {"ss_network_dim": str(config["r"])}, "kohya"
-    elif family in FLOW_FAMILIES:
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} has no export; choose one of: {', '.join(FAMILIES)}")
+    check_lora_family(tensors, family, source)
+    if target_is_source(out, source):
+        raise OutputError(f"--out {out} is the LoRA being exported: write the export to another file")
+    if FAMILIES[family].export_format == "kohya":
+        state, metadata, kind = kohya_state_dict(tensors, config), kohya_metadata(config, family), "kohya"
+    else:
         state, folded = scale_folded_state_dict(tensors, config)
         prefix = next(iter(tensors)).split(".", 1)[0]
         metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in folded.items()})}
         kind = "comfyui"
-    else:
-        raise ValueError(f"family={family!r} has no export; choose one of: {', '.join(KOHYA_FAMILIES + FLOW_FAMILIES)}")
     target = Path(out) if out else source.parent / EXPORT_NAMES[kind]
-    staging = target.with_name(f".{target.name}.tmp")
-    save_file(state, str(staging), metadata={"format": "pt", **metadata})
-    os.replace(staging, target)  # atomic: a reader never sees half a file
-    return target
+    return atomic_write(target, lambda staging: save_file(state, str(staging), metadata={"format": "pt", **metadata}))
 
 
 def family_of_run(lora: Path) -> str | None:
@@ -102,19 +123,3 @@ def family_of_run(lora: Path) -> str | None:
     folder = lora if lora.is_dir() else lora.parent
     config = folder / "config.yaml"
     return yaml.safe_load(config.read_text()).get("family") if config.is_file() else None
-
-
-def export_main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="focusdpo export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("lora", help="Run folder (holding pytorch_lora_weights.safetensors) or a LoRA file.")
-    parser.add_argument("--family", choices=KOHYA_FAMILIES + FLOW_FAMILIES,
-                        help="Backbone family; default: `family` from the run's config.yaml.")
-    parser.add_argument("--out", help=f"Output file; default: {EXPORT_NAMES['kohya']} (SD/SDXL) or "
-                                      f"{EXPORT_NAMES['comfyui']} (FLUX) beside the LoRA.")
-    args = parser.parse_args(argv)
-    family = args.family or family_of_run(Path(args.lora))
-    if family is None:
-        parser.error(f"no config.yaml beside {args.lora} names the family: pass --family")
-    target = export_lora(args.lora, family, args.out)
-    print(f"[focusdpo] {family} LoRA exported to {target}")
-    return target

@@ -28,6 +28,12 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.chunk(2, dim=0)
 
 
+def masked_mean(values: torch.Tensor, present: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """Mean of ``values`` where ``present`` over ``dim``; 0 where nothing is present (not NaN)."""
+    keep = present.float()
+    return (values * keep).sum(dim) / keep.sum(dim).clamp_min(1)
+
+
 def patch_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``(N, C, h, w)`` prediction and target → ``(N, h, w)`` float32 squared error, mean over channels."""
     # fp32 before the β-scaled difference: bf16 errors lose the tiny policy/reference gaps.
@@ -123,8 +129,86 @@ def diffusion_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: fl
         "mse/policy_w": pol_w.mean(), "mse/policy_l": pol_l.mean(),
         "mse/ref_w": ref_w.mean(), "mse/ref_l": ref_l.mean(),
         "mse/winner_drift": (pol_w - ref_w).mean(),
+        # DPO health: the share of pairs the policy currently gets the wrong way round, and σ(−inside), the factor
+        # the sigmoid loss scales each pair's gradient by (0.5 at step 0; near 1 when the preference is lost)
+        "dpo/negative_margin_share": (inside.detach() < 0).float().mean(),
+        "dpo/gradient_factor": torch.sigmoid(-inside.detach()).mean(),
     }
     return loss, metrics
+
+
+# ---- subject-wise preferences (DESIGN.md, "Subject-wise preferences") -------------------------------------------
+def subject_errors(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-subject focus-weighted errors ``e_k(y) = Σ_q M_k(q)·W(q)·err(q) / Σ_q W(q)``.
+
+    Normalised by the whole image's weight, so masks that partition the image add up to :func:`weighted_error` and
+    β keeps its meaning.
+
+    Args:
+        pred, target: ``(N, C, h, w)``; masks: ``(N, K, h, w)`` soft subject masks in [0, 1] (each image its own:
+            subjects move between samples); weights: ``(N, h, w)`` focus weights or ``None`` (uniform).
+
+    Returns:
+        ``(N, K)`` float32.
+    """
+    sq = patch_error(pred, target).flatten(1)
+    w = torch.ones_like(sq) if weights is None else weights.float().flatten(1)
+    if masks.shape[0] != sq.shape[0] or masks.shape[-2:] != pred.shape[-2:]:
+        raise ValueError(f"subject masks {tuple(masks.shape)} do not match the loss grid {tuple(pred.shape)}")
+    return (masks.float().flatten(2) * (w * sq)[:, None]).sum(-1) / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def subject_labels(scores: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """``d_k``: +1 where subject k is better in the chosen image, −1 where it is better in the rejected one, 0 where
+    the scores differ by at most ``margin`` or are missing (NaN: padding for pairs with fewer subjects).
+
+    Args:
+        scores: ``(B, 2, K)`` per-subject scores, ``[chosen, rejected]``.
+
+    Returns:
+        ``(B, K)`` float32 in {−1, 0, +1}.
+    """
+    diff = (scores[:, 0] - scores[:, 1]).float()
+    keep = torch.isfinite(diff) & (diff.abs() > margin)
+    return torch.where(keep, torch.sign(diff), torch.zeros_like(diff))
+
+
+def subject_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, labels: torch.Tensor, beta: float,
+                     loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                     image_inside: torch.Tensor | None = None, image_weight: float = 0.0,
+                     pair_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``loss = mean_k ℓ(−½·β·d_k·Δ_k) + ω·ℓ(inside_image)`` per pair, then the mean over pairs.
+
+    ``Δ_k = [e_k^θ(w) − e_k^ref(w)] − [e_k^θ(l) − e_k^ref(l)]``; the mean runs over the pair's labelled subjects
+    (``d_k ≠ 0``; a pair with none keeps only the whole-image term). With one subject, a full mask, ``d = +1`` and
+    ω = 0 this is :func:`diffusion_dpo_loss`.
+
+    Args:
+        policy_err, ref_err: ``(2B, K)`` from :func:`subject_errors`, ``[w; l]``.
+        labels: ``(B, K)`` from :func:`subject_labels`.
+        image_inside: ``(B,)`` the whole-image ``inside`` (:func:`dpo_inside`), needed when ``image_weight > 0``.
+
+    Returns:
+        ``(loss, metrics)``: ``subject/accuracy`` and ``subject/margin`` over labelled subjects, ``subject/labelled``
+        (their share), ``subject/label_disagrees`` (the share of labelled subjects whose label is the image label's
+        opposite: the rejected image holds the better subject).
+    """
+    pol_w, pol_l = split_pairs(policy_err.float())
+    ref_w, ref_l = split_pairs(ref_err.float())
+    inside = -0.5 * beta * labels * ((pol_w - ref_w) - (pol_l - ref_l))
+    labelled = labels != 0
+    per_pair = masked_mean(preference_loss(inside, beta, loss_type, label_smoothing), labelled, dim=1)
+    if image_weight > 0:
+        per_pair = per_pair + image_weight * preference_loss(image_inside, beta, loss_type, label_smoothing)
+    if pair_weight is not None:
+        per_pair = per_pair * pair_weight.to(per_pair)
+    inside = inside.detach()
+    metrics = {"subject/accuracy": masked_mean((inside > 0).float(), labelled, (0, 1)),
+               "subject/margin": masked_mean(inside, labelled, (0, 1)),
+               "subject/labelled": labelled.float().mean(),
+               "subject/label_disagrees": masked_mean((labels < 0).float(), labelled, (0, 1))}
+    return per_pair.mean(), metrics
 
 
 # ---- winner-preserving safeguard (Diffusion-SDPO, arXiv 2511.03317) ------------------------------------------
@@ -187,6 +271,7 @@ def scale_loser_gradient(policy_err: torch.Tensor, scale: torch.Tensor) -> torch
 # ---- MOSAIC auxiliary losses on reference→target attention (arXiv 2509.01977) ----------------------------------
 # Shapes: S samples, R captured reference query rows, L target tokens, P correspondence points, K references.
 MD_DIVERGENCES = ("jsd", "sym_kl")
+
 ATTENTION_EPS = 1e-8  # floor for log-probabilities: a softmax underflows to 0 in far corners of a large grid
 
 
@@ -196,11 +281,6 @@ def per_reference_mean(values: torch.Tensor, reference: torch.Tensor, valid: tor
     sums = values.new_zeros(values.shape[0], num_references).scatter_add(1, reference, values * keep)
     counts = keep.new_zeros(values.shape[0], num_references).scatter_add(1, reference, keep)
     return sums / counts.clamp_min(1), counts
-
-
-def masked_mean(values: torch.Tensor, present: torch.Tensor, dim: int) -> torch.Tensor:
-    keep = present.float()
-    return (values * keep).sum(dim) / keep.sum(dim).clamp_min(1)
 
 
 def sca_loss(attention: torch.Tensor, point_rows: torch.Tensor, point_targets: torch.Tensor,

@@ -8,7 +8,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from focusdpo.images import to_pil
+
 TITLE_HEIGHT = 14
+
 # One colour per reference (up to 6 references, then the palette repeats).
 PALETTE = torch.tensor([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)],
                        dtype=torch.float32) / 255
@@ -30,10 +33,6 @@ def _heat(values: torch.Tensor) -> torch.Tensor:
 
 def _overlay(base: torch.Tensor, colour: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
     return (1 - alpha) * base + alpha * colour
-
-
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())
 
 
 def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references, assignment: torch.Tensor,
@@ -71,7 +70,7 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
     if caption:
         draw.text((2, tile + TITLE_HEIGHT + 1), caption, fill="black")
     for i, (title, image) in enumerate(panels):
-        canvas.paste(_to_pil(image), (i * tile, TITLE_HEIGHT))
+        canvas.paste(to_pil(image), (i * tile, TITLE_HEIGHT))
         draw.text((i * tile + 2, 1), title, fill="black")
     for k in range(len(references)):
         x0 = (2 + k) * tile
@@ -81,20 +80,6 @@ def save_focus_panel(path, winner: torch.Tensor, loser: torch.Tensor, references
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
-
-
-def save_before_after(trainer, prompts: list[str], path: Path, resolution: int) -> None:
-    """One PNG: top row the reference model's samples, bottom row the trained model's, same seeds."""
-    from .reference import reference_in_pipeline
-
-    cfg, backbone = trainer.model_config, trainer.backbone
-    steps, seed = trainer.args.sample_steps, trainer.args.seed
-    backbone.denoiser.eval()
-    with reference_in_pipeline(backbone, cfg.reference_mode, trainer.frozen_copy):
-        before = backbone.sample(prompts, resolution, steps, seed)
-    with torch.no_grad():
-        after = backbone.sample(prompts, resolution, steps, seed)
-    image_grid([before, after], ["reference", "trained"]).save(path)
 
 
 def image_grid(rows: list[list], labels: list[str], min_cell: int = 128):

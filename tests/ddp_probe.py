@@ -7,8 +7,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from focusdpo.recipe import parse_config
-from focusdpo.train import build_trainer
+from focusdpo.config.recipe import parse_config
+from focusdpo.training.trainer import build_trainer
 
 
 def main(argv):

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from focusdpo.cli import main as cli
-from focusdpo.data import load_pairs
+from focusdpo.commands import main as cli
+from focusdpo.data.load import load_pairs
 
 from conftest import REPO
 

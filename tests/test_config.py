@@ -2,10 +2,10 @@
 
 import pytest
 
-from focusdpo.config import ConfigError
+from focusdpo.errors import ConfigError
 
-from focusdpo.recipe import parse_config
-from focusdpo.train import main
+from focusdpo.config.recipe import parse_config
+from focusdpo.commands.train import main
 
 from conftest import REPO
 

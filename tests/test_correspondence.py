@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from focusdpo.correspondence import (assign_subjects, confidence, masks_to_grid, multi_reference_matches,
-                                     mutual_matches, similarity_maps)
-from focusdpo.features import load_dino, patch_features
+from focusdpo.features.correspondence import (assign_subjects, confidence, masks_to_grid, multi_reference_matches,
+                                              mutual_matches, similarity_maps)
+from focusdpo.features.dino import load_dino, patch_features
 
 
 def unit(*rows):

@@ -8,7 +8,9 @@ import torch
 from datasets import Dataset
 from PIL import Image
 
-from focusdpo.data import PairCollator, PairDataError, load_pairs
+from focusdpo.data.collate import PairCollator
+from focusdpo.errors import PairDataError
+from focusdpo.data.load import load_pairs
 
 
 def png(colour, size=(16, 16)):

@@ -7,17 +7,20 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, FocusDPOConfig, LossConfig, ModelConfig
-from focusdpo.recipe import parse_config
+from focusdpo.commands import main as cli
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import FocusDPOConfig, LossConfig, ModelConfig
+from focusdpo.config.recipe import parse_config
+from focusdpo.errors import LoraFileError, OutputError
 from focusdpo.export import export_lora, read_lora
 from focusdpo.models import load_backbone
 from focusdpo.models.tiny import tiny_sd_pipeline, tiny_sdxl_pipeline
 from focusdpo.models.tiny_flux import tiny_flux2_pipeline, tiny_flux_kontext_pipeline
-from focusdpo.policy import add_dpo_lora
-from focusdpo.train import main
+from focusdpo.training.policy import add_dpo_lora
+from focusdpo.commands.train import main
 
 from conftest import REPO
 
@@ -111,6 +114,32 @@ def test_export_command_reads_the_family_from_the_run_config(tmp_path):
         export_lora(tmp_path / "bare.safetensors", "sd")
 
 
+def test_kohya_export_writes_the_metadata_kohya_tools_read(tmp_path):
+    trained_lora("sdxl", tmp_path, rank=4, alpha=16.0)
+    with safe_open(str(export_lora(tmp_path, "sdxl")), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == "4" and float(metadata["ss_network_alpha"]) == 16.0
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+
+
+def test_an_export_for_another_family_or_onto_its_own_source_is_refused(tmp_path, capsys):
+    trained_lora("sd", tmp_path)
+    with pytest.raises(LoraFileError, match="holds unet LoRA weights, not the transformer weights of family 'flux2'"):
+        export_lora(tmp_path, "flux2")
+    (tmp_path / "config.yaml").write_text("family: sd\n")
+    with pytest.raises(SystemExit) as exit_code:  # the command: one line, exit 2
+        cli(["export", str(tmp_path), "--family", "flux_kontext"])
+    assert exit_code.value.code == 2 and "config.yaml says family 'sd'" in capsys.readouterr().err
+    source = tmp_path / "pytorch_lora_weights.safetensors"
+    before = source.read_bytes()
+    with pytest.raises(OutputError, match="is the LoRA being exported"):
+        export_lora(tmp_path, "sd", source)
+    assert source.read_bytes() == before
+    trained_lora("flux2", tmp_path / "flux")
+    with pytest.raises(LoraFileError, match="holds transformer LoRA weights.*export it as flux2 or flux_kontext"):
+        export_lora(tmp_path / "flux", "sd")
+
+
 # ---- one tiny training run, read by several tests ----------------------------------------------------
 def tiny_argv(out, *extra):
     return ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(out), "--max_steps", "2",
@@ -160,8 +189,9 @@ def test_model_card_names_base_family_beta_lambda_data_steps_and_samples(run):
 
 
 def test_model_card_of_a_full_fine_tune_loads_the_denoiser_not_a_lora(tmp_path):
-    from focusdpo.config import DataConfig, FocusConfig
-    from focusdpo.model_card import model_card_text
+    from focusdpo.config.training import DataConfig
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.training.model_card import model_card_text
 
     configs = (FocusDPOConfig(output_dir=str(tmp_path)), ModelConfig(family="flux2", reference_mode="frozen_copy",
                                                                      lora_rank=0), DataConfig(), LossConfig(),
@@ -175,7 +205,7 @@ def test_model_card_of_a_full_fine_tune_loads_the_denoiser_not_a_lora(tmp_path):
 def test_plot_draws_every_panel_from_metrics_jsonl(run, tmp_path, capsys):
     from PIL import Image
 
-    from focusdpo.plot import PANEL, PANELS, read_training_logs, select_series
+    from focusdpo.training.plot import PANEL, PANELS, read_training_logs, select_series
 
     cli(["plot", str(run[0]), "--out", str(tmp_path / "curves.png")])
     image = Image.open(tmp_path / "curves.png")
@@ -218,7 +248,7 @@ def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, 
     first = parse_config(tiny_argv(out, "--save_kohya_format", "true", "--lora_alpha", "8", "--report_to", "none",
                                    "--accelerator_config", '{"split_batches": false, "even_batches": true}'))
     again = parse_config(["--config", str(out / "config.yaml"), "--report_to", "none"])
-    from focusdpo.recipe import config_fields
+    from focusdpo.config.recipe import config_fields
 
     a, b = config_fields(*first), config_fields(*again)
     assert a.keys() == b.keys()
@@ -230,8 +260,8 @@ def test_resolved_config_round_trips_every_field_and_retrains_the_same_run(run, 
 
 
 def test_resolved_config_round_trips_dict_list_and_enum_fields_and_drops_tokens(tmp_path):
-    from focusdpo.recipe import config_fields
-    from focusdpo.train import write_resolved_config
+    from focusdpo.config.recipe import config_fields
+    from focusdpo.training.trainer import write_resolved_config
 
     configs = parse_config(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--lr_scheduler_type",
                             "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-6}', "--optim_args", "a=1",

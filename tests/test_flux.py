@@ -10,12 +10,13 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
 
+from focusdpo.models.sampling import sample_images
 from focusdpo.losses import diffusion_dpo_loss, weighted_error
 from focusdpo.models import load_backbone
 from focusdpo.models.base import DenoiseInputs
 from focusdpo.models.flux import Flux2Backbone, FluxKontextBackbone
 from focusdpo.models.tiny_flux import tiny_flux2_pipeline, tiny_flux_kontext_pipeline
-from focusdpo.reference import disabled_adapters
+from focusdpo.training.reference import disabled_adapters
 
 RES = 32  # px → 8×8 packed tokens with 16 channels in both tiny models
 GRID = 8
@@ -341,14 +342,14 @@ def test_tiny_default_and_sampling_at_training_size(family):
     backbone = load_backbone(family)
     assert backbone.family == family
     backbone.max_sequence_length = SEQ
-    images = backbone.sample(["a red cube", "a blue ball"], RES, steps=2, seed=0)
+    images = sample_images(backbone, ["a red cube", "a blue ball"], None, [0, 1], RES, steps=2)
     assert [im.size for im in images] == [(RES, RES)] * 2  # Kontext would otherwise upscale to 1024²
 
 
 @pytest.mark.parametrize("loader", ["strict", "pipeline"])
 def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(loader, tmp_path):
     """FLUX.1 + an existing LoRA (UNO/DreamO-style): reference = base + that LoRA; the DPO LoRA goes on top."""
-    from focusdpo.reference import DPO_ADAPTER, PERSONAL_ADAPTER, frozen_adapter
+    from focusdpo.training.reference import DPO_ADAPTER, PERSONAL_ADAPTER, frozen_adapter
 
     personal = kontext()
     torch.manual_seed(2)

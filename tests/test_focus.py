@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from focusdpo.config import FocusConfig
-from focusdpo.features import load_dino
-from focusdpo.focus import (check_cached_grid, complexity_map, compute_static_maps, error_confidence, focus_parts,
-                            focus_weights, gaussian_blur, misalignment_map, reference_complexity, schedule,
-                            static_focus_maps, subject_map)
+from focusdpo.config.focus import FocusConfig
+from focusdpo.features.dino import load_dino
+from focusdpo.focus.maps import (check_cached_grid, complexity_map, error_confidence, focus_parts, focus_weights,
+                                 gaussian_blur, misalignment_map, reference_complexity, schedule, static_focus_maps,
+                                 subject_map)
+from focusdpo.focus.mapper import compute_static_maps
 
 LOG32 = math.log(32)
 

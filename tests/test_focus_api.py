@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from focusdpo import compute_focus_weights, iter_static_maps
-from focusdpo.data import PairCollator
-from focusdpo.focus import focus_weights
+from focusdpo.data.collate import PairCollator
+from focusdpo.focus.maps import focus_weights
 from focusdpo.losses import patch_error
-from focusdpo.mapper import FocusMapper
-from focusdpo.recipe import parse_config
-from focusdpo.train import build_trainer
+from focusdpo.focus.mapper import FocusMapper
+from focusdpo.config.recipe import parse_config
+from focusdpo.training.trainer import build_trainer
 
 from conftest import REPO
 
@@ -112,12 +112,16 @@ def test_wrong_inputs_are_named(trainer, batch):
         list(iter_static_maps([{"winner": winners[0], "references": references[0]}], grid, cfg, mapper))
 
 
-def test_readme_snippet_runs_as_written():
+def test_readme_snippets_run_as_written():
+    """The loss snippet, then the subject-wise one that continues it."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Use the loss in your own trainer", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    image, subject = re.findall(r"```python\n(.*?)```", section, re.S)[:2]
     scope = {}
-    exec(compile(code, "README.md", "exec"), scope)
+    exec(compile(image, "README.md", "exec"), scope)
     assert scope["weights"].shape == (4, 8, 8)
     assert torch.allclose(scope["weights"].mean(dim=(1, 2)), torch.ones(4))
     assert torch.isfinite(scope["loss"])
+    exec(compile(subject, "README.md", "exec"), scope)
+    assert scope["masks"].shape == (4, 2, 8, 8)
+    assert torch.isfinite(scope["subject_loss"]) and scope["subject_metrics"]["subject/labelled"] == 1

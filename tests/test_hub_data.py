@@ -11,15 +11,19 @@ import torch
 from datasets import Dataset, Image, load_from_disk
 from PIL import Image as PILImage
 
-from focusdpo.config import ConfigError, DataConfig, FocusConfig
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import DataConfig
+from focusdpo.config.focus import FocusConfig
 
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairCollator, PairDataError, check_pairs, load_pairs
-from focusdpo.focus import complexity_map
-from focusdpo.mapper import precompute_focus_maps
-from focusdpo.toy_pairs import make_toy_pairs
-from focusdpo.safe_write import save_dataset
-from focusdpo.train import build_trainer
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.collate import PairCollator
+from focusdpo.errors import PairDataError
+from focusdpo.data.load import check_pairs, load_pairs
+from focusdpo.focus.maps import complexity_map
+from focusdpo.focus.mapper import precompute_focus_maps
+from focusdpo.data.toy import make_toy_pairs
+from focusdpo.data.load import save_dataset
+from focusdpo.training.trainer import build_trainer
 
 from conftest import REPO
 
@@ -135,7 +139,7 @@ def test_structure_term_on_pairs_without_references_is_refused_before_the_model_
 
 def test_hub_pickapic_rows_are_converted_like_local_ones(scratch, monkeypatch):
     """The online path past the offline guard, on a local folder (load_dataset reads both the same way)."""
-    from focusdpo.hub_data import load_hub_pairs
+    from focusdpo.data.hub import load_hub_pairs
     png, loser = io.BytesIO(), io.BytesIO()
     PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
     PILImage.new("RGB", (8, 8), "blue").save(loser, format="PNG")

@@ -104,6 +104,13 @@ def test_metrics_follow_trl_names_and_values():
     assert {"mse/policy_w", "mse/policy_l", "mse/ref_w", "mse/ref_l"} <= set(metrics)
 
 
+def test_dpo_health_metrics_by_hand():
+    """The share of pairs with a negative margin, and the sigmoid loss's gradient factor σ(−inside)."""
+    _, metrics = diffusion_dpo_loss(POLICY, REF, 4.0)
+    assert metrics["dpo/negative_margin_share"].item() == sum(x < 0 for x in INSIDE) / len(INSIDE)
+    assert metrics["dpo/gradient_factor"].item() == pytest.approx(sum(sig(-x) for x in INSIDE) / len(INSIDE))
+
+
 def test_unknown_loss_type_lists_choices():
     with pytest.raises(ValueError, match="sigmoid, hinge, ipo, robust"):
         preference_loss(torch.zeros(1), 1.0, "kto")

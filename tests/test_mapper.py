@@ -5,12 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, FocusConfig
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairCollator, PairDataError, load_pairs
-from focusdpo.mapper import FocusMapper, focus_cache_key, precompute_focus_maps
-from focusdpo.train import build_trainer
+from focusdpo.commands import main as cli
+from focusdpo.errors import ConfigError
+from focusdpo.config.focus import FocusConfig
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.collate import PairCollator
+from focusdpo.errors import PairDataError
+from focusdpo.data.load import load_pairs
+from focusdpo.focus.mapper import FocusMapper, focus_cache_key, precompute_focus_maps
+from focusdpo.training.trainer import build_trainer
 
 from conftest import REPO
 

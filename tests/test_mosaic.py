@@ -7,14 +7,16 @@ import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from focusdpo.attention import AttentionCapture, CapturePlan
-from focusdpo.config import ConfigError, LossConfig
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairDataError
+from focusdpo.mosaic.attention import AttentionCapture, CapturePlan
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import LossConfig
+from focusdpo.config.recipe import parse_config
+from focusdpo.errors import PairDataError
 from focusdpo.losses import md_loss, sca_loss
 from focusdpo.models import load_backbone
-from focusdpo.mosaic import build_targets, check_points, import_semalign, md_weight, pad_points, points_from_matches
-from focusdpo.train import build_trainer
+from focusdpo.mosaic.objective import (build_targets, check_points, import_semalign, md_weight, pad_points,
+                                       points_from_matches)
+from focusdpo.training.trainer import build_trainer
 
 from conftest import REPO
 
@@ -199,8 +201,8 @@ def test_capture_is_refused_on_a_unet():
     backbone = load_backbone("sd")
     with pytest.raises(ConfigError, match="UNet2DConditionModel has no reference tokens"):
         AttentionCapture(backbone.denoiser)
-    from focusdpo.config import FocusConfig
-    from focusdpo.mosaic import MosaicObjective
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.mosaic.objective import MosaicObjective
 
     with pytest.raises(ConfigError, match="family='sd'"):
         MosaicObjective(backbone.denoiser, "sd", LossConfig(lambda_sca=0.1), FocusConfig())
@@ -291,9 +293,9 @@ def test_sft_without_mosaic_losses_trains_on_winners(tmp_path):
 
 
 def test_precomputed_points_equal_on_the_fly_ones_and_a_stale_key_is_refused():
-    from focusdpo.config import FocusConfig
-    from focusdpo.data import load_pairs
-    from focusdpo.mosaic import MosaicCollator, MosaicObjective, precompute_points
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.data.load import load_pairs
+    from focusdpo.mosaic.objective import MosaicCollator, MosaicObjective, precompute_points
 
     focus = FocusConfig(dino_random_weights=True, dino_depth=2, dino_image_size=56)
     pairs = load_pairs("toy", "auto", 2, 32)
@@ -311,7 +313,7 @@ def test_precomputed_points_equal_on_the_fly_ones_and_a_stale_key_is_refused():
 
 
 def test_winner_inputs_predict_what_the_full_batch_predicts_for_the_winners():
-    from focusdpo.mosaic import winner_inputs
+    from focusdpo.mosaic.objective import winner_inputs
 
     backbone = load_backbone("flux2", max_references=3, reference_size=16)
     g = torch.Generator().manual_seed(0)
@@ -340,7 +342,7 @@ def test_an_attention_backend_set_after_installing_reaches_the_wrapped_processor
 
 
 def test_correspond_command_writes_points_the_trainer_accepts(tmp_path):
-    from focusdpo.cli import main
+    from focusdpo.commands import main
 
     out = tmp_path / "pairs"
     main(["correspond", "--out", str(out), "--config", str(REPO / "recipes" / "focusdpo_mosaic_flux2.yaml"),

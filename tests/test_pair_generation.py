@@ -17,11 +17,13 @@ import pytest
 from datasets import Image as ImageFeature
 from datasets import load_from_disk
 
-from focusdpo.config import ConfigError
-from focusdpo.data import load_pairs
-from focusdpo.pair_config import build_pair_configs
-from focusdpo.pairs import PairGenError, generate_pairs
-from focusdpo.prompt_sets import PromptSetError, load_prompt_set
+from focusdpo.errors import ConfigError
+from focusdpo.data.load import load_pairs
+from focusdpo.config.pairs import build_pair_configs
+from focusdpo.errors import PairGenError
+from focusdpo.pairs.generate import generate_pairs
+from focusdpo.errors import PromptSetError
+from focusdpo.data.prompt_sets import load_prompt_set
 
 from conftest import REPO, SHARED_DATA, accelerate_launch
 
@@ -102,7 +104,7 @@ def test_each_family_generates_loadable_pairs(family, uno, tmp_path):
 
 
 def train_two_steps(dataset, out, *extra):
-    from focusdpo.train import main
+    from focusdpo.commands.train import main
 
     main(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--dataset", dataset, "--output_dir", str(out),
           "--max_steps", "2", "--per_device_train_batch_size", "1", "--save_steps", "100", "--sample_every_run",
@@ -155,7 +157,7 @@ def reference_run(uno, tmp_path_factory):
 
 def cli_args(out, uno):
     recipe = REPO / "recipes" / "pairs_tiny_cpu.yaml"
-    return ["-m", "focusdpo.cli", "pairs", "--config", str(recipe), "--prompts", uno, "--data_root",
+    return ["-m", "focusdpo", "pairs", "--config", str(recipe), "--prompts", uno, "--data_root",
             str(SHARED_DATA / "dreambench"), "--out", str(out), *RECIPE_ARGS]
 
 
@@ -238,7 +240,7 @@ def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
 
 # ---- pure parts -----------------------------------------------------------------------------------------------
 def test_ranking_loser_rules_and_seeds():
-    from focusdpo.pairs import item_seeds, pick_loser, ranking
+    from focusdpo.pairs.generate import item_seeds, pick_loser, ranking
 
     order = ranking([0.2, 0.9, 0.2, -0.1])
     assert order == [1, 0, 2, 3]  # ties keep the lower index first
@@ -250,7 +252,7 @@ def test_ranking_loser_rules_and_seeds():
 def test_leakage_is_the_mean_off_diagonal_region_similarity():
     import torch
 
-    from focusdpo.pair_scoring import leakage
+    from focusdpo.pairs.scoring import leakage
 
     s = torch.tensor([[[0.9, 0.3, float("nan")], [0.1, 0.8, 0.5], [0.2, 0.4, 0.7]]])
     assert leakage(s).item() == pytest.approx((0.3 + 0.1 + 0.5 + 0.2 + 0.4) / 5)
@@ -259,7 +261,7 @@ def test_leakage_is_the_mean_off_diagonal_region_similarity():
 
 def test_sampler_image_depends_on_its_seed_not_its_batch(dreambench):
     from focusdpo.models import load_backbone
-    from focusdpo.sampling import sample_images
+    from focusdpo.models.sampling import sample_images
     from PIL import Image
 
     backbone = load_backbone("flux2")

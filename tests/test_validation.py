@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from focusdpo.config import ConfigError, FocusDPOConfig
-from focusdpo.train import main
+from focusdpo.errors import ConfigError
+from focusdpo.config.training import FocusDPOConfig
+from focusdpo.commands.train import main
 
 from conftest import REPO
 
@@ -54,7 +55,7 @@ def test_same_seeds_give_the_same_grids_and_training_changes_them(runs):
 
 
 def test_runs_without_text_encoders_still_get_validation_grids(tmp_path):
-    from focusdpo.cli import main as cli
+    from focusdpo.commands import main as cli
 
     args = [*TINY, "--family", "flux2", "--max_sequence_length", "32", "--lambda_structure", "0",
             "--lambda_detail", "0", "--max_steps", "2", "--report_to", "none"]
@@ -81,7 +82,7 @@ def test_focus_panels_reach_the_trackers_when_maps_come_from_a_cache(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from focusdpo.cli import main as cli
+    from focusdpo.commands import main as cli
 
     args = [*TINY, "--max_steps", "2", "--report_to", "tensorboard"]
     cli(["focus", "--out", str(tmp_path / "cached"), "--device", "cpu", *args])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from focusdpo.encoder_cache import embed_main
-from focusdpo.mapper import precompute_main
-from focusdpo.safe_write import save_dataset
+from focusdpo.commands.caches import embed_main
+from focusdpo.commands.caches import focus_main as precompute_main
+from focusdpo.data.load import save_dataset
 
 from . import recipes, world
 

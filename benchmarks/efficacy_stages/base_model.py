@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
 
-from focusdpo.encoder_cache import embed_main
+from focusdpo.commands.caches import embed_main
 from focusdpo.models.tiny_flux import QWEN_WIDTH, flow_scheduler, tiny_flux2_pipeline
-from focusdpo.safe_write import save_dataset
+from focusdpo.data.load import save_dataset
 
 from . import recipes, world
 

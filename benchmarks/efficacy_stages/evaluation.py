@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from focusdpo.models import load_backbone
-from focusdpo.sampling import apply_loras, sample_images
+from focusdpo.models.sampling import apply_loras, sample_images
 from focusdpo.visualize import image_grid
 
 from . import arms, recipes, world

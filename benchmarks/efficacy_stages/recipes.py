@@ -21,6 +21,6 @@ def write_recipe(path: Path, fields: dict) -> Path:
 
 def train(recipe: Path) -> None:
     """One trainer run in this process (the study sets one thread; the trainer honours the recipe's seed)."""
-    from focusdpo.train import main
+    from focusdpo.commands.train import main
 
     main(["--config", str(recipe)])

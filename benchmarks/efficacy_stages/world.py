@@ -18,7 +18,7 @@ import numpy as np
 from datasets import Dataset
 from PIL import Image, ImageDraw
 
-from focusdpo.data import PAIR_FEATURES
+from focusdpo.data.schema import PAIR_FEATURES
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ((220, 40, 40), (40, 160, 60), (40, 80, 220), (235, 200, 30), (200, 50, 200), (30, 190, 200))

@@ -3,35 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .base import Backbone, DenoiseInputs
+from focusdpo.models.families import FAMILIES
+
+if TYPE_CHECKING:
+    from focusdpo.models.base import Backbone
 
 
 def _sd():
     from diffusers import StableDiffusionPipeline
 
-    from .sd import StableDiffusionBackbone
-    from .tiny import tiny_sd_pipeline
+    from focusdpo.models.sd import StableDiffusionBackbone
+    from focusdpo.models.tiny import tiny_sd_pipeline
     return StableDiffusionBackbone, StableDiffusionPipeline, tiny_sd_pipeline
 
 
 def _sdxl():
     from diffusers import StableDiffusionXLPipeline
 
-    from .sd import StableDiffusionXLBackbone
-    from .tiny import tiny_sdxl_pipeline
+    from focusdpo.models.sd import StableDiffusionXLBackbone
+    from focusdpo.models.tiny import tiny_sdxl_pipeline
     return StableDiffusionXLBackbone, StableDiffusionXLPipeline, tiny_sdxl_pipeline
 
 
 def _flux2():
-    from .flux import Flux2, Flux2Backbone
-    from .tiny_flux import tiny_flux2_pipeline
+    from focusdpo.models.flux import Flux2, Flux2Backbone
+    from focusdpo.models.tiny_flux import tiny_flux2_pipeline
     return Flux2Backbone, Flux2, tiny_flux2_pipeline
 
 
 def _flux_kontext():
-    from .flux import Flux, FluxKontextBackbone
-    from .tiny_flux import tiny_flux_kontext_pipeline
+    from focusdpo.models.flux import Flux, FluxKontextBackbone
+    from focusdpo.models.tiny_flux import tiny_flux_kontext_pipeline
     return FluxKontextBackbone, Flux, tiny_flux_kontext_pipeline
 
 
@@ -57,10 +61,6 @@ def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: in
     return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True), **options)
 
 
-# Loss-grid cells per VAE latent cell side: transformers pack 2x2 latents into one token.
-PATCHIFY = {"sd": 1, "sdxl": 1, "flux2": 2, "flux_kontext": 2}
-
-
 def loss_grid(family: str, pretrained_path: str | None, resolution: int) -> tuple[int, int]:
     """The loss grid ``(h, w)`` of a family at ``resolution`` px, read from the VAE config (no weights load)."""
     if not pretrained_path:
@@ -68,7 +68,7 @@ def loss_grid(family: str, pretrained_path: str | None, resolution: int) -> tupl
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.load_config(str(Path(pretrained_path) / "vae"))
-    side = resolution // (2 ** (len(vae["block_out_channels"]) - 1)) // PATCHIFY[family]
+    side = resolution // (2 ** (len(vae["block_out_channels"]) - 1)) // FAMILIES[family].patchify
     return side, side
 
 
@@ -84,3 +84,8 @@ def check_family(path: Path, family: str, pipeline_cls) -> None:
 
 
 __all__ = ["Backbone", "DenoiseInputs", "load_backbone", "loss_grid"]
+
+
+def resolve_grid(model_cfg, resolution: int) -> tuple[int, int]:
+    """:func:`loss_grid` of the recipe's model (its family and pretrained_path)."""
+    return loss_grid(model_cfg.family, model_cfg.pretrained_path, resolution)

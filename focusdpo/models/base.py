@@ -19,6 +19,8 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from focusdpo.models.families import FAMILIES, Family
+
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
@@ -35,13 +37,29 @@ class Backbone(ABC):
     """A model family: builds inputs, runs the denoiser, reads and writes its LoRA in diffusers format."""
 
     family: str
-    denoiser_name: str  # "unet" or "transformer": the pipeline attribute and LoRA key prefix
     default_lora_targets: tuple[str, ...]
 
     def __init__(self, pipeline):
         self.pipeline = pipeline
         self.offload_text_encoders = False  # True: text encoders stay on the CPU and encode there
         self.channels_last = False  # True: UNet inputs are fed channels-last (see use_channels_last)
+
+    @property
+    def facts(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def is_flow(self) -> bool:
+        return self.facts.flow
+
+    @property
+    def takes_references(self) -> bool:
+        return self.facts.takes_references
+
+    @property
+    def denoiser_name(self) -> str:
+        """``unet`` or ``transformer``: the pipeline attribute and LoRA key prefix."""
+        return self.facts.denoiser
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +150,10 @@ class Backbone(ABC):
                         self.denoiser.peft_config[adapter_name].to_dict())
 
     def write_lora(self, out_dir: str | Path, layers: dict[str, torch.Tensor], config: dict) -> None:
-        """The pipeline's own ``save_lora_weights`` with the LoraConfig as metadata."""
+        """The pipeline's own ``save_lora_weights`` with the LoraConfig as metadata. Sets in the config (peft keeps
+        ``target_modules`` as one) are written sorted: a set's order changes with every process's hash seed, and the
+        same run must give the same bytes."""
+        config = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
         prefix = self.denoiser_name
         type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
             f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": config})
@@ -225,18 +246,6 @@ class Backbone(ABC):
         if result.unexpected_keys or missing:
             raise ValueError(f"LoRA {path} does not match the model's adapter {adapter_name!r}: "
                              f"unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}")
-
-    def sample(self, prompts: list[str], resolution: int, steps: int, seed: int) -> list:
-        """Generate PIL images with the pipeline as it is (adapters as currently enabled)."""
-        generator = torch.Generator().manual_seed(seed)
-        with self.text_encoders_on_device():
-            out = self.pipeline(prompt=prompts, height=resolution, width=resolution, num_inference_steps=steps,
-                                generator=generator, output_type="pil", **self.sample_kwargs(resolution))
-        return out.images
-
-    def sample_kwargs(self, resolution: int) -> dict:
-        """Extra pipeline ``__call__`` arguments for sampling at the training size."""
-        return {}
 
     @contextmanager
     def text_encoders_on_device(self):

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
-from ..config import FLOW_DENSITIES, FLOW_SHIFT_MODES, MIXED_REFERENCE_COUNTS, REFERENCE_ID_SCHEMES
-from ..config import check_choice as _check_choice
-from .base import Backbone, DenoiseInputs
-from .sd import repeat_pairs
+from focusdpo.config.checks import check_choice as _check_choice
+from focusdpo.config.training import FLOW_DENSITIES, FLOW_SHIFT_MODES, MIXED_REFERENCE_COUNTS, REFERENCE_ID_SCHEMES
+from focusdpo.models.base import Backbone, DenoiseInputs
+from focusdpo.models.sd import repeat_pairs
 
 DENSITY_ALIASES = {"uniform": "none"}  # diffusers' name for uniform u
 
@@ -58,7 +58,6 @@ def fit_square(images: torch.Tensor, size: int) -> torch.Tensor:
 class FlowMatchingBackbone(Backbone):
     """Shared flow-matching DPO plumbing; subclasses supply packing, position ids and text conditioning."""
 
-    denoiser_name = "transformer"
     transformer_class: str  # the diffusers transformer class this family expects
     right_family: str  # what to tell users whose checkpoint is of the other family
     lora_suffixes: tuple[str, ...]
@@ -141,7 +140,7 @@ class FlowMatchingBackbone(Backbone):
         """Per-pair text conditioning as transformer kwargs (not yet repeated over ``[w; l]``)."""
         raise NotImplementedError
 
-    # Transformer kwarg -> dataset column of cached text conditioning (see focusdpo.encoder_cache).
+    # Transformer kwarg -> dataset column of cached text conditioning (see focusdpo.caches).
     text_cache_columns = {"encoder_hidden_states": "prompt_embeds", "pooled_projections": "pooled_prompt_embeds"}
 
     @torch.no_grad()
@@ -324,6 +323,7 @@ class FlowMatchingBackbone(Backbone):
     def predict(self, denoiser: torch.nn.Module, inputs: DenoiseInputs) -> torch.Tensor:
         return self.tokens_to_grid(self.predict_tokens(denoiser, inputs), inputs)
 
+
     # ---- LoRA files and sampling ----------------------------------------------------------------
 
 
@@ -364,6 +364,15 @@ class Flux2Backbone(FlowMatchingBackbone):
     def encode_grid(self, pixels, generator):
         return self.pipeline._encode_vae_image(pixels.to(self.device, self.vae_dtype), generator).float()
 
+    def decode(self, grid: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Normalised patchified grid ``(N, 4C, h, w)`` → pixels ``(N, 3, H, W)`` in [-1, 1]: undoes
+        :meth:`encode_grid` with the pipeline's own unpatchify (the only implementation of its latent layout)."""
+        vae = self.pipeline.vae
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(grid)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(grid)
+        latents = self.pipeline._unpatchify_latents(grid * std + mean)
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
     def pack(self, grid):
         return self.pipeline._pack_latents(grid)
 
@@ -387,9 +396,6 @@ class Flux2Backbone(FlowMatchingBackbone):
                                                        **self.text_kwargs())
         return {"encoder_hidden_states": embeds.float().to(self.device), "txt_ids": text_ids[0].to(self.device)}
 
-    def sample_kwargs(self, resolution):
-        return self.text_kwargs()
-
 
 class FluxKontextBackbone(FlowMatchingBackbone):
     """FLUX.1 Kontext, or FLUX.1-dev with in-context references (UNO/DreamO/MOSAIC-style personalization).
@@ -412,6 +418,13 @@ class FluxKontextBackbone(FlowMatchingBackbone):
         super().__init__(pipeline, **kwargs)
         _check_choice("reference_ids", reference_ids, REFERENCE_ID_SCHEMES)
         self.reference_id_scheme = reference_ids
+
+    def decode(self, grid: torch.Tensor, resolution: int) -> torch.Tensor:
+        """Packed grid ``(N, 4C, h, w)`` → pixels ``(N, 3, H, W)`` in [-1, 1] (undoes :meth:`encode_grid`)."""
+        pipe, vae = self.pipeline, self.pipeline.vae
+        latents = pipe._unpack_latents(self.pack(grid), resolution, resolution, pipe.vae_scale_factor)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
     def encode_grid(self, pixels, generator):
         latents = self.pipeline._encode_vae_image(pixels.to(self.device, self.vae_dtype), generator)  # (x−shift)·scale
@@ -455,10 +468,6 @@ class FluxKontextBackbone(FlowMatchingBackbone):
             pooled_prompt_embeds=pooled, max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds.float().to(self.device),
                 "pooled_projections": pooled.float().to(self.device), "txt_ids": text_ids.float().to(self.device)}
-
-    def sample_kwargs(self, resolution):
-        # Kontext's __call__ rescales height/width to max_area (default 1024²): keep the requested size.
-        return {"max_sequence_length": self.max_sequence_length, "max_area": resolution * resolution}
 
 
 # ---- checkpoint loaders for models/__init__.py (check_family matches saved class names by prefix) -------------

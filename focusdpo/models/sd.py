@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .base import Backbone, DenoiseInputs
+from focusdpo.models.base import Backbone, DenoiseInputs
 
 
 def flow_equivalent_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -29,7 +29,6 @@ class StableDiffusionBackbone(Backbone):
     """Stable Diffusion 1.x/2.x with a ``UNet2DConditionModel``."""
 
     family = "sd"
-    denoiser_name = "unet"
     default_lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     def __init__(self, pipeline):
@@ -69,10 +68,6 @@ class StableDiffusionBackbone(Backbone):
         config = self.pipeline.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
         return (mean + std * noise - shift) * config.scaling_factor  # = dist.sample(), then the pipeline's scaling
-
-    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``(N, 3, H, W)`` in [-1, 1] → scaled latents ``(N, C, H/f, W/f)`` (float32), sampled from the posterior."""
-        return self.sample_latents(self.latent_distribution(pixels), generator)
 
     def latent_cache(self, batch: dict, generator: torch.Generator) -> dict[str, list[torch.Tensor]]:
         posterior = self.latent_distribution(batch["pixel_values"])

@@ -16,6 +16,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, St
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 TEXT_DIM = 32
+
 MAX_TOKENS = 128  # character-level: room for three-subject prompts
 
 

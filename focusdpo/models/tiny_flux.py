@@ -19,10 +19,12 @@ from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscrete
 from transformers import (CLIPTextModel, Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel,
                           T5Tokenizer)
 
-from .tiny import TEXT_DIM, char_tokenizer, text_config
+from focusdpo.models.tiny import TEXT_DIM, char_tokenizer, text_config
 
 QWEN_WIDTH = 16
+
 QWEN_LAYERS = 27  # the Klein pipeline stacks hidden states (9, 18, 27) by default
+
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

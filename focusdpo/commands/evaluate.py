@@ -1,0 +1,36 @@
+"""``focusdpo evaluate --config eval.yaml``: score base vs post-trained LoRA(s) on a benchmark: JSON, Markdown, PNGs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from focusdpo.config.evaluation import EvalConfig
+from focusdpo.config.focus import FocusConfig
+from focusdpo.config.recipe import check_config_keys
+from focusdpo.config.training import ModelConfig
+from focusdpo.errors import ConfigError, EvalInputError
+from focusdpo.evaluation.run import run
+
+
+def parse_eval_config(argv: list[str]):
+    """``--config eval.yaml`` plus CLI overrides into (EvalConfig, ModelConfig, FocusConfig)."""
+    from trl import TrlParser
+
+
+    classes = (EvalConfig, ModelConfig, FocusConfig)
+    if "--config" in argv:
+        check_config_keys(argv[argv.index("--config") + 1], classes)
+    return TrlParser(classes).parse_args_and_config(argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        cfg, model_cfg, focus_cfg = parse_eval_config(argv)[:3]
+        out = run(cfg, model_cfg, focus_cfg)
+    except (ConfigError, EvalInputError, FileNotFoundError) as e:
+        print(f"[focusdpo evaluate] error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"[focusdpo] evaluation report (report.md, report.json, PNGs) in {out}")
+    return out

@@ -1,0 +1,156 @@
+"""Check every pair of a dataset before any model loads: files exist, headers decode, sizes agree.
+
+Fast on purpose: image headers and file endings only (a truncated PNG/JPEG is caught by its missing end
+marker), never full decodes; a tqdm bar shows progress. With ``on_bad_pair: skip`` bad pairs are logged,
+counted and dropped instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+
+from datasets import Dataset
+from PIL import Image as PILImage
+from tqdm.auto import tqdm
+
+from focusdpo.errors import PairDataError
+
+ON_BAD_PAIR = ("error", "skip")
+
+PNG_END = b"IEND\xaeB`\x82"
+
+JPEG_END = b"\xff\xd9"
+
+TAIL_BYTES = 1024  # JPEG writers may append a little padding after the end marker
+
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def image_header(value: dict | None, column: str, pair_id: str) -> tuple[int, int]:
+    """Width and height of an undecoded datasets Image value, from its header; refuse an unreadable or
+    truncated file, naming the pair, the column and the file."""
+    where = value.get("path") or "embedded bytes"
+    try:
+        data = value.get("bytes")
+        source = io.BytesIO(data) if data else open(value["path"], "rb")
+        with source, PILImage.open(source) as image:
+            size, fmt = image.size, image.format
+            source.seek(0, io.SEEK_END)
+            source.seek(max(0, source.tell() - TAIL_BYTES))
+            tail = source.read()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: {e}. "
+                            "Replace the file or drop the pair (on_bad_pair: skip)") from None
+    if (fmt == "PNG" and not tail.endswith(PNG_END)) or (fmt == "JPEG" and JPEG_END not in tail):
+        raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: the {fmt} file is "
+                            "truncated (no end marker). Replace the file or drop the pair (on_bad_pair: skip)")
+    return size
+
+
+def check_row(row: dict, max_references: int | None) -> None:
+    """Every check of one pair that needs no pixels: counts, sizes of the images and masks."""
+    pair_id = row["pair_id"]
+    chosen = image_header(row["chosen"], "chosen", pair_id)
+    rejected = image_header(row["rejected"], "rejected", pair_id)
+    if chosen != rejected:
+        raise PairDataError(f"pair {pair_id}: chosen is {chosen[0]}x{chosen[1]} but rejected is "
+                            f"{rejected[0]}x{rejected[1]}; a pair's images must have the same size")
+    refs, masks = row["references"] or [], row["reference_masks"] or []
+    if max_references is not None and len(refs) > max_references:
+        raise PairDataError(f"pair {pair_id} has {len(refs)} references but max_references={max_references}: "
+                            "raise max_references or drop references")
+    if masks and len(masks) != len(refs):
+        raise PairDataError(f"pair {pair_id}: {len(masks)} reference masks for {len(refs)} references; give "
+                            "one mask per reference or none")
+    for k, (ref, mask) in enumerate(zip(refs, masks)):
+        check_mask_size(image_header(ref, "references", pair_id), image_header(mask, "reference_masks", pair_id),
+                        f"reference_masks[{k}]", f"references[{k}]", pair_id)
+    for ref in refs[len(masks):]:  # references without a mask
+        image_header(ref, "references", pair_id)
+    if row["prior_mask"]:
+        check_mask_size(chosen, image_header(row["prior_mask"], "prior_mask", pair_id), "prior_mask", "chosen",
+                        pair_id)
+
+
+def check_mask_size(image: tuple[int, int], mask: tuple[int, int], mask_name: str, image_name: str,
+                    pair_id: str) -> None:
+    """A mask of another size would be centre-cropped out of alignment with its image: refuse it."""
+    if mask != image:
+        raise PairDataError(f"pair {pair_id}: {mask_name} is {mask[0]}x{mask[1]} but {image_name} is "
+                            f"{image[0]}x{image[1]}; resize the mask to its image's size")
+
+
+def preflight(ds: Dataset, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
+    """Check every pair (see :func:`check_row`); stop at the first bad one, or drop and count bad pairs."""
+    columns = ds.select_columns(["pair_id", "chosen", "rejected", "references", "reference_masks", "prior_mask"])
+    kept, bad = [], []
+    for i, row in enumerate(tqdm(columns, desc="checking pairs", unit="pair", leave=False)):
+        try:
+            check_row(row, max_references)
+            kept.append(i)
+        except PairDataError as e:
+            if on_bad_pair != "skip":
+                raise
+            bad.append(str(e))
+            print(f"[focusdpo] skipped: {e}", file=sys.stderr)
+    if not bad:
+        return ds
+    if not kept:
+        raise PairDataError(f"no pairs left: all {len(ds)} pairs are bad (on_bad_pair: skip); the first: {bad[0]}")
+    print(f"[focusdpo] on_bad_pair: skip dropped {len(bad)} of {len(ds)} pairs; training on {len(kept)}",
+          file=sys.stderr)
+    return ds.select(kept)
+
+
+def to_eight_bit(image: PILImage.Image, where: str) -> PILImage.Image:
+    """16-bit greyscale (PNG ``I;16``/``I``) scaled to 8 bits: PIL's own conversion clips it to white."""
+    import numpy as np
+
+    if image.mode not in HIGH_BIT_MODES:
+        if image.mode == "F":
+            raise PairDataError(f"{where} is a floating-point image; save it as an 8- or 16-bit PNG or a JPEG")
+        return image
+    array = np.asarray(image).astype(np.float64)
+    if array.max(initial=0) > 65535:
+        raise PairDataError(f"{where} has 32-bit pixel values; save it as an 8- or 16-bit PNG or a JPEG")
+    return PILImage.fromarray(np.round(array / 257.0).astype(np.uint8), mode="L")
+
+
+JSONL_PATHS = ("chosen", "rejected")
+
+JSONL_PATH_LISTS = ("references", "reference_masks")
+
+
+def check_jsonl_row(row, where: str) -> None:
+    """One parsed ``pairs.jsonl`` line has the schema's keys and types; ``where`` names file and line."""
+    if not isinstance(row, dict):
+        raise PairDataError(f"{where}: expected a JSON object like {{\"prompt\": ..., \"chosen\": ..., "
+                            f"\"rejected\": ...}}, got a {type(row).__name__}")
+    missing = [k for k in ("prompt", *JSONL_PATHS) if k not in row]
+    if missing:
+        raise PairDataError(f"{where}: missing key(s) {missing}; every line needs prompt, chosen and rejected")
+    for key in ("prompt", *JSONL_PATHS):
+        if not isinstance(row[key], str) or not row[key]:
+            raise PairDataError(f"{where}: {key} must be a non-empty string, got {row[key]!r}")
+    for key in JSONL_PATH_LISTS:
+        value = row.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+            hint = f" (write [{value!r}])" if isinstance(value, str) else ""
+            raise PairDataError(f"{where}: {key} must be a list of image paths, got {value!r}{hint}")
+    if row.get("prior_mask") is not None and not isinstance(row["prior_mask"], str):
+        raise PairDataError(f"{where}: prior_mask must be an image path or null, got {row['prior_mask']!r}")
+    scores = row.get("subject_scores")
+    if scores is not None and not subject_scores_fit(scores, len(row.get("references", []))):
+        raise PairDataError(f"{where}: subject_scores must be [[chosen scores], [rejected scores]] with one finite "
+                            f"number per reference ({len(row.get('references', []))}), got {scores!r}")
+    if "pair_id" in row and not isinstance(row["pair_id"], (str, int)):
+        raise PairDataError(f"{where}: pair_id must be a string, got {row['pair_id']!r}")
+
+
+def subject_scores_fit(scores, references: int) -> bool:
+    """``scores`` is two lists of ``references`` finite numbers (chosen, rejected)."""
+    rows_ok = isinstance(scores, list) and len(scores) == 2 and all(isinstance(r, list) for r in scores)
+    return rows_ok and all(len(r) == references and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                        and math.isfinite(v) for v in r) for r in scores)

@@ -1,0 +1,107 @@
+"""``focusdpo plot runs/X``: the training curves of a run from its ``metrics.jsonl``, as one PNG.
+
+For users without a tracker. Drawn with PIL (already a dependency; matplotlib is not one): loss, the
+reward margins (with the chosen/rejected rewards), the preference accuracy and the margins per quarter
+of the noise range (``rewards/margins_u…``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from focusdpo.atomic import save_png
+
+PANEL = (520, 320)
+
+MARGIN = dict(left=70, right=16, top=34, bottom=40)
+
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+PANELS = (  # title, metric names (a trailing * takes every metric with that prefix)
+    ("loss", ("loss",)),
+    ("reward margins", ("rewards/margins", "rewards/chosen", "rewards/rejected")),
+    ("preference accuracy", ("rewards/accuracies",)),
+    ("margins per noise level u", ("rewards/margins_u*",)),
+)
+
+
+Series = dict[str, list[tuple[float, float]]]
+
+
+def read_training_logs(run: Path) -> list[dict]:
+    """The training lines of ``run/metrics.jsonl`` (those with a ``loss``)."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run}: give the output_dir of a focusdpo training run")
+    logs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    logs = [entry for entry in logs if "loss" in entry and "step" in entry]
+    if not logs:
+        raise ValueError(f"{path} holds no training log lines yet (no 'loss'); plot after the first logging step")
+    return logs
+
+
+def select_series(logs: list[dict], names: tuple[str, ...]) -> Series:
+    """``{metric: [(step, value), ...]}`` for the named metrics (``prefix*`` matches by prefix)."""
+    keys = []
+    for name in names:
+        if name.endswith("*"):
+            keys += sorted({k for entry in logs for k in entry if k.startswith(name[:-1])})
+        else:
+            keys.append(name)
+    return {key: [(entry["step"], entry[key]) for entry in logs if key in entry] for key in keys
+            if any(key in entry for entry in logs)}
+
+
+def line_chart(series: Series, title: str, size: tuple[int, int] = PANEL):
+    """One panel: axes with min/max ticks, a line per series and a legend; an empty panel says so."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN["left"], 10), title, fill="black")
+    box = (MARGIN["left"], MARGIN["top"], size[0] - MARGIN["right"], size[1] - MARGIN["bottom"])
+    draw.rectangle(box, outline="#888888")
+    points = [p for values in series.values() for p in values]
+    if not points:
+        draw.text((box[0] + 10, box[1] + 10), "not logged in this run", fill="#888888")
+        return image
+    (x0, x1), (y0, y1) = span([p[0] for p in points]), span([p[1] for p in points])
+
+    def to_pixel(x, y):
+        return (box[0] + (x - x0) / (x1 - x0) * (box[2] - box[0]), box[3] - (y - y0) / (y1 - y0) * (box[3] - box[1]))
+
+    for i, (name, values) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        pixels = [to_pixel(x, y) for x, y in values]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for px, py in pixels:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        draw.text((box[0] + 8, box[1] + 6 + 12 * i), name, fill=colour)
+    steps, values = [p[0] for p in points], [p[1] for p in points]  # label the data's range, not the padding
+    draw.text((4, to_pixel(x0, max(values))[1] - 5), f"{max(values):.4g}", fill="black")
+    draw.text((4, to_pixel(x0, min(values))[1] - 5), f"{min(values):.4g}", fill="black")
+    draw.text((box[0], box[3] + 6), f"step {min(steps):g}", fill="black")
+    draw.text((box[2] - 60, box[3] + 6), f"step {max(steps):g}", fill="black")
+    return image
+
+
+def span(values: list[float]) -> tuple[float, float]:
+    """Axis range of ``values``, widened when flat so every point still has a place."""
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.05 or abs(hi) * 0.05 or 1.0
+    return lo - pad, hi + pad
+
+
+def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
+    """Write the four panels of ``run``'s curves into one PNG (default ``run/metrics.png``); returns its path."""
+    from PIL import Image
+
+    run = Path(run)
+    logs = read_training_logs(run)
+    panels = [line_chart(select_series(logs, names), title) for title, names in PANELS]
+    sheet = Image.new("RGB", (2 * PANEL[0], 2 * PANEL[1]), "white")
+    for i, panel in enumerate(panels):
+        sheet.paste(panel, ((i % 2) * PANEL[0], (i // 2) * PANEL[1]))
+    return save_png(sheet, Path(out) if out else run / "metrics.png")
