@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from focusdpo.atomic import check_out_is_not_input
+from focusdpo.atomic import check_out_is_not_input, output_lock
 from focusdpo.caches import cache_encoder_outputs
 from focusdpo.config.recipe import RECIPE_EPILOG, parse_config
 from focusdpo.data.load import load_recipe_pairs, save_dataset
@@ -36,11 +36,12 @@ def focus_main(argv: list[str]) -> None:
     ])
     _, model_cfg, data_cfg, loss_cfg, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_recipe_pairs(data_cfg)
-    grid = resolve_grid(model_cfg, data_cfg.resolution)
-    cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device,
-                                   masks=loss_cfg.preference_unit == "subject")
-    save_dataset(cached, own.out)
+    with output_lock(own.out):
+        pairs = load_recipe_pairs(data_cfg)
+        grid = resolve_grid(model_cfg, data_cfg.resolution)
+        cached = precompute_focus_maps(pairs, focus_cfg, grid, data_cfg.resolution, own.batch_size, own.device,
+                                       masks=loss_cfg.preference_unit == "subject")
+        save_dataset(cached, own.out)
     print(f"[focusdpo] {len(cached)} pairs with focus maps on a {grid[0]}x{grid[1]} grid written to {own.out}; "
           f"train on them with `dataset: {own.out}`")
 
@@ -74,13 +75,14 @@ def embed_main(argv: list[str]) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
     own, rest = parser.parse_known_args(argv)
     _, model_cfg, data_cfg, _, _ = parse_config(rest)
-    check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_recipe_pairs(data_cfg)
-    backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
-                             **model_cfg.adapter_options(data_cfg.max_references)).to(own.device)
-    cached = cache_encoder_outputs(pairs, backbone, model_cfg, data_cfg, not own.no_text, own.latents,
-                                   own.batch_size)
-    save_dataset(cached, own.out)
+    check_out_is_not_input(own.out, data_cfg.dataset, model_cfg.pretrained_path)
+    with output_lock(own.out):
+        pairs = load_recipe_pairs(data_cfg)
+        backbone = load_backbone(model_cfg.family, model_cfg.pretrained_path, model_cfg.tiny_seed,
+                                 **model_cfg.adapter_options(data_cfg.max_references)).to(own.device)
+        cached = cache_encoder_outputs(pairs, backbone, model_cfg, data_cfg, not own.no_text, own.latents,
+                                       own.batch_size)
+        save_dataset(cached, own.out)
     print(f"[focusdpo] {len(pairs)} pairs with cached encoder outputs written to {own.out}; train on them "
           f"with `dataset: {own.out}` (and `drop_text_encoders: true` for flow models)")
 
@@ -96,10 +98,11 @@ def correspond_main(argv: list[str]) -> None:
     ])
     _, model_cfg, data_cfg, _, focus_cfg = configs
     check_out_is_not_input(own.out, data_cfg.dataset)
-    pairs = load_recipe_pairs(data_cfg)
-    target = resolve_grid(model_cfg, data_cfg.resolution)
-    reference = resolve_grid(model_cfg, model_cfg.reference_size or data_cfg.resolution)
-    cached = precompute_points(pairs, focus_cfg, target, reference, data_cfg.resolution, own.device)
-    save_dataset(cached, own.out)
+    with output_lock(own.out):
+        pairs = load_recipe_pairs(data_cfg)
+        target = resolve_grid(model_cfg, data_cfg.resolution)
+        reference = resolve_grid(model_cfg, model_cfg.reference_size or data_cfg.resolution)
+        cached = precompute_points(pairs, focus_cfg, target, reference, data_cfg.resolution, own.device)
+        save_dataset(cached, own.out)
     print(f"[focusdpo] {len(cached)} pairs with MOSAIC points (target grid {target[0]}x{target[1]}, reference grid "
           f"{reference[0]}x{reference[1]}) written to {own.out}; train on them with `dataset: {own.out}`")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from focusdpo.atomic import output_lock
 from focusdpo.config.pairs import PAIR_CONFIG_CLASSES, build_pair_configs, read_pair_recipe
 from focusdpo.data.load import save_dataset
 from focusdpo.data.toy import make_toy_pairs
@@ -68,5 +69,6 @@ def toy_pairs_main(argv: list[str]) -> None:
     parser.add_argument("--resolution", type=int, default=64, help="Image size in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     args = parser.parse_args(argv)
-    save_dataset(make_toy_pairs(args.num_pairs, args.resolution, args.seed), args.out)
+    with output_lock(args.out):
+        save_dataset(make_toy_pairs(args.num_pairs, args.resolution, args.seed), args.out)
     print(f"[focusdpo] {args.num_pairs} pairs written to {args.out}")

@@ -18,7 +18,10 @@ def main(argv: list[str] | None = None) -> FocusDPOTrainer:
     resume = resolve_resume(out, train_cfg.resume_from_checkpoint)
     if resume is not None:
         check_resume_settings(resume, configs)
-    lock = prepare_output_dir(out, resuming=resume is not None, overwrite=train_cfg.overwrite_output_dir)
+    model_cfg, data_cfg = configs[1], configs[2]
+    inputs = (data_cfg.dataset, model_cfg.pretrained_path, model_cfg.personalization_lora)
+    lock = prepare_output_dir(out, resuming=resume is not None, overwrite=train_cfg.overwrite_output_dir,
+                              inputs=inputs)
     try:
         return train_and_save(configs, out, resume, freeze_heap=True)  # this process owns its heap
     finally:

@@ -335,6 +335,10 @@ class FocusDPOConfig(TrainingArguments):
         "help": "Pin batches in page-locked memory (CUDA only; switched off without a GPU)."})
     num_sample_prompts: int = field(default=3, metadata={"help": "Prompts in the before/after PNG."})
     sample_steps: int = field(default=8, metadata={"help": "Denoising steps for the before/after samples."})
+    resume_with_fresh_optimizer: bool = field(default=False, metadata={
+        "help": "Resume from a checkpoint that holds no optimizer or scheduler state (save_only_model runs): the "
+                "weights and step count come back, AdamW's moments start from zero and the learning-rate schedule "
+                "restarts. Without it such a resume is refused."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Clear a non-empty output_dir before training (otherwise a fresh run into it is refused)."})
     allow_zero_learning_rate: bool = field(default=False, metadata={

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 from datasets import Dataset, Features, Image, List, load_from_disk
 
-from focusdpo.atomic import disk_full_names
+from focusdpo.atomic import check_replaceable, disk_full_names, mark_output
 from focusdpo.data.checks import check_jsonl_row, preflight
 from focusdpo.data.hub import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
 from focusdpo.data.schema import ARRAY_COLUMNS, IMAGE_COLUMNS, PAIR_FEATURES, REQUIRED_COLUMNS, SUBJECT_SCORES_FEATURE
@@ -212,8 +212,10 @@ def save_dataset(dataset, out: str) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging, old = (target.parent / f".{target.name}.{tag}" for tag in ("staging", "old"))
     shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier kill
+    check_replaceable(target)
     with disk_full_names(target.parent, staging):
         with_image_decoding(dataset, True).save_to_disk(str(staging))  # saved images decode for any user
+        mark_output(staging)
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(target, old)

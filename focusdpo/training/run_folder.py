@@ -10,24 +10,21 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import re
 import shutil
-import socket
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
+from focusdpo.atomic import LOCK_NAME, OUTPUT_MARKER, check_out_is_not_input, mark_output, release_lock, take_lock
 from focusdpo.caches import check_encoder_key
 from focusdpo.config.recipe import config_fields
 from focusdpo.data.load import first_pair_without_references
 from focusdpo.errors import ConfigError, PairDataError, RunFolderError
 from focusdpo.models import resolve_grid
-
-LOCK_NAME = ".focusdpo.lock"
 
 CHECKPOINT_CONFIG = "focusdpo_config.yaml"
 
@@ -41,7 +38,11 @@ FIXED_ON_RESUME = ("family", "pretrained_path", "tiny_seed", "lora_rank", "lora_
 RESTORED_ON_RESUME = ("learning_rate", "lr_scheduler_type", "warmup_steps", "optim", "weight_decay",
                       "adam_beta1", "adam_beta2", "adam_epsilon")
 
-NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "run_name")
+NOT_COMPARED = ("output_dir", "resume_from_checkpoint", "overwrite_output_dir", "logging_dir", "run_name",
+                "resume_with_fresh_optimizer")
+
+# What a checkpoint needs for the optimizer and the learning-rate schedule to continue (the Trainer's file names)
+OPTIMIZER_STATE = ("optimizer.pt", "scheduler.pt")
 
 
 def is_main_process() -> bool:
@@ -49,11 +50,14 @@ def is_main_process() -> bool:
 
 
 # ---- the output folder ------------------------------------------------------------------------------
-def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path | None:
+def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: tuple = ()) -> Path | None:
     """Create ``out``, check it is writable, lock it, and refuse (or, with ``overwrite``, clear) a folder
-    that already holds a run. Returns the lock file (main process) or None (other processes)."""
+    that already holds a run. ``out`` may not be, hold or lie inside one of the run's ``inputs``, and
+    ``overwrite`` clears only a folder focusdpo wrote. Returns the lock file (main process) or None (other
+    processes)."""
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"output_dir={str(out)!r} is a file, not a folder: choose another output_dir")
+    check_out_is_not_input(out, *inputs)
     if not is_main_process():
         return None
     try:
@@ -63,11 +67,14 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path | Non
         raise RunFolderError(f"output_dir={str(out)!r} is not writable ({e.strerror}): choose a folder you "
                              "can write to") from None
     lock = acquire_lock(out)
-    held = [p.name for p in out.iterdir() if p.name != LOCK_NAME]
+    held = [p.name for p in out.iterdir() if p.name not in (LOCK_NAME, OUTPUT_MARKER)]
     if held and not resuming:
-        if not overwrite:
+        if not overwrite or not (out / OUTPUT_MARKER).exists():
             release_lock(lock)
             shown = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
+            if overwrite:
+                raise RunFolderError(f"output_dir={str(out)!r} holds files focusdpo did not write ({shown}): "
+                                     "overwrite_output_dir clears only a run folder; choose a new output_dir")
             raise RunFolderError(f"output_dir={str(out)!r} already holds a run ({shown}): resume it with "
                                  "--resume_from_checkpoint latest, choose a new output_dir, or set "
                                  "overwrite_output_dir: true to delete it first")
@@ -75,57 +82,14 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool) -> Path | Non
             path = out / name
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         print(f"[focusdpo] overwrite_output_dir: cleared {len(held)} entries of {out}", file=sys.stderr)
+    mark_output(out)
     return lock
 
 
 def acquire_lock(out: Path) -> Path:
     """Create ``out/.focusdpo.lock`` holding this host and pid; refuse while another live run holds it."""
-    lock = out / LOCK_NAME
-    mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = read_lock(lock)
-            if lock_is_live(owner):
-                raise RunFolderError(f"another run (pid {owner.get('pid')} on {owner.get('host')}) is training "
-                                     f"into {out}: wait for it to end or choose another output_dir (if no such "
-                                     f"run exists, delete {lock})") from None
-            lock.unlink(missing_ok=True)  # a run that died without cleaning up
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(mine)
-        atexit.register(release_lock, lock)
-        return lock
-    raise RunFolderError(f"cannot create the lock file {lock}: another run keeps creating it")
-
-
-def read_lock(lock: Path) -> dict:
-    try:
-        return json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def lock_is_live(owner: dict) -> bool:
-    pid = owner.get("pid")
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    if owner.get("host") != socket.gethostname():
-        return True  # another machine on a shared folder: its pid cannot be checked from here
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def release_lock(lock: Path | None) -> None:
-    """Remove the lock if this process holds it."""
-    if lock is not None and read_lock(lock).get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
+    return take_lock(out / LOCK_NAME, f"another run is training into {out}", "choose another output_dir",
+                     RunFolderError)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -159,6 +123,20 @@ def checkpoint_damage(checkpoint: Path) -> str | None:
         except (OSError, zipfile.BadZipFile) as e:
             return f"{path} is damaged ({e})"
     return None
+
+
+def check_optimizer_state(checkpoint: Path, fresh_optimizer: bool) -> None:
+    """A checkpoint without optimizer or scheduler state (``save_only_model``, a deleted file) resumes only when the
+    user accepts that both restart; say so either way."""
+    missing = [name for name in OPTIMIZER_STATE if not (checkpoint / name).is_file()]
+    if not missing:
+        return
+    what = (f"{checkpoint} holds no {' or '.join(missing)} (a save_only_model checkpoint, or deleted): resuming "
+            "keeps its weights and step count but restarts AdamW's moments from zero and the learning-rate schedule")
+    if not fresh_optimizer:
+        raise RunFolderError(f"{what}. Accept that with --resume_with_fresh_optimizer true, or resume from a "
+                             "checkpoint that has them")
+    print(f"[focusdpo] {what} (resume_with_fresh_optimizer)", file=sys.stderr)
 
 
 def resolve_resume(out: Path, resume: str | None) -> str | None:
@@ -203,6 +181,7 @@ def check_resume_settings(checkpoint: str, configs) -> None:
     values), refuse schedule changes (the checkpoint's optimizer and schedule are restored), report the rest."""
     import yaml
 
+    check_optimizer_state(Path(checkpoint), configs[0].resume_with_fresh_optimizer)
     saved_file = Path(checkpoint) / CHECKPOINT_CONFIG
     if not saved_file.is_file():
         print(f"[focusdpo] {checkpoint} has no {CHECKPOINT_CONFIG} (an older run): settings not compared",

@@ -1,0 +1,91 @@
+"""Writers delete only what they made, outputs never overlap inputs, and a resume without optimizer state is refused
+unless accepted (each of these lost data or state silently before)."""
+
+import json
+
+import pytest
+
+from focusdpo.atomic import OUTPUT_MARKER
+from focusdpo.commands import main as cli
+from focusdpo.commands.train import main as train
+from focusdpo.data.load import load_pairs, save_dataset
+from focusdpo.errors import OutputError, RunFolderError
+
+from conftest import REPO
+
+
+def tiny(out, *extra):
+    return ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(out), "--toy_num_pairs", "4",
+            "--max_steps", "2", "--save_steps", "1", "--logging_steps", "1", "--sample_every_run", "false",
+            "--lambda_structure", "0", "--lambda_detail", "0", *extra]
+
+
+def users_folder(path):
+    path.mkdir()
+    (path / "thesis.txt").write_text("years of work")
+    return path
+
+
+def test_a_dataset_writer_refuses_a_folder_of_files_it_did_not_write(tmp_path):
+    folder = users_folder(tmp_path / "mine")
+    with pytest.raises(OutputError, match="holds files focusdpo did not write"):
+        save_dataset(load_pairs("toy", toy_num_pairs=2, resolution=16), str(folder))
+    assert (folder / "thesis.txt").read_text() == "years of work"
+    save_dataset(load_pairs("toy", toy_num_pairs=2, resolution=16), str(tmp_path / "new"))
+    assert (tmp_path / "new" / OUTPUT_MARKER).exists()
+    save_dataset(load_pairs("toy", toy_num_pairs=3, resolution=16), str(tmp_path / "new"))  # its own: replaced
+    assert len(load_pairs(str(tmp_path / "new"))) == 3
+
+
+def test_the_toy_pairs_command_keeps_a_users_folder(tmp_path, capsys):
+    folder = users_folder(tmp_path / "mine")
+    with pytest.raises(SystemExit) as code:
+        cli(["pairs", "--out", str(folder), "--num_pairs", "2"])
+    assert code.value.code == 2 and "did not write" in capsys.readouterr().err
+    assert (folder / "thesis.txt").exists()
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_a_run_folder_that_is_or_lies_inside_the_dataset_is_refused_even_with_overwrite(tmp_path, inside):
+    save_dataset(load_pairs("toy", toy_num_pairs=4, resolution=32), str(tmp_path / "pairs"))
+    out = tmp_path / "pairs" / "run" if inside else tmp_path / "pairs"
+    with pytest.raises(OutputError, match="the input"):
+        train(tiny(out, "--dataset", str(tmp_path / "pairs"), "--overwrite_output_dir", "true"))
+    assert len(load_pairs(str(tmp_path / "pairs"))) == 4
+
+
+def test_overwrite_output_dir_clears_only_a_run_folder(tmp_path):
+    folder = users_folder(tmp_path / "mine")
+    with pytest.raises(RunFolderError, match="overwrite_output_dir clears only a run folder"):
+        train(tiny(folder, "--overwrite_output_dir", "true"))
+    assert (folder / "thesis.txt").exists()
+
+
+@pytest.mark.e2e
+def test_a_resume_without_optimizer_state_is_refused_unless_accepted(tmp_path):
+    train(tiny(tmp_path, "--save_only_model", "true"))
+    with pytest.raises(RunFolderError, match="holds no optimizer.pt or scheduler.pt.*resume_with_fresh_optimizer"):
+        train(tiny(tmp_path, "--save_only_model", "true", "--max_steps", "3", "--resume_from_checkpoint", "latest"))
+    train(tiny(tmp_path, "--save_only_model", "true", "--max_steps", "3", "--resume_from_checkpoint", "latest",
+               "--resume_with_fresh_optimizer", "true"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 3 in steps
+
+
+def test_a_second_writer_into_the_same_folder_is_refused_while_the_first_one_lives(tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".pairs.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": other.pid}))
+        with pytest.raises(SystemExit) as code:
+            cli(["pairs", "--out", str(tmp_path / "pairs"), "--num_pairs", "2"])
+        assert code.value.code == 2 and f"another process is writing {tmp_path / 'pairs'} (pid {other.pid}" in \
+            capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    cli(["pairs", "--out", str(tmp_path / "pairs"), "--num_pairs", "2"])  # the dead owner's lock is taken over
+    assert len(load_pairs(str(tmp_path / "pairs"))) == 2 and not (tmp_path / ".pairs.lock").exists()
