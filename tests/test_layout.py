@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "focusdpo"
 LAYERS = [
     {"errors", "config", "models.families"},
-    {"data", "features", "losses", "atomic", "images", "visualize", "processes"},
+    {"data", "features", "losses", "atomic", "images", "provenance", "visualize", "processes"},
     {"models", "focus"},
     {"caches", "mosaic", "evaluation", "export"},
     {"training", "pairs", "planning"},

@@ -89,3 +89,23 @@ def test_a_second_writer_into_the_same_folder_is_refused_while_the_first_one_liv
         other.wait()
     cli(["pairs", "--out", str(tmp_path / "pairs"), "--num_pairs", "2"])  # the dead owner's lock is taken over
     assert len(load_pairs(str(tmp_path / "pairs"))) == 2 and not (tmp_path / ".pairs.lock").exists()
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_does_not_block_a_plain_rerun(tmp_path):
+    (tmp_path / OUTPUT_MARKER).touch()
+    (tmp_path / "config.yaml").write_text("family: sd\n")  # what a start writes before a tracker login fails
+    (tmp_path / "metrics.jsonl").write_text("")
+    train(tiny(tmp_path))
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    with pytest.raises(RunFolderError, match="already holds a run"):  # a finished run still needs a decision
+        train(tiny(tmp_path))
+
+
+def test_building_a_tiny_pipeline_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    from focusdpo.models.tiny import tiny_sd_pipeline
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tiny_sd_pipeline(0)
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from focusdpo.data.load import save_dataset
 from focusdpo.data.toy import make_toy_pairs
 from focusdpo.errors import ConfigError
 from focusdpo.pairs.generate import generate_pairs
+from focusdpo.errors import PairGenError
 
 
 def parse_pair_args(argv: list[str]) -> dict:
@@ -55,10 +56,14 @@ def pairs_main(argv: list[str]) -> None:
         raise ConfigError(f"unknown pair-config field(s) {unknown}; see `focusdpo pairs --help`")
     pair_cfg, model_cfg, focus_cfg = build_pair_configs(values)
     summary = generate_pairs(pair_cfg, model_cfg, focus_cfg)
-    if summary is not None:
-        counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if v)
-        print(f"[focusdpo] pairs: {counts}; dataset: {summary['dataset']}; "
-              f"summary: {Path(pair_cfg.out) / 'summary.json'}")
+    if summary is None:  # not the main process: it reports
+        return
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items() if v)
+    report = Path(pair_cfg.out) / "summary.json"
+    if summary["dataset"] is None:
+        raise PairGenError(f"no pair was kept ({counts}): every entry's reason is in {report}; loosen "
+                           "margin_threshold / min_fidelity_drop, or check the prompts and references")
+    print(f"[focusdpo] pairs: {counts}; dataset: {summary['dataset']}; summary: {report}")
 
 
 def toy_pairs_main(argv: list[str]) -> None:

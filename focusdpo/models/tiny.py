@@ -25,10 +25,10 @@ def char_tokenizer() -> CLIPTokenizer:
     chars = [chr(c) for c in range(33, 127)]
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars] +
                                             ["<|startoftext|>", "<|endoftext|>"])}
-    folder = Path(tempfile.mkdtemp(prefix="focusdpo-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=MAX_TOKENS)
+    with tempfile.TemporaryDirectory(prefix="focusdpo-tokenizer-") as folder:  # read once, then removed
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_TOKENS)
 
 
 def text_config(vocab_size: int) -> CLIPTextConfig:

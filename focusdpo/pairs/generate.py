@@ -38,6 +38,8 @@ from focusdpo.pairs.disrupt import check_inpainter, inpaint_instance, load_inpai
 from focusdpo.pairs.scoring import CandidateScorer, load_user_scorer, subject_views
 from focusdpo.pairs.writer import ShardWriter, check_run_settings, finished_items, merge_shards, write_summary
 from focusdpo.processes import process_state
+from focusdpo.pairs.writer import check_run_inputs
+from focusdpo.provenance import input_digests
 
 
 def item_seeds(cfg: PairGenConfig, index: int) -> list[int]:
@@ -215,6 +217,17 @@ def load_generator(model_cfg, pair_cfg: PairGenConfig, device, dtype):
     return backbone
 
 
+def run_inputs(pair_cfg, model_cfg, items: list) -> dict[str, str | None]:
+    """Content digests of what the pairs are made from: the prompt file, every reference image and mask, the
+    generator's folder and LoRAs, the inpainter."""
+    named = {"prompts": pair_cfg.prompts, "pretrained_path": model_cfg.pretrained_path,
+             "personalization_lora": model_cfg.personalization_lora, "dpo_lora": pair_cfg.dpo_lora,
+             "inpaint_path": pair_cfg.inpaint_path if pair_cfg.strategy == "disrupt" else None}
+    for item in items:
+        named.update({f"reference {p}": p for p in [*item.references, *item.reference_masks]})
+    return input_digests(named)
+
+
 def provenance(pair_cfg, model_cfg, scorer, inpainter, layout: str, dtype) -> dict:
     return {"focusdpo_version": __version__, "prompts": pair_cfg.prompts, "prompt_layout": layout,
             "generator": {"family": model_cfg.family, "pretrained_path": model_cfg.pretrained_path,
@@ -243,6 +256,8 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     items = list(enumerate(prompt_set.items))
     items = items[: pair_cfg.max_items] if pair_cfg.max_items else items
     preflight(pair_cfg, backbone.family if backbone is not None else model_cfg.family, items)
+    inputs = run_inputs(pair_cfg, model_cfg, [item for _, item in items])
+    check_run_inputs(pair_cfg.out, inputs)  # before any model loads
     device, dtype = resolve_device_dtype(pair_cfg, state)
     if inpainter is not None:
         check_inpainter(inpainter)
@@ -253,7 +268,7 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     generator = PairGenerator(pair_cfg, backbone, scorer, inpainter,
                               model_cfg.guidance_scale if not backbone.is_flow else None)
 
-    info = provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype)
+    info = {**provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype), "inputs": inputs}
     check_run_settings(pair_cfg.out, info, write=state.is_main_process)
     done = finished_items(pair_cfg.out)
     state.wait_for_everyone()  # every process sees the same finished set before anyone writes
@@ -261,6 +276,7 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     todo = [(i, item) for i, item in items if item.item_id not in done][state.process_index::state.num_processes]
     writer = ShardWriter(pair_cfg.out, state.process_index, pair_cfg.items_per_shard)
     bar = tqdm(todo, desc=f"pairs[{state.process_index}]", position=state.process_index, unit="prompt")
+    kept = 0  # this process's kept pairs this session (the writer's records restart at every shard)
     for index, item in bar:
         try:
             record, rows = generator.process(index, item)
@@ -268,7 +284,8 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
             record, rows = {"item_id": item.item_id, "item_index": index, "status": "failed",
                             "reason": f"{type(e).__name__}: {e}"}, []
         writer.add(record, rows)
-        bar.set_postfix(kept=sum(r["status"] == "kept" for r in writer.records))
+        kept += record["status"] == "kept"
+        bar.set_postfix(kept=kept)
     writer.flush()
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -22,6 +22,8 @@ from pathlib import Path
 from datasets import Dataset, Features, List, Value, concatenate_datasets, load_from_disk
 
 from focusdpo.data.schema import PAIR_FEATURES, SUBJECT_SCORES_FEATURE
+from focusdpo.errors import PairGenError
+from focusdpo.provenance import changed_inputs
 
 META_FEATURES = {
     "item_index": Value("int64"), "classes": List(Value("string")), "chosen_seed": Value("int64"),
@@ -92,8 +94,22 @@ def check_run_settings(out: str | Path, settings: dict, write: bool) -> None:
     if path.is_file() and path.read_text() != text:
         old, new = json.loads(path.read_text()), json.loads(text)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        raise ValueError(f"{out} holds a pair run made with other settings (changed: {changed}); resume with the "
-                         "same recipe, or write to a new out folder")
+        raise PairGenError(f"{out} holds a pair run made with other settings (changed: {changed}); resume with the "
+                           "same recipe, or write to a new out folder")
+
+
+def check_run_inputs(out: str | Path, inputs: dict) -> None:
+    """Refuse, before any model loads, to resume into ``out`` when what its pairs were made from changed (an edited
+    prompt file, another reference photo, another model or LoRA under the same name)."""
+    path = Path(out) / "run_settings.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text()).get("inputs", {})
+    changed = changed_inputs(old, inputs)
+    if changed:
+        raise PairGenError(f"{out} holds pairs made from other inputs (changed: {', '.join(changed[:5])}"
+                           f"{', ...' if len(changed) > 5 else ''}): write to a new out folder, or delete {out} to "
+                           "start over")
 
 
 def merge_shards(out: str | Path, provenance: dict) -> Dataset | None:

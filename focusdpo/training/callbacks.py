@@ -151,6 +151,11 @@ class SamplingCallback(TrainerCallback):
         self.folder = Path(trainer.args.output_dir) / name
         self.reference_images = None  # the reference model is frozen: sampled once
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(f"[focusdpo] {self.name}: every {self.every} steps, {len(self.samples.prompts)} prompts sampled into "
+                  f"{self.folder}/step-N.png (and the trackers)")
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.every == 0 and state.is_world_process_zero:
             log_images(self.trainer, self.run(state.global_step), state.global_step)

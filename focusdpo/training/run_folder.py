@@ -25,6 +25,7 @@ from focusdpo.config.recipe import config_fields
 from focusdpo.data.load import first_pair_without_references
 from focusdpo.errors import ConfigError, PairDataError, RunFolderError
 from focusdpo.models import resolve_grid
+from focusdpo.models.base import LORA_WEIGHTS_NAME
 
 CHECKPOINT_CONFIG = "focusdpo_config.yaml"
 
@@ -68,6 +69,9 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: tuple
                              "can write to") from None
     lock = acquire_lock(out)
     held = [p.name for p in out.iterdir() if p.name not in (LOCK_NAME, OUTPUT_MARKER)]
+    if held and not resuming and failed_start(out):
+        clear(out, held, "a start that failed before its first checkpoint left")
+        held = []
     if held and not resuming:
         if not overwrite or not (out / OUTPUT_MARKER).exists():
             release_lock(lock)
@@ -78,12 +82,23 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: tuple
             raise RunFolderError(f"output_dir={str(out)!r} already holds a run ({shown}): resume it with "
                                  "--resume_from_checkpoint latest, choose a new output_dir, or set "
                                  "overwrite_output_dir: true to delete it first")
-        for name in held:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        print(f"[focusdpo] overwrite_output_dir: cleared {len(held)} entries of {out}", file=sys.stderr)
+        clear(out, held, "overwrite_output_dir: cleared")
     mark_output(out)
     return lock
+
+
+def failed_start(out: Path) -> bool:
+    """A run folder focusdpo wrote that holds neither a checkpoint nor trained weights: what a start that failed
+    (a tracker login, a bad input found late, a kill before the first save) leaves; a plain rerun replaces it."""
+    trained = [LORA_WEIGHTS_NAME, "unet", "transformer"]
+    return (out / OUTPUT_MARKER).exists() and not checkpoints(out) and not any((out / n).exists() for n in trained)
+
+
+def clear(out: Path, names: list[str], why: str) -> None:
+    for name in names:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    print(f"[focusdpo] {why} {len(names)} entries of {out}: {', '.join(sorted(names)[:5])}", file=sys.stderr)
 
 
 def acquire_lock(out: Path) -> Path:
