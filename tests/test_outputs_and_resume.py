@@ -109,3 +109,40 @@ def test_building_a_tiny_pipeline_leaves_no_temporary_folder(tmp_path, monkeypat
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     tiny_sd_pipeline(0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recipe_with_a_key_given_twice_is_refused_naming_the_key(tmp_path):
+    from focusdpo.config.recipe import parse_config
+    from focusdpo.errors import ConfigError
+
+    recipe = tmp_path / "twice.yaml"
+    recipe.write_text((REPO / "recipes" / "tiny_cpu.yaml").read_text() + "beta: 10.0\n")
+    with pytest.raises(ConfigError, match="the key 'beta' is given twice"):
+        parse_config(["--config", str(recipe)])
+
+
+def test_a_truncated_personalization_lora_is_refused_before_the_model_loads(tmp_path):
+    from focusdpo.errors import LoraFileError
+    from focusdpo.training.run_folder import check_personalization_lora
+
+    (tmp_path / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    with pytest.raises(LoraFileError, match="cannot be read"):
+        check_personalization_lora(str(tmp_path / "lora.safetensors"))
+
+
+def test_plot_skips_a_half_written_last_line(tmp_path, capsys):
+    from focusdpo.training.plot import plot_run
+
+    lines = [json.dumps({"step": s, "loss": 0.69 - 0.01 * s}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    assert plot_run(tmp_path).is_file()
+    assert "skipped 1 line(s) that are not JSON (line 4)" in capsys.readouterr().err
+
+
+def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
+    from focusdpo.data.prompt_sets import load_prompt_set
+    from focusdpo.errors import PromptSetError
+
+    (tmp_path / "prompts.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(PromptSetError, match="prompts.jsonl is not UTF-8 text"):
+        load_prompt_set(tmp_path / "prompts.jsonl")

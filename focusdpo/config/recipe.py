@@ -39,13 +39,30 @@ def config_fields(*configs) -> dict:
     return merged
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (safe_load keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice: keep one",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def check_config_keys(path: str, classes=CONFIG_CLASSES) -> dict:
     """Read a YAML recipe and reject unknown keys (fields of ``classes``) with a suggestion, before any loading."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, UniqueKeyLoader) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if not isinstance(data, dict):

@@ -267,6 +267,10 @@ class LossConfig:
                           "(inside = −½·β·Δ, Δ a difference of mean squared errors, typically tiny) it carries "
                           "almost no preference signal; SD ε-prediction uses ≈5000, flow models 100–2000",
                           stacklevel=2)
+        if self.beta > 1e6:
+            warnings.warn(f"beta={self.beta} saturates the sigmoid from the first step (inside = −½·β·Δ): every "
+                          "pair's gradient is then all or nothing; SD ε-prediction uses ≈5000, flow models 100–2000",
+                          stacklevel=2)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:

@@ -82,6 +82,11 @@ def load_prompt_set(path: str | Path, layout: str = "auto", data_root: str | Pat
         raise PromptSetError(f"missing={missing!r} is not valid; choose one of: {', '.join(MISSING_POLICIES)}")
     if not path.is_file():
         raise PromptSetError(f"prompt file {str(path)!r} does not exist")
+    try:
+        path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptSetError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                             "UTF-8") from None
     root = Path(data_root) if data_root else path.parent
     layout = detect_layout(path) if layout == "auto" else layout
     if layout == "dreambench":

@@ -8,6 +8,7 @@ of the noise range (``rewards/margins_u…``).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from focusdpo.atomic import save_png
@@ -34,8 +35,16 @@ def read_training_logs(run: Path) -> list[dict]:
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run}: give the output_dir of a focusdpo training run")
-    logs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    logs = [entry for entry in logs if "loss" in entry and "step" in entry]
+    logs, garbled = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            logs.append(json.loads(line)) if line.strip() else None
+        except json.JSONDecodeError:
+            garbled.append(number)  # e.g. the half-written last line of a killed run
+    if garbled:
+        print(f"[focusdpo] {path}: skipped {len(garbled)} line(s) that are not JSON (line {garbled[0]}"
+              f"{', ...' if len(garbled) > 1 else ''})", file=sys.stderr)
+    logs = [entry for entry in logs if isinstance(entry, dict) and "loss" in entry and "step" in entry]
     if not logs:
         raise ValueError(f"{path} holds no training log lines yet (no 'loss'); plot after the first logging step")
     return logs

@@ -26,6 +26,7 @@ from focusdpo.data.load import first_pair_without_references
 from focusdpo.errors import ConfigError, PairDataError, RunFolderError
 from focusdpo.models import resolve_grid
 from focusdpo.models.base import LORA_WEIGHTS_NAME
+from focusdpo.errors import LoraFileError
 
 CHECKPOINT_CONFIG = "focusdpo_config.yaml"
 
@@ -256,9 +257,20 @@ def check_objective(loss_cfg, focus_cfg) -> None:
 
 
 def check_personalization_lora(path: str) -> None:
+    """The LoRA the reference keeps exists and its header reads (a truncated download fails here, not after the
+    model has loaded)."""
+    from safetensors import safe_open
+
     if not Path(path).exists():
         raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "
                                 ".safetensors file of the LoRA the reference should keep")
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).glob("*.safetensors"))
+    for file in (f for f in files if f.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception as e:  # safetensors raises its own SafetensorError for short or garbled files
+            raise LoraFileError(f"personalization_lora file {file} cannot be read ({e}): download it again") from None
 
 
 def check_subject_inputs(dataset) -> None:
