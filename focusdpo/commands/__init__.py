@@ -23,6 +23,9 @@ COMMANDS = {
     "correspond": ("caches", "correspond_main", "precompute MOSAIC correspondence points (mosaic_points) into a "
                                                 "pair dataset"),
     "inspect": ("caches", "inspect_main", "write focus-map PNGs for a few pairs"),
+    "doctor": ("doctor", "doctor_main", "check that every file a recipe needs is on disk, and say how to get what "
+                                        "is missing: focusdpo doctor --config recipes/X.yaml"),
+    "plan": ("plan", "plan_main", "estimate a recipe's memory and FLOPs at its real size, no weights or GPU needed"),
     "evaluate": ("evaluate", "main", "score base vs post-trained LoRA(s) on a benchmark: JSON, Markdown table, PNGs"),
     "export": ("export", "export_main", "write a trained LoRA for A1111/ComfyUI/kohya (SD/SDXL) or ComfyUI (FLUX): "
                                         "focusdpo export RUN"),

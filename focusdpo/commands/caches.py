@@ -21,7 +21,13 @@ def recipe_and_options(argv: list[str], prog: str, description: str, options):
     for args, kwargs in options:
         parser.add_argument(*args, **kwargs)
     own, rest = parser.parse_known_args(argv)
-    return own, parse_config(rest)
+    return own, parse_config(on_device(rest, getattr(own, "device", "cpu")))
+
+
+def on_device(recipe_argv: list[str], device: str) -> list[str]:
+    """A recipe parsed for a command that runs on ``device``: on the CPU the training settings are checked as for a
+    CPU run (a bf16 recipe is otherwise refused on a machine without a GPU, though caching needs none)."""
+    return [*recipe_argv, "--use_cpu", "true"] if str(device).startswith("cpu") else recipe_argv
 
 
 def focus_main(argv: list[str]) -> None:
@@ -74,7 +80,7 @@ def embed_main(argv: list[str]) -> None:
     parser.add_argument("--batch_size", type=int, default=16, help="Pairs per encoder batch.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="Device.")
     own, rest = parser.parse_known_args(argv)
-    _, model_cfg, data_cfg, _, _ = parse_config(rest)
+    _, model_cfg, data_cfg, _, _ = parse_config(on_device(rest, own.device))
     check_out_is_not_input(own.out, data_cfg.dataset, model_cfg.pretrained_path)
     with output_lock(own.out):
         pairs = load_recipe_pairs(data_cfg)

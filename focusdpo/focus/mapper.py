@@ -23,7 +23,7 @@ from focusdpo.errors import PairDataError
 from focusdpo.features.correspondence import masks_to_grid
 from focusdpo.features.dino import feature_name, load_feature_extractor, patch_features
 from focusdpo.focus.maps import focus_parts, focus_weights, reference_free_parts
-from focusdpo.visualize import save_focus_panel
+from focusdpo.visualize import pair_facts, save_focus_panel
 
 # FocusConfig fields that shape the static maps; λ and the schedule act per step and are not cached.
 STATIC_FIELDS = ("feature_backbone", "feature_layer", "feature_weights",
@@ -41,7 +41,8 @@ FOCUS_CACHE_COLUMNS = ("focus_maps", "focus_key", "subject_masks")
 def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int], masks: bool = False) -> str:
     """A readable key naming the extractor, the grid and a hash of every static-map setting (and of the subject
     masks' temperature when the cache holds ``subject_masks``)."""
-    settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
+    # an empty path and no path are the same setting (a recipe's `dino_weights:` is None, `--dino_weights ''` is "")
+    settings = {name: None if getattr(cfg, name) == "" else getattr(cfg, name) for name in STATIC_FIELDS}
     if masks:
         settings["mask_temperature"] = cfg.mask_temperature
     settings["maps_version"] = MAPS_VERSION
@@ -154,7 +155,8 @@ def check_cache_key(key: str, cfg: FocusConfig, grid: tuple[int, int], masks: bo
 
 def save_focus_panels(rows: list[dict], mapper: FocusMapper, grid: tuple[int, int], resolution: int, out: Path,
                       noise_levels=(0.9, 0.5, 0.1)) -> list[Path]:
-    """One PNG per pair: images, references, assignment, confidence, complexity and W at ``noise_levels``."""
+    """One PNG per pair: images and their difference, references, assignment, prior mask, confidence, complexity and
+    W at ``noise_levels``, each map with its colour scale; under them the prompt, the pair's margin and the features."""
 
     cfg = mapper.cfg
     batch = PairCollator(resolution)(rows)
@@ -167,7 +169,9 @@ def save_focus_panels(rows: list[dict], mapper: FocusMapper, grid: tuple[int, in
                                  cfg.schedule_width)[0] for u in noise_levels}
         paths.append(save_focus_panel(out / f"{rows[i]['pair_id']}.png", images[i], images[len(rows) + i],
                                       batch["references"][i], part["assignment"][0], part["confidence"][0],
-                                      part["complexity"][0], by_u, caption=features_caption(mapper)))
+                                      part["complexity"][0], by_u, caption=features_caption(mapper),
+                                      prior=batch["prior_mask"][i], prompt=rows[i].get("prompt"),
+                                      facts=pair_facts(rows[i])))
     return paths
 
 

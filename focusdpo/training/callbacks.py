@@ -40,7 +40,7 @@ from focusdpo.evaluation.run import (build_scorers, image_seed, read_image, refe
 from focusdpo.images import to_pil, to_tensor
 from focusdpo.models.sampling import sample_images
 from focusdpo.training.reference import reference_in_pipeline
-from focusdpo.visualize import image_grid
+from focusdpo.visualize import before_after_grid, image_grid
 
 FOCUS_PANEL_PAIRS = 2  # training pairs whose focus panels are logged at the first validation
 SCORED = ("fidelity_mean", "fidelity_min", "ip_conf", "collapsed", "subject_count", "backbone_i")
@@ -288,10 +288,10 @@ def add_sampling_callbacks(trainer, validation: SampleSet | None) -> None:
 
 
 def save_before_after(trainer, samples: SampleSet, path: Path) -> Path:
-    """One PNG: the reference model's samples beside the trained model's, same seeds, prompts written under it."""
+    """One PNG: the reference model's samples, the trained model's (same seeds) and |trained − reference| on one
+    shared scale, prompts written under it."""
     before, after = sample_set(trainer, samples, reference=True), sample_set(trainer, samples)
-    rows = [[b[0], a[0]] for b, a in zip(before, after)]
-    return save_png(captioned_grid(rows, samples.prompts, "reference | trained"), path)
+    return save_png(before_after_grid([b[0] for b in before], [a[0] for a in after], samples.prompts), path)
 
 
 def save_run_pictures(trainer, out: Path, count: int) -> list[str]:
