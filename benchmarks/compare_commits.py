@@ -8,7 +8,9 @@ samples), one thread, in alternating order (base, head, head, base, ...), so a b
 Rows (medians over rounds; CPU = user + system time of the child process, less sensitive to other load than wall):
   import focusdpo   wall / CPU seconds of ``python -c "import focusdpo"``
   run               wall / CPU seconds of the whole training process
-  steps             the Trainer's ``train_runtime`` / steps (its own clock, start-up excluded)
+  step (wall)       the Trainer's ``train_runtime`` / steps (its own clock, start-up excluded)
+  step (CPU)        (CPU of a run of --steps − CPU of a run of --steps / 4) / the step difference: the CPU time of
+                    one training step, start-up cancelled out
 """
 
 from __future__ import annotations
@@ -51,7 +53,10 @@ def training_run(tree: Path, out: Path, steps: int) -> dict[str, float]:
 
 def measure(tree: Path, out: Path, steps: int) -> dict[str, float]:
     wall, cpu = timed([sys.executable, "-c", "import focusdpo"], tree)
-    return {"import_wall": wall, "import_cpu": cpu, **training_run(tree, out, steps)}
+    short = training_run(tree, out, steps // 4)
+    long = training_run(tree, out, steps)
+    return {"import_wall": wall, "import_cpu": cpu, **long,
+            "step_cpu": (long["run_cpu"] - short["run_cpu"]) / (steps - steps // 4)}
 
 
 def main() -> None:
@@ -83,7 +88,8 @@ def report(args, results: dict[str, list[dict[str, float]]]) -> None:
     print("| --- | ---: | ---: | ---: |")
     for key, label in (("import_wall", "import focusdpo, wall s"), ("import_cpu", "import focusdpo, CPU s"),
                        ("run_wall", "whole run, wall s"), ("run_cpu", "whole run, CPU s"),
-                       ("step", "training step (Trainer's clock), s")):
+                       ("step", "training step, wall s (Trainer's clock)"),
+                       ("step_cpu", "training step, CPU s (start-up cancelled)")):
         b, h = median["base"][key], median["head"][key]
         print(f"| {label} | {b:.3f} | {h:.3f} | {h / b:.2f} |")
 

@@ -20,7 +20,7 @@ import torch
 
 from focusdpo.atomic import atomic_write
 from focusdpo.errors import LoraFileError, OutputError
-from focusdpo.models.base import LORA_WEIGHTS_NAME
+from focusdpo.models.base import LORA_WEIGHTS_NAME, sort_safetensors_header
 from focusdpo.models.families import FAMILIES
 
 EXPORT_NAMES = {"kohya": "lora_kohya.safetensors", "comfyui": "lora_comfyui.safetensors"}
@@ -113,7 +113,9 @@ def export_lora(lora: str | Path, family: str, out: str | Path | None = None) ->
         metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in folded.items()})}
         kind = "comfyui"
     target = Path(out) if out else source.parent / EXPORT_NAMES[kind]
-    return atomic_write(target, lambda staging: save_file(state, str(staging), metadata={"format": "pt", **metadata}))
+    atomic_write(target, lambda staging: save_file(state, str(staging), metadata={"format": "pt", **metadata}))
+    sort_safetensors_header(target)  # the same LoRA exports to the same bytes
+    return target
 
 
 def family_of_run(lora: Path) -> str | None:

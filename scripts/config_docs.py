@@ -114,8 +114,13 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def type_of(field: dataclasses.Field) -> str:
-    kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+def type_of(field: dataclasses.Field, cls) -> str:
+    """The field's type as written in its class (transformers' argument parser rewrites ``field.type`` in place
+    once a config has been parsed in the process, e.g. ``str | None`` into ``str``)."""
+    declared = next((vars(c).get("__annotations__", {}) for c in cls.__mro__
+                     if field.name in vars(c).get("__annotations__", {})), {})
+    kind = declared.get(field.name, field.type)
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
     return f"`{cell(kind)}`"
 
 
@@ -131,7 +136,7 @@ def class_table(cls) -> list[str]:
     lines += ["| name | type | default | help |", "| --- | --- | --- | --- |"]
     for field in own_fields(cls):
         star = " ★" if field.name in inherited else ""
-        lines.append(f"| `{field.name}`{star} | {type_of(field)} | {default_of(field)} | "
+        lines.append(f"| `{field.name}`{star} | {type_of(field, cls)} | {default_of(field)} | "
                      f"{cell(field.metadata.get('help', ''))} |")
     return lines + [""]
 

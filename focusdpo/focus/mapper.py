@@ -41,8 +41,9 @@ FOCUS_CACHE_COLUMNS = ("focus_maps", "focus_key", "subject_masks")
 def focus_cache_key(cfg: FocusConfig, grid: tuple[int, int], masks: bool = False) -> str:
     """A readable key naming the extractor, the grid and a hash of every static-map setting (and of the subject
     masks' temperature when the cache holds ``subject_masks``)."""
-    # an empty path and no path are the same setting (a recipe's `dino_weights:` is None, `--dino_weights ''` is "")
-    settings = {name: None if getattr(cfg, name) == "" else getattr(cfg, name) for name in STATIC_FIELDS}
+    settings = {name: getattr(cfg, name) for name in STATIC_FIELDS}
+    for name in ("dino_weights", "feature_weights"):  # no path: a recipe's `dino_weights:` is None, `--dino_weights ''` ""
+        settings[name] = settings[name] or None
     if masks:
         settings["mask_temperature"] = cfg.mask_temperature
     settings["maps_version"] = MAPS_VERSION

@@ -9,6 +9,7 @@ weights live: the latent grid for UNets, the packed token grid for transformers.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from focusdpo.models.families import FAMILIES, Family
+from focusdpo.atomic import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
@@ -31,6 +33,19 @@ class DenoiseInputs:
     model_kwargs: dict = field(repr=False)  # everything the denoiser call needs, family-specific
     target: torch.Tensor  # (N, C, h, w) regression target on the loss grid
     noise_level: torch.Tensor  # (N,) u in [0, 1], 1 = pure noise; drives the focus schedule
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite a .safetensors file's JSON header with sorted keys: safetensors writes its ``__metadata__`` mapping in
+    hash order (a Rust HashMap), so two identical saves differ in bytes otherwise. The format: an 8-byte
+    little-endian header length, the header padded with spaces to a multiple of 8, then the tensor bytes, whose
+    offsets count from the header's end (so the header may change length)."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + length]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    atomic_write(path, lambda staging: staging.write_bytes(len(header).to_bytes(8, "little") + header +
+                                                            data[8 + length:]))
 
 
 class Backbone(ABC):
@@ -61,19 +76,22 @@ class Backbone(ABC):
         """``unet`` or ``transformer``: the pipeline attribute and LoRA key prefix."""
         return self.facts.denoiser
 
+    # Read live from the first parameter (a frozen base weight: LoRA weights are registered after their base layer), so
+    # they stay right when accelerate or DeepSpeed moves or casts the model. diffusers' own ``.device``/``.dtype`` walk
+    # every submodule looking for offloading hooks on each access, and a step reads them a dozen times.
     @property
     def device(self) -> torch.device:
-        """Where the denoiser runs (read live: accelerate or DeepSpeed may move it after the backbone is built)."""
-        return self.denoiser.device
+        """Where the denoiser runs."""
+        return next(self.denoiser.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         """The denoiser's compute dtype (its frozen base weights)."""
-        return self.denoiser.dtype
+        return next(self.denoiser.parameters()).dtype
 
     @property
     def vae_dtype(self) -> torch.dtype:
-        return self.pipeline.vae.dtype
+        return next(self.pipeline.vae.parameters()).dtype
 
     @property
     def text_device(self) -> torch.device:
@@ -157,6 +175,7 @@ class Backbone(ABC):
         prefix = self.denoiser_name
         type(self.pipeline).save_lora_weights(str(out_dir), safe_serialization=True, **{
             f"{prefix}_lora_layers": layers, f"{prefix}_lora_adapter_metadata": config})
+        sort_safetensors_header(Path(out_dir) / LORA_WEIGHTS_NAME)
 
     def save_fused_lora(self, out_dir: str | Path, adapters: tuple[str, ...]) -> None:
         """Write ONE LoRA equal to the sum of ``adapters`` (e.g. personalization + DPO), loadable alone.

@@ -25,6 +25,14 @@ class PolicyModel(torch.nn.Module):
     def forward(self, inputs: DenoiseInputs) -> torch.Tensor:
         return self.backbone[0].predict(self.denoiser, inputs)
 
+    def train(self, mode: bool = True) -> "PolicyModel":
+        """The Trainer sets the training mode before every step: the walk over every submodule is skipped when the
+        denoiser already is in ``mode`` (whoever switches it, sampling included, does so from the denoiser, which
+        sets every submodule)."""
+        if mode != self.training or mode != self.denoiser.training:
+            super().train(mode)
+        return self
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters the optimizer steps (the DPO LoRA, or the whole denoiser in a full fine-tune)."""
         return [p for p in self.parameters() if p.requires_grad]

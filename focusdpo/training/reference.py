@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 DPO_ADAPTER = "dpo"
 
@@ -26,21 +27,34 @@ def kept_trainable_flags(module: torch.nn.Module):
             param.requires_grad_(flag)
 
 
+def adapter_layers(denoiser: torch.nn.Module) -> list[BaseTunerLayer]:
+    """The denoiser's peft adapter layers. The trainer finds them once, after its adapters are added: diffusers'
+    ``disable_adapters`` walks every module to find them on each call, twice a step."""
+    layers = [module for module in denoiser.modules() if isinstance(module, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("reference_mode='disable_adapters' needs a LoRA on the denoiser (lora_rank > 0); a full "
+                         "fine-tune (lora_rank: 0) uses reference_mode: frozen_copy")
+    return layers
+
+
 @contextmanager
-def disabled_adapters(denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None):
-    """Fresh LoRA: the reference is the base model (diffusers' public adapter switch, back on in ``finally``).
+def disabled_adapters(denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None,
+                      layers: list[BaseTunerLayer] | None = None):
+    """Fresh LoRA: the reference is the base model. Each adapter layer's public switch (peft's
+    ``enable_adapters``, what diffusers' ``disable_adapters`` calls on every layer) is turned off, and back on in
+    ``finally``; ``layers``: :func:`adapter_layers` found once, else now.
 
     Only the DPO adapter is active in this mode, so switching it back on leaves the trainable flags as they were.
     """
-    if not getattr(denoiser, "peft_config", None):
-        raise ValueError("reference_mode='disable_adapters' needs a LoRA on the denoiser (lora_rank > 0); a full "
-                         "fine-tune (lora_rank: 0) uses reference_mode: frozen_copy")
+    layers = adapter_layers(denoiser) if layers is None else layers
     with torch.no_grad():
-        denoiser.disable_adapters()
+        for layer in layers:
+            layer.enable_adapters(False)
         try:
             yield denoiser
         finally:
-            denoiser.enable_adapters()
+            for layer in layers:
+                layer.enable_adapters(True)
 
 
 @contextmanager
@@ -67,10 +81,14 @@ REFERENCE_MODES = {"disable_adapters": disabled_adapters, "frozen_adapter": froz
                    "frozen_copy": frozen_copy_reference}
 
 
-def reference_model(mode: str, denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None):
-    """``with reference_model(mode, denoiser) as ref: ref(...)`` runs the DPO reference."""
+def reference_model(mode: str, denoiser: torch.nn.Module, frozen_copy: torch.nn.Module | None = None,
+                    layers: list[BaseTunerLayer] | None = None):
+    """``with reference_model(mode, denoiser) as ref: ref(...)`` runs the DPO reference (``layers``: the adapter
+    layers found once, for ``disable_adapters``)."""
     if mode not in REFERENCE_MODES:
         raise ValueError(f"unknown reference_mode {mode!r}; choose one of: {', '.join(REFERENCE_MODES)}")
+    if mode == "disable_adapters":
+        return disabled_adapters(denoiser, frozen_copy, layers)
     return REFERENCE_MODES[mode](denoiser, frozen_copy)
 
 

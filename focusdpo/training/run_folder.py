@@ -74,7 +74,7 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: tuple
         clear(out, held, "a start that failed before its first checkpoint left")
         held = []
     if held and not resuming:
-        if not overwrite or not (out / OUTPUT_MARKER).exists():
+        if not overwrite or not is_run_folder(out):
             release_lock(lock)
             shown = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
             if overwrite:
@@ -86,6 +86,13 @@ def prepare_output_dir(out: Path, resuming: bool, overwrite: bool, inputs: tuple
         clear(out, held, "overwrite_output_dir: cleared")
     mark_output(out)
     return lock
+
+
+def is_run_folder(out: Path) -> bool:
+    """A folder a focusdpo run wrote: its marker, or (runs of earlier versions) checkpoint-N folders or the
+    config.yaml + metrics.jsonl a run writes first."""
+    return ((out / OUTPUT_MARKER).exists() or bool(checkpoints(out))
+            or ((out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()))
 
 
 def failed_start(out: Path) -> bool:

@@ -50,6 +50,7 @@ from focusdpo.training.policy import PolicyModel, add_dpo_lora, half_dtype
 from focusdpo.training.reference import DPO_ADAPTER, PERSONAL_ADAPTER, reference_model
 from focusdpo.training.run_folder import (CHECKPOINT_CONFIG, check_inputs, check_objective, keep_segment_configs,
                                           numerics_advice)
+from focusdpo.training.reference import adapter_layers
 
 ZERO_GRADIENT_STEPS = 3  # this many all-zero gradient steps at the start of a run: it trains nothing, said loudly
 TIMESTEP_BUCKETS = 4  # margins are also logged per quarter of the noise range
@@ -78,6 +79,8 @@ class FocusDPOTrainer(Trainer):
         args.recipe_sections = config_fields(model_config, data_config, loss_config, self.focus_config)
         if model_config.channels_last:
             backbone.use_channels_last()
+        # the reference pass switches these off and on every step: found once, now that the adapters exist
+        self.adapter_layers = adapter_layers(backbone.denoiser) if model_config.lora_rank > 0 else None
         self.frozen_copy = None
         if model_config.reference_mode == "frozen_copy":
             self.frozen_copy = copy.deepcopy(backbone.denoiser).requires_grad_(False)
@@ -143,7 +146,7 @@ class FocusDPOTrainer(Trainer):
         pred = self.policy_forward(model, inputs, prepared)
         # The same autocast as the (accelerate-wrapped) policy forward: at step 0 both must agree exactly.
         with self.accelerator.autocast(), reference_model(self.model_config.reference_mode, self.backbone.denoiser,
-                                                          self.frozen_copy) as ref:
+                                                          self.frozen_copy, self.adapter_layers) as ref:
             ref_pred = self.backbone.predict(ref, prepared)
         static, masks = self.focus_maps(inputs, prepared.target.shape[-2:])
         weights = self.focus_weights(inputs, prepared, ref_pred, static)

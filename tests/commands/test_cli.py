@@ -1,14 +1,10 @@
-"""The command line: usage, the toy pair generator and the data_tools scripts."""
-
-import subprocess
-import sys
+"""The command line: usage, version, grouped help, and refused inputs as one line with exit status 2."""
 
 import pytest
 
 from focusdpo.commands import main as cli
-from focusdpo.data.load import load_pairs
 
-from conftest import REPO
+from conftest import TINY_RECIPE
 
 
 def test_usage_lists_the_commands(capsys):
@@ -19,18 +15,29 @@ def test_usage_lists_the_commands(capsys):
     assert all(name in out for name in ("train", "pairs", "focus", "embed", "inspect"))
 
 
-def test_pairs_command_writes_a_loadable_dataset(tmp_path):
-    cli(["pairs", "--out", str(tmp_path / "toy"), "--num_pairs", "3", "--resolution", "48"])
-    pairs = load_pairs(str(tmp_path / "toy"))
-    assert len(pairs) == 3 and pairs[0]["pair_id"] == "toy-00000"
+def test_unknown_subcommand_says_so(capsys):
+    with pytest.raises(SystemExit):
+        cli(["trian"])
+    assert "unknown command 'trian'; did you mean 'train'?" in capsys.readouterr().err
 
 
-def test_import_script_converts_a_jsonl_folder(tmp_path):
-    from PIL import Image
+def test_a_refused_input_ends_in_its_message_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["train", "--config", TINY_RECIPE, "--top_n", "0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "focusdpo: error: top_n=0 must be an integer >= 1\n"
 
-    for name, colour in (("w.png", "red"), ("l.png", "blue")):
-        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
-    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a dog", "chosen": "w.png", "rejected": "l.png"}\n')
-    subprocess.run([sys.executable, str(REPO / "data_tools" / "import_pairs.py"), str(tmp_path), "--out",
-                    str(tmp_path / "out")], check=True, capture_output=True)
-    assert load_pairs(str(tmp_path / "out"))["prompt"] == ["a dog"]
+
+def test_version_and_grouped_train_help(capsys):
+    from focusdpo import __version__
+
+    cli(["--version"])
+    assert capsys.readouterr().out.strip() == f"focusdpo {__version__}"
+    with pytest.raises(SystemExit):
+        cli(["train", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: focusdpo train")
+    assert "--config RECIPE.yaml" in text
+    sections = [text.index(f"\n{name} (") for name in ("training", "model", "data", "loss", "focus")]
+    assert sections == sorted(sections)
+    assert text.index("\n  --beta BETA") > sections[3] and text.index("\n  --lora_rank LORA_RANK") > sections[1]

@@ -1,47 +1,21 @@
-"""Pairs the way the hub stores them: split-named parquet folders, pair-schema parquet, hub ids, sample limits,
-the disk a load writes, and focus maps for pairs without references."""
+"""Pairs the way the hub stores them: split-named parquet folders, pair-schema parquet, hub ids, and Pick-a-Pic's
+layout (ties, swapped labels, invalid labels)."""
 
 import io
-import tempfile
-from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from datasets import Dataset, Image, load_from_disk
 from PIL import Image as PILImage
 
-from focusdpo.errors import ConfigError
-from focusdpo.config.training import DataConfig
-from focusdpo.config.focus import FocusConfig
-
 from focusdpo.config.recipe import parse_config
 from focusdpo.data.collate import PairCollator
-from focusdpo.errors import PairDataError
-from focusdpo.data.load import check_pairs, load_pairs
-from focusdpo.focus.maps import complexity_map
-from focusdpo.focus.mapper import precompute_focus_maps
+from focusdpo.data.load import load_pairs, save_dataset
 from focusdpo.data.toy import make_toy_pairs
-from focusdpo.data.load import save_dataset
+from focusdpo.errors import PairDataError
 from focusdpo.training.trainer import build_trainer
 
-from conftest import REPO
-
-TINY = dict(dino_random_weights=True, dino_depth=2, dino_image_size=56)
-
-
-def folder_bytes(path: Path) -> dict[str, int]:
-    return {str(f.relative_to(path)): f.stat().st_size for f in path.rglob("*") if f.is_file()}
-
-
-@pytest.fixture
-def scratch(tmp_path, monkeypatch):
-    """The datasets cache and the temp dir inside tmp_path, so that every byte a load writes is counted."""
-    for name in ("hf-cache", "tmp"):
-        (tmp_path / name).mkdir()
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    return tmp_path
+from conftest import REPO, folder_bytes, png
 
 
 def test_hub_style_parquet_folder_with_splits(scratch):
@@ -65,35 +39,27 @@ def test_parquet_is_told_apart_by_its_columns(scratch):
         load_pairs(str(scratch / "odd.parquet"), split="test")
 
 
-def test_max_train_samples_counts_after_pickapic_ties(scratch):
-    png = io.BytesIO()
-    PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
-    rows = {"jpg_0": [png.getvalue()] * 5, "jpg_1": [png.getvalue()] * 5, "label_0": [0.5, 1.0, 0.5, 0.0, 1.0],
-            "caption": list("abcde")}
-    Dataset.from_dict(rows).to_parquet(str(scratch / "p.parquet"))
-    assert load_pairs(str(scratch / "p.parquet"), max_samples=2)["prompt"] == ["b", "d"]
-    assert len(load_pairs("toy", toy_num_pairs=5, max_samples=3)) == 3
-    with pytest.raises(ConfigError, match="max_train_samples=0"):
-        DataConfig(max_train_samples=0)
+def test_pickapic_import_drops_ties_and_swaps_when_label_0_is_0(tmp_path):
+    red, blue = png("red"), png("blue")
+    Dataset.from_dict({"jpg_0": [red, red, red], "jpg_1": [blue, blue, blue], "label_0": [1.0, 0.0, 0.5],
+                       "caption": ["first wins", "second wins", "tie"]}).to_parquet(str(tmp_path / "p.parquet"))
+    ds = load_pairs(str(tmp_path / "p.parquet"))
+    assert ds["prompt"] == ["first wins", "second wins"]
+    batch = PairCollator(16)([ds[0], ds[1]])
+    winners_red = batch["pixel_values"][:2, 0].mean(dim=(1, 2))
+    assert winners_red.tolist() == pytest.approx([1.0, -1.0])  # pair 2: the blue image won
 
 
-def test_hub_id_offline_is_refused_before_the_model_loads(tmp_path):
-    argv = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path / "run"),
-            "--dataset", "someone/pick-a-pic-like", "--dataset_split", "validation"]
-    with pytest.raises(PairDataError, match="would be read from the Hugging Face hub, but HF_HUB_OFFLINE is set"):
-        build_trainer(*parse_config(argv))
-    assert not (tmp_path / "run").exists()
-
-
-def test_loading_a_saved_dataset_writes_nothing(scratch):
-    make_toy_pairs(32, 32).save_to_disk(str(scratch / "pairs"))
-    before = folder_bytes(scratch)
-    for _ in range(2):
-        pairs = load_pairs(str(scratch / "pairs"), max_samples=20)
-        PairCollator(32)([pairs[0], pairs[19]])
-    assert folder_bytes(scratch) == before  # no cache-*.arrow beside the data, in the HF cache or in tmp
-    assert load_from_disk(str(scratch / "pairs")).features["chosen"] == Image()  # saved decodable
-    assert isinstance(load_from_disk(str(scratch / "pairs"))[0]["references"][0], PILImage.Image)
+def test_pickapic_invalid_labels_are_counted_and_no_pairs_left_says_why(tmp_path, capsys):
+    red, blue = png("red"), png("blue")
+    Dataset.from_dict({"jpg_0": [red] * 4, "jpg_1": [blue] * 4, "label_0": [1.0, 0.5, 2.0, None],
+                       "caption": ["a", "tie", "bad", "none"]}).to_parquet(str(tmp_path / "p.parquet"))
+    assert load_pairs(str(tmp_path / "p.parquet"))["prompt"] == ["a"]
+    assert "1 of 4 rows kept; dropped 1 ties (label_0 = 0.5) and 2 invalid label_0" in capsys.readouterr().err
+    Dataset.from_dict({"jpg_0": [red] * 2, "jpg_1": [blue] * 2, "label_0": [0.5, 7.0],
+                       "caption": ["tie", "bad"]}).to_parquet(str(tmp_path / "q.parquet"))
+    with pytest.raises(PairDataError, match="no pairs left in .*q.parquet: of 2 rows, 1 ties .* and 1 invalid"):
+        load_pairs(str(tmp_path / "q.parquet"))
 
 
 def test_pickapic_is_copied_once(scratch):
@@ -114,27 +80,12 @@ def test_pickapic_is_copied_once(scratch):
     assert load_pairs(str(scratch / "imported"))["pair_id"] == [f"pickapic-{i}" for i in range(12)]
 
 
-def test_detail_term_without_references():
-    pairs = make_toy_pairs(3, 32).map(lambda row: {"references": [], "reference_masks": []})
-    pairs = check_pairs(pairs, "toy without references")
-    cached = precompute_focus_maps(pairs, FocusConfig(lambda_detail=1.0, **TINY), (8, 8), 32, batch_size=2)
-    maps = torch.tensor(cached["focus_maps"])  # (B, [w, l], [structure, detail], h, w)
-    batch = PairCollator(32)([pairs[i] for i in range(3)])
-    expected = complexity_map((batch["pixel_values"] + 1) / 2, (8, 8))
-    assert maps[:, :, 0].abs().max() == 0
-    torch.testing.assert_close(torch.cat([maps[:, 0, 1], maps[:, 1, 1]]).float(), expected, atol=1e-3, rtol=1e-3)
-    with pytest.raises(PairDataError, match="pair toy-00000 has no references: the structure term"):
-        precompute_focus_maps(pairs, FocusConfig(lambda_structure=1.0, **TINY), (8, 8), 32)
-
-
-def test_structure_term_on_pairs_without_references_is_refused_before_the_model_loads(tmp_path):
-    refs = make_toy_pairs(3, 32).map(lambda row, i: {"references": [] if i == 1 else row["references"],
-                                                     "reference_masks": []}, with_indices=True)
-    refs.save_to_disk(str(tmp_path / "pairs"))
+def test_hub_id_offline_is_refused_before_the_model_loads(tmp_path):
     argv = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path / "run"),
-            "--dataset", str(tmp_path / "pairs"), "--lambda_structure", "1"]
-    with pytest.raises(PairDataError, match="pair toy-00001 has no references: the structure term"):
+            "--dataset", "someone/pick-a-pic-like", "--dataset_split", "validation"]
+    with pytest.raises(PairDataError, match="would be read from the Hugging Face hub, but HF_HUB_OFFLINE is set"):
         build_trainer(*parse_config(argv))
+    assert not (tmp_path / "run").exists()
 
 
 def test_hub_pickapic_rows_are_converted_like_local_ones(scratch, monkeypatch):

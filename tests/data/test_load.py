@@ -1,71 +1,33 @@
-"""Pair schema, importers and collation to [w; l], with the errors a user meets on bad data."""
+"""Loading pairs: jsonl folders, saved datasets and their errors, what a load writes, and which image columns a step
+decodes."""
 
 import io
-import json
+import os
 
 import pytest
 import torch
-from datasets import Dataset
-from PIL import Image
+from datasets import Dataset, Image, load_from_disk
+from PIL import Image as PILImage
 
+from focusdpo.commands import main as cli
+from focusdpo.config.training import DataConfig
 from focusdpo.data.collate import PairCollator
-from focusdpo.errors import PairDataError
 from focusdpo.data.load import load_pairs
+from focusdpo.data.toy import make_toy_pairs
+from focusdpo.errors import ConfigError, PairDataError
 
-
-def png(colour, size=(16, 16)):
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def test_toy_pairs_follow_the_schema_and_collate_winners_first():
-    ds = load_pairs("toy", toy_num_pairs=4, resolution=32)
-    assert len(ds) == 4
-    assert {"pair_id", "prompt", "chosen", "rejected", "references", "prior_mask"} <= set(ds.column_names)
-    rows = [ds[0], ds[1]]
-    batch = PairCollator(32)(rows)
-    assert batch["pixel_values"].shape == (4, 3, 32, 32)
-    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
-    assert batch["pair_ids"] == ["toy-00000", "toy-00001"]
-    assert 2 <= batch["references"][0].shape[0] <= 3 and batch["prior_mask"][0].shape == (32, 32)
-    # instance disruption: winner and loser differ only inside the prior mask
-    diff = (batch["pixel_values"][0] - batch["pixel_values"][2]).abs().sum(0)
-    assert diff[batch["prior_mask"][0] == 0].max() < 0.1 and diff.max() > 0.5
-
-
-def noise_png():
-    buffer = io.BytesIO()
-    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(buffer, format="PNG")
-    return buffer.getvalue()  # ~3 kB: cutting it short truncates the pixel data itself
-
-
-def write_jsonl_folder(folder, rows, images):
-    for name, data in images.items():
-        (folder / name).write_bytes(data)
-    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+from conftest import FAST_ARGS, embed_latents, folder_bytes, jsonl_folder, png
 
 
 def test_jsonl_folder_import(tmp_path):
-    write_jsonl_folder(tmp_path, [{"prompt": "a dog", "chosen": "w.png", "rejected": "l.png", "references": ["r.png"]}],
-                       {"w.png": png("red"), "l.png": png("blue"), "r.png": png("green")})
+    jsonl_folder(tmp_path, [{"prompt": "a dog", "chosen": "w.png", "rejected": "l.png", "references": ["r.png"]}],
+                 {"w.png": png("red"), "l.png": png("blue"), "r.png": png("green")})
     ds = load_pairs(str(tmp_path))
     batch = PairCollator(16)([ds[0]])
     assert batch["prompts"] == ["a dog"]
     assert torch.allclose(batch["pixel_values"][0, 0], torch.ones(16, 16))  # red winner first
     assert torch.allclose(batch["pixel_values"][1, 2], torch.ones(16, 16))  # blue loser second
     assert batch["references"][0].shape == (1, 3, 16, 16)
-
-
-def test_pickapic_import_drops_ties_and_swaps_when_label_0_is_0(tmp_path):
-    red, blue = png("red"), png("blue")
-    Dataset.from_dict({"jpg_0": [red, red, red], "jpg_1": [blue, blue, blue], "label_0": [1.0, 0.0, 0.5],
-                       "caption": ["first wins", "second wins", "tie"]}).to_parquet(str(tmp_path / "p.parquet"))
-    ds = load_pairs(str(tmp_path / "p.parquet"))
-    assert ds["prompt"] == ["first wins", "second wins"]
-    batch = PairCollator(16)([ds[0], ds[1]])
-    winners_red = batch["pixel_values"][:2, 0].mean(dim=(1, 2))
-    assert winners_red.tolist() == pytest.approx([1.0, -1.0])  # pair 2: the blue image won
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -83,21 +45,69 @@ def test_missing_dataset_path():
         load_pairs("/nonexistent/pairs")
 
 
-def test_truncated_image_names_the_pair_and_column(tmp_path):
-    write_jsonl_folder(tmp_path, [{"pair_id": "p7", "prompt": "x", "chosen": "w.png", "rejected": "l.png"}],
-                       {"w.png": noise_png()[:500], "l.png": png("blue")})
-    with pytest.raises(PairDataError, match=r"pair p7: chosen image .*w.png.* cannot be read"):
-        load_pairs(str(tmp_path))  # caught when loading, before any model loads
-
-
-def test_chosen_and_rejected_of_different_sizes(tmp_path):
-    write_jsonl_folder(tmp_path, [{"prompt": "x", "chosen": "w.png", "rejected": "l.png"}],
-                       {"w.png": png("red", (16, 16)), "l.png": png("blue", (16, 24))})
-    with pytest.raises(PairDataError, match="chosen is 16x16 but rejected is 16x24"):
-        load_pairs(str(tmp_path))
-
-
 def test_missing_image_file_in_jsonl(tmp_path):
-    write_jsonl_folder(tmp_path, [{"prompt": "x", "chosen": "w.png", "rejected": "gone.png"}], {"w.png": png("red")})
+    jsonl_folder(tmp_path, [{"prompt": "x", "chosen": "w.png", "rejected": "gone.png"}], {"w.png": png("red")})
     with pytest.raises(PairDataError, match="line 1: image 'gone.png' not found"):
         load_pairs(str(tmp_path))
+
+
+def test_max_train_samples_counts_after_pickapic_ties(scratch):
+    png = io.BytesIO()
+    PILImage.new("RGB", (8, 8), "red").save(png, format="PNG")
+    rows = {"jpg_0": [png.getvalue()] * 5, "jpg_1": [png.getvalue()] * 5, "label_0": [0.5, 1.0, 0.5, 0.0, 1.0],
+            "caption": list("abcde")}
+    Dataset.from_dict(rows).to_parquet(str(scratch / "p.parquet"))
+    assert load_pairs(str(scratch / "p.parquet"), max_samples=2)["prompt"] == ["b", "d"]
+    assert len(load_pairs("toy", toy_num_pairs=5, max_samples=3)) == 3
+    with pytest.raises(ConfigError, match="max_train_samples=0"):
+        DataConfig(max_train_samples=0)
+
+
+def test_loading_a_saved_dataset_writes_nothing(scratch):
+    make_toy_pairs(32, 32).save_to_disk(str(scratch / "pairs"))
+    before = folder_bytes(scratch)
+    for _ in range(2):
+        pairs = load_pairs(str(scratch / "pairs"), max_samples=20)
+        PairCollator(32)([pairs[0], pairs[19]])
+    assert folder_bytes(scratch) == before  # no cache-*.arrow beside the data, in the HF cache or in tmp
+    assert load_from_disk(str(scratch / "pairs")).features["chosen"] == Image()  # saved decodable
+    assert isinstance(load_from_disk(str(scratch / "pairs"))[0]["references"][0], PILImage.Image)
+
+
+@pytest.mark.e2e
+def test_reading_a_dataset_writes_nothing_into_its_folder(tmp_path):
+    cli(["pairs", "--out", str(tmp_path / "ds"), "--num_pairs", "2", "--resolution", "16"])
+    before = sorted(os.listdir(tmp_path / "ds"))
+    load_pairs(str(tmp_path / "ds"))
+    assert sorted(os.listdir(tmp_path / "ds")) == before  # a read-only location would have failed here
+
+
+def test_images_are_decoded_whenever_a_reader_of_them_is_not_cached():
+    from focusdpo.data.load import needs_pixels
+
+    cached = ["latents", "reference_latents", "focus_maps", "mosaic_points"]
+    assert not needs_pixels(cached, flow=True, focus_on=True, mosaic_on=True)
+    assert not needs_pixels(["latents"], flow=False, focus_on=False, mosaic_on=False)  # SD reads no references
+    for missing, flow, focus_on, mosaic_on in (("latents", False, False, False), ("reference_latents", True, False,
+                                               False), ("focus_maps", False, True, False),
+                                               ("mosaic_points", True, False, True)):
+        assert needs_pixels([c for c in cached if c != missing], flow, focus_on, mosaic_on), missing
+
+
+@pytest.mark.e2e
+def test_a_dataset_no_step_decodes_from_drops_its_image_columns_and_the_batch_keeps_reference_counts(tmp_path):
+    """pixels=False: the image columns are left out of the rows (their bytes stay in arrow); the collator's batch equals
+    the one from the full rows, the reference counts read from the cached reference latents."""
+    from focusdpo.data.load import with_array_format
+    from focusdpo.data.schema import IMAGE_COLUMNS
+
+    cached = load_pairs(embed_latents(tmp_path, [*FAST_ARGS, "--family", "flux2", "--toy_num_pairs", "6"]))
+    full, counted = with_array_format(cached), with_array_format(cached, pixels=False)
+    assert not set(IMAGE_COLUMNS) & set(counted.column_names)
+    indices = [4, 0, 3, 3]
+    got, want = [counted[i] for i in indices], [full[i] for i in indices]
+    assert any(row["references"] for row in want)  # the toy pairs have references: the counts are checked
+    fast, slow = PairCollator(32, pixels=False)(got), PairCollator(32)(want)
+    assert [len(r) for r in fast["references"]] == [len(r) for r in slow["references"]]
+    assert torch.equal(fast["latents"], slow["latents"]) and fast["pair_ids"] == slow["pair_ids"]
+    assert "pixel_values" not in fast

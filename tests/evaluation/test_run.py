@@ -3,19 +3,16 @@
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA
-from focusdpo.errors import ConfigError
-from focusdpo.config.evaluation import EvalConfig
-from focusdpo.evaluation.report import bootstrap_interval, compare, paired_deltas, summarize
-from focusdpo.errors import EvalInputError
 from focusdpo.commands.evaluate import main
+from focusdpo.config.evaluation import EvalConfig
+from focusdpo.errors import ConfigError, EvalInputError
 from focusdpo.evaluation.run import run
 
-UNO_MULTI = SHARED_DATA / "uno" / "dreambench_multiip_covered_by_subset.json"
+from conftest import SHARED_DATA, UNO_MULTI, accelerate_launch
+
 # Toy sizes: 32 px images, a one-block random DINOv2 on 56 px (plumbing only: the numbers mean nothing).
 TOY = ["--resolution", "32", "--sample_steps", "2", "--score_size", "56", "--dino_random_weights", "true",
        "--dino_depth", "1", "--dino_image_size", "56", "--bootstrap_samples", "200", "--grid_prompts", "2"]
@@ -67,6 +64,7 @@ def evaluate(out, *extra, benchmark=UNO_MULTI, prompts: int = 3):
                  str(out), "--max_prompts", str(prompts), *TOY, *extra])
 
 
+@pytest.mark.e2e
 def test_base_vs_lora_report_is_complete_resumable_and_reproducible(tmp_path, lora_dirs, tiny_clip):
     extra = ["--loras", str(lora_dirs / "dpo_sd"), "--metrics", "subject", "backbone_i", "clip_i", "clip_t",
              "--clip_model", str(tiny_clip)]
@@ -101,6 +99,7 @@ def test_base_vs_lora_report_is_complete_resumable_and_reproducible(tmp_path, lo
     assert resumed["dpo_sd"]["fidelity_mean"] == resumed["base"]["fidelity_mean"]
 
 
+@pytest.mark.e2e
 def test_existing_images_with_missing_files_are_listed_and_counted(tmp_path):
     made = evaluate(tmp_path / "gen", prompts=2)
     images = tmp_path / "images"
@@ -116,12 +115,24 @@ def test_existing_images_with_missing_files_are_listed_and_counted(tmp_path):
     assert report["deltas"]["after"]["fidelity_mean"]["delta"] == 0.0
 
 
+@pytest.mark.e2e
 def test_dreambench_prompt_file_groups_the_views_of_a_subject(tmp_path):
     out = evaluate(tmp_path / "db", benchmark=SHARED_DATA / "dreambench" / "prompts_and_classes.txt", prompts=2)
     report = json.loads((out / "report.json").read_text())
     assert report["benchmark"]["layout"] == "dreambench"
     assert [s["subjects"] for s in report["samples"]] == [1, 1]  # several views, one subject
     assert report["samples"][0]["variants"]["base"]["ip_conf"] is None  # undefined for one subject, not 0
+
+
+@pytest.mark.e2e
+def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
+    # One image per sampler call: a batch of another composition may differ in the last float bit.
+    single = evaluate(tmp_path / "one", "--batch_size", "1")
+    args = ["--benchmark", str(UNO_MULTI), "--data_root", str(SHARED_DATA / "dreambench"), "--output_dir",
+            str(tmp_path / "two"), "--max_prompts", "3", "--batch_size", "1", *TOY]
+    accelerate_launch(["-m", "focusdpo", "evaluate", *args], processes=2, port=29637)
+    assert (tmp_path / "two" / "report.json").read_bytes() == (single / "report.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["scores-0.json", "scores-1.json"]
 
 
 def test_a_lora_for_another_model_is_refused(tmp_path, lora_dirs):
@@ -149,71 +160,3 @@ def test_bad_config_and_benchmark_are_clear_errors(tmp_path, capsys):
     with pytest.raises(EvalInputError, match="no entry has all its images"):
         run(*parse(["--benchmark", str(UNO_MULTI), "--data_root", str(tmp_path), "--output_dir", str(tmp_path),
                     *TOY]))
-
-
-def test_paired_deltas_and_bootstrap_by_hand():
-    records = [{"item_id": "p0", "variants": {"base": {"clip_t": 0.2}, "new": {"clip_t": 0.5}}},
-               {"item_id": "p0", "variants": {"base": {"clip_t": 0.4}, "new": {"clip_t": 0.5}}},
-               {"item_id": "p1", "variants": {"base": {"clip_t": 0.3}, "new": {"clip_t": 0.2}}},
-               {"item_id": "p2", "variants": {"base": {"clip_t": 0.3}, "new": {"clip_t": None}}}]
-    assert paired_deltas(records, "new", "base", "clip_t") == pytest.approx([0.2, -0.1])  # per prompt, p2 undefined
-    assert summarize(records, ["base"])["base"]["clip_t"] == {"mean": pytest.approx(0.3), "n": 4}
-    low, high = bootstrap_interval(np.array([0.2, -0.1]), 2000, seed=0)
-    assert -0.1 <= low < 0.05 < high <= 0.2
-    assert bootstrap_interval(np.array([0.3, 0.3]), 50, seed=0) == pytest.approx((0.3, 0.3))
-    assert compare(records, ["base", "new"], 100, 0)["new"]["clip_t"]["delta"] == pytest.approx(0.05)
-
-
-def test_dino_v1_protocol_takes_the_normalised_cls_of_a_centre_crop():
-    import timm
-
-    from focusdpo.features.eval import DINO_V1_MODEL, dino_v1_transform, load_dino_v1
-
-    x = torch.rand(2, 3, 300, 400)
-    assert tuple(dino_v1_transform()(x).shape) == (2, 3, 224, 224)
-    model = timm.create_model(DINO_V1_MODEL, pretrained=False, num_classes=0, depth=1)
-    embed = load_dino_v1(None, model=model)
-    out = embed(x)
-    assert out.shape == (2, 384) and torch.allclose(out.norm(dim=-1), torch.ones(2))
-    with torch.no_grad():
-        expected = model(dino_v1_transform()(x))  # timm's own head: CLS after the final norm
-    assert torch.allclose(out, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5)
-    with pytest.raises(FileNotFoundError, match="dino_v1_weights"):
-        load_dino_v1("no/such/file.pth")
-
-
-def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
-    from conftest import REPO
-    from focusdpo.commands.train import main as train
-
-    train(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--output_dir", str(tmp_path), "--max_steps", "2",
-           "--toy_num_pairs", "4", "--save_steps", "10", "--logging_steps", "1", "--sample_steps", "2",
-           "--sample_every_run", "false", "--subject_eval_steps", "2", "--subject_eval_prompts", "2",
-           "--report_to", "tensorboard"])
-    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in logs if "subject_eval/fidelity_mean" in m]
-    assert [m["step"] for m in evals] == [2] and any("loss" in m for m in logs)
-    assert {"subject_eval/fidelity_min_delta", "subject_eval/subject_count", "subject_eval/backbone_i"} <= set(evals[0])
-    assert (tmp_path / "subject_eval" / "step-2.png").is_file()
-    assert list(tmp_path.rglob("events.out.tfevents.*"))  # the grid and scalars went to TensorBoard
-
-
-def test_two_processes_split_the_prompts_and_write_the_same_report(tmp_path):
-    from conftest import accelerate_launch
-
-    # One image per sampler call: a batch of another composition may differ in the last float bit.
-    single = evaluate(tmp_path / "one", "--batch_size", "1")
-    args = ["--benchmark", str(UNO_MULTI), "--data_root", str(SHARED_DATA / "dreambench"), "--output_dir",
-            str(tmp_path / "two"), "--max_prompts", "3", "--batch_size", "1", *TOY]
-    accelerate_launch(["-m", "focusdpo", "evaluate", *args], processes=2, port=29637)
-    assert (tmp_path / "two" / "report.json").read_bytes() == (single / "report.json").read_bytes()
-    assert sorted(p.name for p in (tmp_path / "two" / ".shards").iterdir()) == ["scores-0.json", "scores-1.json"]
-
-
-def test_eval_recipe_parses():
-    from conftest import REPO
-
-    recipe = str(REPO / "recipes" / "eval_tiny_cpu.yaml")
-    cfg, model_cfg, focus_cfg = parse(["--config", recipe, "--benchmark", "b.json"])
-    assert cfg.metrics == ["subject", "backbone_i"] and focus_cfg.feature_backbone == "mobilenet_v2"
-    assert model_cfg.family == "sd"

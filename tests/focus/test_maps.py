@@ -1,20 +1,18 @@
-"""Focus maps and weights: hand-computed values for the pure functions, a tiny random DINOv2 for the
-image-to-maps plumbing, real DreamBench photos for the complexity map."""
+"""Focus maps and weights: hand-computed values for the pure functions, real DreamBench photos for the complexity
+map."""
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from focusdpo.config.focus import FocusConfig
-from focusdpo.features.dino import load_dino
 from focusdpo.focus.maps import (check_cached_grid, complexity_map, error_confidence, focus_parts, focus_weights,
                                  gaussian_blur, misalignment_map, reference_complexity, schedule, static_focus_maps,
-                                 subject_map)
-from focusdpo.focus.mapper import compute_static_maps
+                                 subject_map, subject_masks)
+
+from conftest import photo
 
 LOG32 = math.log(32)
 
@@ -58,15 +56,10 @@ def test_gaussian_blur_keeps_constants_and_mass():
     assert math.isclose(blurred.sum().item(), 1.0, rel_tol=1e-5) and blurred[..., 10, 10] < 0.2
 
 
-def photo(path, size=256):
-    image = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
-
-
 def test_complexity_textured_above_flat_on_real_photos(dreambench):
     paths = sorted(dreambench.glob("*/00.jpg"))
     assert len(paths) >= 4
-    images = torch.stack([photo(p) for p in paths])
+    images = torch.stack([photo(p, 256) for p in paths])
     d = complexity_map(images, (32, 32))
     # Independent texture measure: mean squared finite difference per 8x8 cell.
     gray = images.mean(1)
@@ -270,46 +263,8 @@ def test_mismatched_cached_grid_says_how_to_fix():
         check_cached_grid(torch.zeros(4, 2, 64, 64), (32, 32))
 
 
-# ---- images to maps through a tiny random DINOv2 ------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_dino():
-    torch.manual_seed(0)
-    return load_dino(image_size=28, depth=2, embed_dim=96, num_heads=2, init_values=1.0)
-
-
-@pytest.mark.parametrize("k", range(1, 7))
-def test_compute_static_maps_one_to_six_references(tiny_dino, k):
-    g = torch.Generator().manual_seed(k)
-    winners, losers = torch.rand(2, 3, 32, 32, generator=g), torch.rand(2, 3, 32, 32, generator=g)
-    refs = torch.rand(2, k, 3, 28, 42, generator=g)
-    masks = torch.ones(2, k, 28, 42)
-    cfg = FocusConfig(dino_image_size=28)
-    static = compute_static_maps(tiny_dino, winners, losers, refs, masks, (4, 4), cfg)
-    assert static.shape == (4, 2, 4, 4) and torch.isfinite(static).all() and (static >= 0).all()
-    parts = compute_static_maps(tiny_dino, winners, losers, refs, None, (4, 4), cfg, parts=True)
-    assert parts["assignment"].max() < k and parts["assignment"].shape == (4, 4, 4)
-
-
-def test_compute_static_maps_rejects_zero_references(tiny_dino):
-    images = torch.rand(1, 3, 28, 28)
-    with pytest.raises(ValueError, match="K >= 1"):
-        compute_static_maps(tiny_dino, images, images, torch.zeros(1, 0, 3, 28, 28), None, (4, 4),
-                            FocusConfig(lambda_structure=1.0))
-
-
-def test_compute_static_maps_rejects_bad_masks(tiny_dino):
-    images, refs = torch.rand(1, 3, 28, 28), torch.rand(1, 2, 3, 28, 28)
-    cfg = FocusConfig(dino_image_size=28)
-    with pytest.raises(ValueError, match=r"\(1, 2, 28, 28\).*got \(1, 2, 14, 14\)"):
-        compute_static_maps(tiny_dino, images, images, refs, torch.ones(1, 2, 14, 14), (4, 4), cfg)
-    outside = torch.ones(1, 2, 28, 28)
-    outside[0, 1] = 0  # the subject's mask lies entirely outside the image
-    with pytest.raises(ValueError, match=r"\[\[0, 1\]\] is empty"):
-        compute_static_maps(tiny_dino, images, images, refs, outside, (4, 4), cfg)
-
-
-def test_compute_static_maps_rejects_images_smaller_than_a_patch(tiny_dino):
-    small = torch.rand(1, 3, 10, 10)
-    with pytest.raises(ValueError, match="smaller than one DINOv2 patch"):
-        compute_static_maps(tiny_dino, small, small, torch.rand(1, 1, 3, 28, 28), None, (4, 4), FocusConfig())
+def test_subject_masks_split_the_subject_ness_between_the_references():
+    sims, subject = torch.rand(2, 3, 4, 4), torch.rand(2, 4, 4)
+    masks = subject_masks(sims, subject, temperature=0.05)
+    torch.testing.assert_close(masks.sum(1), subject)
+    assert (masks.argmax(1) == sims.argmax(1)).all()

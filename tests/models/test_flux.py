@@ -3,18 +3,20 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
-from diffusers import FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
 
-from focusdpo.models.sampling import sample_images
 from focusdpo.losses import diffusion_dpo_loss, weighted_error
 from focusdpo.models import load_backbone
 from focusdpo.models.base import DenoiseInputs
 from focusdpo.models.flux import Flux2Backbone, FluxKontextBackbone
+from focusdpo.models.sampling import sample_images
 from focusdpo.models.tiny_flux import tiny_flux2_pipeline, tiny_flux_kontext_pipeline
 from focusdpo.training.reference import disabled_adapters
 
@@ -384,3 +386,28 @@ def test_personalization_lora_is_the_frozen_reference_and_resume_reloads(loader,
     backbone.load_lora(tmp_path / "dpo", DPO_ADAPTER)
     with torch.no_grad():
         torch.testing.assert_close(backbone.predict(backbone.denoiser, inputs), trained, rtol=0, atol=1e-6)
+
+
+def test_flux2_pipeline_shift_matches_the_pipelines_inference_schedule():
+    backbone = load_backbone("flux2")  # tiny FLUX.2 [klein]; its scheduler has use_dynamic_shifting
+    steps, seq_len = 50, 64
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(backbone.pipeline.scheduler.config)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=compute_empirical_mu(seq_len, steps))
+    plain = torch.from_numpy(np.linspace(1.0, 1 / steps, steps)).float()
+    torch.testing.assert_close(backbone.shift_sigmas(plain, seq_len), scheduler.sigmas[:-1])
+    backbone.flow_shift_mode = "none"
+    assert torch.equal(backbone.shift_sigmas(plain, seq_len), plain)
+
+
+def test_logit_mean_follows_the_diffusers_training_scripts():
+    # The diffusers flow scripts: u from compute_density_for_timestep_sampling indexes the (descending,
+    # unshifted) training schedule; σ = sigmas[int(u·T)].
+    backbone = load_backbone("flux2", flow_density="logit_normal", logit_mean=1.0, logit_std=0.5,
+                             flow_shift_mode="none")
+    u = compute_density_for_timestep_sampling("logit_normal", 2000, 1.0, 0.5,
+                                              generator=torch.Generator().manual_seed(0))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    script_sigma = scheduler.sigmas[(u * 1000).long()]
+    ours = backbone.sample_sigmas(2000, 64, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours, script_sigma, rtol=0, atol=1.01e-3)
+    assert ours.mean() < 0.5  # a positive logit_mean favours low noise, as in diffusers recipes

@@ -1,8 +1,8 @@
 """Pair generation end to end with tiny in-process generators on the DreamBench subset (UNO prompts).
 
 Sizes are toy (32 px, 2 candidates, 2 steps, a 1-block random DINOv2 at 56 px): the scores carry no meaning,
-the tests check the plumbing: loaders, seeds, selection, DIP compositing, shards, resume, two processes,
-iterative rounds, bad input.
+the tests check the plumbing: seeds, selection, DIP compositing, shards, resume, two processes, iterative
+rounds, bad input (the prompt-set loaders: tests/data/test_prompt_sets.py).
 """
 
 import json
@@ -17,26 +17,16 @@ import pytest
 from datasets import Image as ImageFeature
 from datasets import load_from_disk
 
-from focusdpo.errors import ConfigError
-from focusdpo.data.load import load_pairs
 from focusdpo.config.pairs import build_pair_configs
-from focusdpo.errors import PairGenError
-from focusdpo.pairs.generate import generate_pairs
-from focusdpo.errors import PromptSetError
+from focusdpo.data.load import load_pairs
 from focusdpo.data.prompt_sets import load_prompt_set
+from focusdpo.errors import ConfigError, PairGenError, PromptSetError
+from focusdpo.pairs.generate import generate_pairs
 
 from conftest import REPO, SHARED_DATA, accelerate_launch
 
-UNO = SHARED_DATA / "uno" / "dreambench_multiip_covered_by_subset.json"
 TINY = dict(data_root=str(SHARED_DATA / "dreambench"), num_candidates=2, steps=2, resolution=32, max_items=1,
             dino_random_weights=True, dino_depth=1, dino_image_size=56, min_similarity=-1.0, items_per_shard=1)
-
-
-@pytest.fixture(scope="module")
-def uno(dreambench):
-    if not UNO.is_file():
-        pytest.skip(f"shared test data not found at {UNO}")
-    return str(UNO)
 
 
 def configs(out, prompts, **overrides):
@@ -55,39 +45,8 @@ def raw_rows(path):
     return ds.to_list()
 
 
-# ---- prompt sets ----------------------------------------------------------------------------------------------
-def test_uno_wrapper_resolves_against_data_root_with_classes(uno, dreambench):
-    items = load_prompt_set(uno, data_root=dreambench)
-    assert items.layout == "uno" and len(items) == 175 and not items.skipped
-    first = items.items[0]
-    assert first.prompt == "a bowl and a can in the jungle" and first.classes == ("bowl", "can")
-    assert all(os.path.isfile(p) for p in first.references)
-
-
-def test_jsonl_missing_images_are_listed_or_refused(tmp_path, dreambench):
-    lines = [{"prompt": "a can", "references": [str(dreambench / "can" / "01.jpg")], "classes": ["can"]},
-             {"prompt": "a ghost", "references": ["nowhere/ghost.jpg"]}]
-    path = tmp_path / "p.jsonl"
-    path.write_text("\n".join(json.dumps(line) for line in lines))
-    items = load_prompt_set(path)
-    assert [i.prompt for i in items.items] == ["a can"] and items.skipped[0][0] == "p-00001"
-    with pytest.raises(PromptSetError, match="ghost.jpg"):
-        load_prompt_set(path, missing="error")
-    with pytest.raises(PromptSetError, match="layout"):
-        load_prompt_set(path, layout="csv")
-
-
-def test_dreambench_prompts_and_xverse_layout(dreambench):
-    bench = load_prompt_set(dreambench / "prompts_and_classes.txt", unique_token="sks")
-    dog = [i for i in bench.items if i.subjects[0] == "dog"]
-    assert len(dog) == 25 and dog[10].prompt == "a sks dog wearing a red hat"  # live-subject list
-    xverse = SHARED_DATA / "xversebench" / "XVerseBench_multi.json"
-    if xverse.is_file():  # its images are not in the subset: every entry is listed as skipped, none silently
-        loaded = load_prompt_set(xverse)
-        assert len(loaded) == 0 and len(loaded.skipped) > 0
-
-
-# ---- generation -----------------------------------------------------------------------------------------------
+# ---- generation ------------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["flux2", "flux_kontext", "sdxl"])
 def test_each_family_generates_loadable_pairs(family, uno, tmp_path):
     summary = run(tmp_path, uno, family=family)
@@ -112,6 +71,7 @@ def train_two_steps(dataset, out, *extra):
     return out
 
 
+@pytest.mark.e2e
 def test_iterative_round_uses_the_trained_lora(uno, tmp_path):
     first = run(tmp_path / "r1", uno, family="sd")
     lora = train_two_steps(first["dataset"], tmp_path / "train")
@@ -123,6 +83,7 @@ def test_iterative_round_uses_the_trained_lora(uno, tmp_path):
     assert json.loads(load_from_disk(second["dataset"]).info.description)["generator"]["dpo_lora"] == str(lora)
 
 
+@pytest.mark.e2e
 def test_dip_loser_equals_winner_outside_the_prior_mask(uno, tmp_path):
     summary = run(tmp_path / "dip", uno, family="sd", strategy="disrupt", inpaint_steps=2)
     assert summary["counts"]["kept"] == 1, summary["not_kept"]
@@ -141,7 +102,26 @@ def test_dip_loser_equals_winner_outside_the_prior_mask(uno, tmp_path):
     assert "did not fall" in dropped["not_kept"][0]["reason"]
 
 
-# ---- scale and safety: resume and two processes ---------------------------------------------------------------
+@pytest.mark.e2e
+def test_dip_starts_from_a_real_target_image(dreambench, tmp_path):
+    """A jsonl entry with ``target``: the real photo is the winner (not sampled) and the loser is it, repainted."""
+    from PIL import Image
+
+    entry = {"prompt": "a dog", "references": [str(dreambench / "dog" / "01.jpg")], "classes": ["dog"],
+             "target": str(dreambench / "dog" / "00.jpg")}
+    prompts = tmp_path / "real.jsonl"
+    prompts.write_text(json.dumps(entry) + "\n")
+    summary = run(tmp_path / "dip", prompts, family="sd", strategy="disrupt", inpaint_steps=2, data_root=None)
+    assert summary["counts"]["kept"] == 1, summary["not_kept"]
+    row = load_from_disk(summary["dataset"])[0]
+    photo = Image.open(entry["target"]).convert("RGB").resize((32, 32), Image.BICUBIC)
+    chosen, rejected = (np.asarray(row[k], dtype=int) for k in ("chosen", "rejected"))
+    assert (chosen == np.asarray(photo, dtype=int)).all()  # the winner is the photo itself
+    inside = np.asarray(row["prior_mask"]) > 0
+    assert (chosen[~inside] == rejected[~inside]).all() and (chosen[inside] != rejected[inside]).any()
+
+
+# ---- scale and safety: resume and two processes ----------------------------------------------------------------------
 RECIPE_ARGS = ["--family", "sd", "--max_items", "4", "--num_candidates", "2", "--steps", "3", "--items_per_shard", "1",
                "--dino_random_weights", "true", "--dino_depth", "1", "--dino_image_size", "56",
                "--min_similarity", "-1.0", "--margin_threshold", "0.0"]
@@ -161,6 +141,7 @@ def cli_args(out, uno):
             str(SHARED_DATA / "dreambench"), "--out", str(out), *RECIPE_ARGS]
 
 
+@pytest.mark.e2e
 def test_kill_and_resume_equals_an_uninterrupted_run(uno, reference_run, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, *cli_args(tmp_path, uno)], env=env, stdout=subprocess.DEVNULL,
@@ -177,6 +158,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(uno, reference_run, tmp_pat
     assert json.loads((tmp_path / "summary.json").read_text())["counts"]["kept"] == 4
 
 
+@pytest.mark.e2e
 def test_two_processes_write_disjoint_shards_equal_to_one(uno, reference_run, tmp_path):
     accelerate_launch(cli_args(tmp_path, uno), processes=2, port=29561)
     ranks = {}
@@ -188,12 +170,7 @@ def test_two_processes_write_disjoint_shards_equal_to_one(uno, reference_run, tm
     assert raw_rows(tmp_path / "dataset") == raw_rows(reference_run / "dataset")
 
 
-def brightness(images, item):
-    """A user scorer (``module:function``): mean brightness in [0, 1]."""
-    return [float(np.asarray(img).mean() / 255) for img in images]
-
-
-# ---- bad input ------------------------------------------------------------------------------------------------
+# ---- bad input -------------------------------------------------------------------------------------------------------
 def jsonl(tmp_path, entries):
     path = tmp_path / "prompts.jsonl"
     path.write_text("\n".join(json.dumps(e) for e in entries))
@@ -222,23 +199,24 @@ def test_bad_inputs_fail_before_generation(uno, tmp_path, dreambench):
         assert not (tmp_path / out / "shards").exists()
 
 
+@pytest.mark.e2e
 def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     good = str(dreambench / "can" / "01.jpg")
     path = jsonl(tmp_path, [{"prompt": "a can", "references": [str(broken)]},
                             {"prompt": "a can", "references": [good]}])
-    summary = run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
+    summary = run(tmp_path / "out", path, family="sd", max_items=0, scorer="conftest:brightness",
                   scorer_weight=0.5)
     assert summary["counts"]["failed"] == 1 and summary["counts"]["kept"] == 1
     assert "cannot be read" in summary["not_kept"][0]["reason"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["failed"] == 1
     with pytest.raises(ValueError, match=r"other settings \(changed: \['sampling'\]\)"):  # no mixed runs in one out
-        run(tmp_path / "out", path, family="sd", max_items=0, scorer="test_pair_generation:brightness",
+        run(tmp_path / "out", path, family="sd", max_items=0, scorer="conftest:brightness",
             scorer_weight=0.5, steps=3)
 
 
-# ---- pure parts -----------------------------------------------------------------------------------------------
+# ---- pure parts ------------------------------------------------------------------------------------------------------
 def test_ranking_loser_rules_and_seeds():
     from focusdpo.pairs.generate import item_seeds, pick_loser, ranking
 
@@ -247,44 +225,3 @@ def test_ranking_loser_rules_and_seeds():
     assert [pick_loser(order, r) for r in ("worst", "second", "median")] == [3, 0, 2]
     cfg, _, _ = build_pair_configs({"prompts": "p.json", "out": "o", "num_candidates": 3, "seed": 10})
     assert item_seeds(cfg, 2) == [16, 17, 18]
-
-
-def test_leakage_is_the_mean_off_diagonal_region_similarity():
-    import torch
-
-    from focusdpo.pairs.scoring import leakage
-
-    s = torch.tensor([[[0.9, 0.3, float("nan")], [0.1, 0.8, 0.5], [0.2, 0.4, 0.7]]])
-    assert leakage(s).item() == pytest.approx((0.3 + 0.1 + 0.5 + 0.2 + 0.4) / 5)
-    assert leakage(torch.tensor([[[0.9]]])).item() == 0.0  # one subject: nothing to leak
-
-
-def test_sampler_image_depends_on_its_seed_not_its_batch(dreambench):
-    from focusdpo.models import load_backbone
-    from focusdpo.models.sampling import sample_images
-    from PIL import Image
-
-    backbone = load_backbone("flux2")
-    ref = [Image.open(dreambench / "can" / "01.jpg")]
-    pair = sample_images(backbone, ["a can"] * 2, [ref, ref], [3, 4], 32, 2, batch_size=2)
-    alone = sample_images(backbone, ["a can"], [ref], [4], 32, 2, batch_size=1)
-    assert np.array_equal(np.asarray(pair[1]), np.asarray(alone[0]))
-    assert not np.array_equal(np.asarray(pair[0]), np.asarray(pair[1]))
-
-
-def test_dip_starts_from_a_real_target_image(dreambench, tmp_path):
-    """A jsonl entry with ``target``: the real photo is the winner (not sampled) and the loser is it, repainted."""
-    from PIL import Image
-
-    entry = {"prompt": "a dog", "references": [str(dreambench / "dog" / "01.jpg")], "classes": ["dog"],
-             "target": str(dreambench / "dog" / "00.jpg")}
-    prompts = tmp_path / "real.jsonl"
-    prompts.write_text(json.dumps(entry) + "\n")
-    summary = run(tmp_path / "dip", prompts, family="sd", strategy="disrupt", inpaint_steps=2, data_root=None)
-    assert summary["counts"]["kept"] == 1, summary["not_kept"]
-    row = load_from_disk(summary["dataset"])[0]
-    photo = Image.open(entry["target"]).convert("RGB").resize((32, 32), Image.BICUBIC)
-    chosen, rejected = (np.asarray(row[k], dtype=int) for k in ("chosen", "rejected"))
-    assert (chosen == np.asarray(photo, dtype=int)).all()  # the winner is the photo itself
-    inside = np.asarray(row["prior_mask"]) > 0
-    assert (chosen[~inside] == rejected[~inside]).all() and (chosen[inside] != rejected[inside]).any()

@@ -1,17 +1,17 @@
-"""Validation grids during training: files, tracker images, fixed seeds, runs without text encoders."""
+"""Pictures and scores during training: validation grids (files, tracker images, fixed seeds, runs without text
+encoders), focus panels, subject-fidelity evaluation."""
+
+import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from focusdpo.errors import ConfigError
-from focusdpo.config.training import FocusDPOConfig
 from focusdpo.commands.train import main
 
-from conftest import REPO
+from conftest import TINY_ARGS, tiny_argv
 
-TINY = ["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--toy_num_pairs", "4", "--max_steps", "4",
-        "--logging_steps", "1", "--save_steps", "100", "--sample_steps", "2", "--sample_every_run", "false",
+TINY = [*TINY_ARGS, "--toy_num_pairs", "4", "--save_steps", "100", "--sample_every_run", "false",
         "--validation_steps", "2", "--num_validation_images", "2"]
 
 
@@ -29,6 +29,7 @@ def runs(tmp_path_factory):
     return first, second
 
 
+@pytest.mark.e2e
 def test_validation_writes_grids_every_n_steps_and_tensorboard_images(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -45,6 +46,7 @@ def test_validation_writes_grids_every_n_steps_and_tensorboard_images(runs):
     assert (events.Images("validation/policy")[0].width, events.Images("validation/policy")[0].height) == grid.size
 
 
+@pytest.mark.e2e
 def test_same_seeds_give_the_same_grids_and_training_changes_them(runs):
     first, second = runs
     for name in ("reference.png", "step-2.png", "step-4.png"):
@@ -54,6 +56,7 @@ def test_same_seeds_give_the_same_grids_and_training_changes_them(runs):
     assert not np.array_equal(reference[:-40], trained[:-40])  # the policy moved (labels/captions cut off)
 
 
+@pytest.mark.e2e
 def test_runs_without_text_encoders_still_get_validation_grids(tmp_path):
     from focusdpo.commands import main as cli
 
@@ -67,17 +70,7 @@ def test_runs_without_text_encoders_still_get_validation_grids(tmp_path):
     assert (tmp_path / "run" / "validation" / "reference.png").is_file()
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("validation_steps", -1, "validation_steps=-1 must be an integer >= 0"),
-    ("num_validation_images", 0, "num_validation_images=0 must be an integer >= 1"),
-    ("validation_prompts", ["ok", " "], "validation_prompts=.* must be a list of non-empty strings"),
-    ("validation_prompts", "a cat", "validation_prompts"),
-])
-def test_bad_validation_settings_are_refused(field, value, match, tmp_path):
-    with pytest.raises(ConfigError, match=match):
-        FocusDPOConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
-
-
+@pytest.mark.e2e
 def test_focus_panels_reach_the_trackers_when_maps_come_from_a_cache(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -92,3 +85,17 @@ def test_focus_panels_reach_the_trackers_when_maps_come_from_a_cache(tmp_path):
     events = EventAccumulator(str(next((tmp_path / "run").glob("runs/*/events.out.tfevents.*")).parent))
     events.Reload()
     assert sum(t.startswith("validation/focus/") for t in events.Tags()["images"]) == 2
+
+
+@pytest.mark.e2e
+def test_training_time_evaluation_logs_next_to_the_dpo_metrics(tmp_path):
+    from focusdpo.commands.train import main as train
+
+    train(tiny_argv(tmp_path, "--max_steps", "2", "--toy_num_pairs", "4", "--save_steps", "10", "--sample_every_run",
+                    "false", "--subject_eval_steps", "2", "--subject_eval_prompts", "2", "--report_to", "tensorboard"))
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in logs if "subject_eval/fidelity_mean" in m]
+    assert [m["step"] for m in evals] == [2] and any("loss" in m for m in logs)
+    assert {"subject_eval/fidelity_min_delta", "subject_eval/subject_count", "subject_eval/backbone_i"} <= set(evals[0])
+    assert (tmp_path / "subject_eval" / "step-2.png").is_file()
+    assert list(tmp_path.rglob("events.out.tfevents.*"))  # the grid and scalars went to TensorBoard

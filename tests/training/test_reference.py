@@ -6,8 +6,10 @@ from peft import LoraConfig
 
 from focusdpo.config.training import ModelConfig
 from focusdpo.models import load_backbone
-from focusdpo.training.reference import disabled_adapters, frozen_adapter, reference_model
 from focusdpo.training.policy import add_dpo_lora
+from focusdpo.training.reference import disabled_adapters, frozen_adapter, reference_model
+
+from conftest import REPO
 
 
 def unet_inputs():
@@ -88,8 +90,9 @@ def test_frozen_adapter_reference_is_base_plus_personalization(tmp_path):
 
 
 def test_frozen_copy_reference_for_full_fine_tuning():
-    from focusdpo.training.reference import frozen_copy_reference
     import copy
+
+    from focusdpo.training.reference import frozen_copy_reference
 
     unet = load_backbone("sd").denoiser
     frozen = copy.deepcopy(unet).requires_grad_(False)
@@ -123,11 +126,10 @@ def test_a_lora_for_another_model_is_refused_naming_its_keys(tmp_path):
         flux.add_lora_adapter(tmp_path, "personal")
 
 
+@pytest.mark.e2e
 def test_fused_personalization_and_dpo_lora_reproduces_the_trained_policy(tmp_path):
-    from focusdpo.models.tiny import tiny_sd_pipeline
     from focusdpo.commands.train import main
-
-    from conftest import REPO
+    from focusdpo.models.tiny import tiny_sd_pipeline
 
     make_personalization_lora(tmp_path / "uno")
     out = tmp_path / "run"
