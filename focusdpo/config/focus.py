@@ -56,7 +56,8 @@ class FocusConfig:
                 "DINOv2 uses dino_weights instead."})
     dino_model: str = field(default="vit_small_patch14_dinov2", metadata={"help": "timm DINOv2 model name."})
     dino_weights: str | None = field(default=None, metadata={
-        "help": "Local DINOv2 weights file; empty uses random weights (tests only) unless online."})
+        "help": "Local DINOv2 weights file (.safetensors/.pth; nothing is downloaded: docs/models.md says where to "
+                "get one). Empty is refused unless dino_random_weights (tests) or a CNN feature_backbone is set."})
     dino_random_weights: bool = field(default=False, metadata={
         "help": "Allow random DINOv2 weights when dino_weights is empty (toy runs and tests: the maps then "
                 "carry no semantics, only the prior mask and complexity); with a CNN backbone and no "
