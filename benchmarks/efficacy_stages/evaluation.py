@@ -35,11 +35,13 @@ def load_scenes(folder: Path) -> list[dict]:
     return json.loads((folder / "held_out.json").read_text())
 
 
-def sample_arm(pipeline: Path, lora: Path | None, scenes: list[dict], steps: int, batch: int):
+def sample_arm(pipeline: Path, lora: Path | None, scenes: list[dict], steps: int, batch: int,
+               personalization: Path | None = None):
+    """``personalization``: a LoRA under ``lora`` (a second-round model: its first round's LoRA, then its own)."""
     backbone = load_backbone("flux2", str(pipeline), reference_size=world.REF_SIZE, max_references=3,
                              max_sequence_length=recipes.COMMON["max_sequence_length"])  # as in training
-    if lora is not None:
-        apply_loras(backbone, dpo_lora=lora)
+    if lora is not None or personalization is not None:
+        apply_loras(backbone, personalization_lora=personalization, dpo_lora=lora)
     prompts = [world.PROMPT] * len(scenes)
     references = [[world.reference(i)[0] for i in scene["identities"]] for scene in scenes]
     seeds = [10_000 + i for i in range(len(scenes))]  # the same noise for every arm
@@ -52,10 +54,10 @@ def score_images(judge: judging.Judge, scenes: list[dict], images) -> list[dict]
 
 
 def evaluate_arm(out: Path, label: str, pipeline: Path, lora: Path | None, world_dir: Path, judge_dir: Path,
-                 sizes: dict) -> None:
+                 sizes: dict, personalization: Path | None = None) -> None:
     """Writes ``scores.jsonl`` (one line per held-out scene) and ``samples.png`` (the first scenes)."""
     scenes = load_scenes(world_dir)
-    images = sample_arm(pipeline, lora, scenes, sizes["sample_steps"], sizes["sample_batch"])
+    images = sample_arm(pipeline, lora, scenes, sizes["sample_steps"], sizes["sample_batch"], personalization)
     scores = score_images(load_judge(judge_dir), scenes, images)
     (out / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in scores))
     shown = sizes["png_scenes"]
@@ -88,12 +90,16 @@ def reference_tile(identities: list[int]) -> Image.Image:
 
 
 def sample_stage(out: Path, name: str, seed: int, run: Path | None, sizes: dict, base: Path, world_dir: Path,
-                 judge_dir: Path) -> None:
-    """The resumable ``eval/<name>/seed<seed>`` stage: ``run`` is the arm's folder (None: the base model)."""
-    upstream = [base, world_dir, judge_dir] + ([run] if run is not None else [])
+                 judge_dir: Path, personalization: Path | None = None, evals: str = "eval") -> None:
+    """The resumable ``<evals>/<name>/seed<seed>`` stage: ``run`` is the arm's folder (None: the base model);
+    ``personalization``: the arm folder of its first round (a second-round arm); ``world_dir``: where the scenes'
+    ``held_out.json`` is (the held-out test scenes, or the study's validation scenes)."""
+    upstream = [base, world_dir, judge_dir] + [r for r in (run, personalization) if r is not None]
     work = partial(evaluate_arm, label=name, pipeline=base / "pipeline",
-                   lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir, sizes=sizes)
-    run_stage(out / "eval" / name / f"seed{seed}", f"sampling {name} seed {seed}",
+                   lora=run / "run" if run is not None else None, world_dir=world_dir, judge_dir=judge_dir, sizes=sizes,
+                   personalization=personalization / "run" if personalization is not None else None)
+    label = "" if evals == "eval" else f"{evals} "
+    run_stage(out / evals / name / f"seed{seed}", f"sampling {label}{name} seed {seed}",
               settings_of(sizes, SAMPLE_KEYS, *upstream), work)
 
 
@@ -102,5 +108,6 @@ def train_and_sample(out: Path, name: str, arm: dict, seed: int, sizes: dict, ba
     """One arm × seed: its training stage, then its sampling stage (each skipped when finished)."""
     run = out / "arms" / name / f"seed{seed}"
     run_stage(run, f"arm {name} seed {seed}", {**settings_of(sizes, arms.ARM_KEYS, base, pairs), "arm": arm},
-              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed))
+              partial(arms.train_arm, arm=arm, sizes=sizes, pipeline=base / "pipeline", pairs=pairs, seed=seed),
+              resumable=True)
     sample_stage(out, name, seed, run, sizes, base, world_dir, judge_dir)

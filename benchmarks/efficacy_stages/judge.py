@@ -100,23 +100,50 @@ def identity_accuracy(judge: Judge, scenes: list[world.Scene], pixels: torch.Ten
     return hits / max(total, 1)
 
 
-def score_scene(identities: list[int], quadrants: np.ndarray) -> dict:
-    """Scores of one generated image (``quadrants``: the judge's ``(4, 4)``) against its K references."""
+def assign(identities: list[int], quadrants: np.ndarray) -> list[int | None]:
+    """Reference k → its matched occupied quadrant (or None: missing), by the assignment with the most equal
+    attributes, then the most references placed (``quadrants``: the judge's ``(4, 4)``)."""
     refs = [world.attributes(i) for i in identities]
     occupied = [q for q in range(4) if quadrants[q, 0] == 1]
-    best, best_key = (), (-1, -1)
-    # reference k → an occupied quadrant or None (missing); most equal attributes, then most references placed
+    best, best_key = [None] * len(refs), (-1, -1)
     for chosen in itertools.permutations(occupied + [None] * len(refs), len(refs)):
         placed = [(k, q) for k, q in enumerate(chosen) if q is not None]
         key = (sum(int((quadrants[q, 1:] == np.array(refs[k])).sum()) for k, q in placed), len(placed))
         if key > best_key:
-            best, best_key = placed, key
-    fidelity = leakage = 0
-    for k, q in best:
+            best, best_key = list(chosen), key
+    return best
+
+
+def reference_outcomes(identities: list[int], quadrants: np.ndarray) -> list[dict]:
+    """Per reference: its quadrant (None: missing), attributes right, attributes leaked (a wrong attribute equal
+    to that attribute of another reference)."""
+    refs = [world.attributes(i) for i in identities]
+    out = []
+    for k, q in enumerate(assign(identities, quadrants)):
+        if q is None:
+            out.append({"quadrant": None, "right": 0, "leaked": 0})
+            continue
         predicted, own = quadrants[q, 1:], refs[k]
-        fidelity += int(all(predicted[a] == own[a] for a in range(3)))
         others = [r for j, r in enumerate(refs) if j != k]
-        leakage += int(any(predicted[a] != own[a] and any(predicted[a] == o[a] for o in others) for a in range(3)))
-    count = len(refs)
-    return {"fidelity": fidelity / count, "leakage": leakage / count, "missing": (count - len(best)) / count,
-            "extra": max(0, len(occupied) - count)}
+        out.append({"quadrant": q, "right": sum(int(predicted[a] == own[a]) for a in range(3)),
+                    "leaked": sum(int(predicted[a] != own[a] and any(predicted[a] == o[a] for o in others))
+                                  for a in range(3))})
+    return out
+
+
+def score_scene(identities: list[int], quadrants: np.ndarray) -> dict:
+    """Scores of one generated image (``quadrants``: the judge's ``(4, 4)``) against its K references."""
+    outcomes = reference_outcomes(identities, quadrants)
+    placed = [o for o in outcomes if o["quadrant"] is not None]
+    occupied = int((quadrants[:, 0] == 1).sum())
+    count = len(identities)
+    return {"fidelity": sum(o["right"] == 3 for o in placed) / count,
+            "leakage": sum(o["leaked"] > 0 for o in placed) / count,
+            "missing": (count - len(placed)) / count, "extra": max(0, occupied - count)}
+
+
+def subject_scores(identities: list[int], quadrants: np.ndarray) -> list[float]:
+    """The oracle's per-reference score in [-1, 1]: (attributes right − attributes leaked) / 3 for a placed
+    subject, −1 for a missing one (the labels of the oracle pairs and the subject_oracle arm)."""
+    return [-1.0 if o["quadrant"] is None else (o["right"] - o["leaked"]) / 3
+            for o in reference_outcomes(identities, quadrants)]

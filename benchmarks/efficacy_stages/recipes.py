@@ -19,8 +19,27 @@ def write_recipe(path: Path, fields: dict) -> Path:
     return path
 
 
-def train(recipe: Path) -> None:
-    """One trainer run in this process (the study sets one thread; the trainer honours the recipe's seed)."""
-    from focusdpo.commands.train import main
+def train(recipe: Path, run: Path | None = None) -> None:
+    """One trainer run in this process (the study sets one thread; the trainer honours the recipe's seed).
 
-    main(["--config", str(recipe)])
+    ``run``: the recipe's ``output_dir``. When it holds a checkpoint of an interrupted attempt, training resumes from
+    the newest one before the last step (``--resume_from_checkpoint``; the trainer replays noise and data exactly, so
+    the result equals an uninterrupted run). A checkpoint at the last step is not resumed from: the trainer would run
+    one step past ``max_steps`` (see docs/efficacy-round2.md); arms keep two checkpoints (``save_total_limit: 2``) so
+    the one before it is there. A run folder with no usable checkpoint is cleared first (the trainer refuses a fresh
+    run into a non-empty folder)."""
+    import shutil
+
+    from focusdpo.commands.train import main
+    from focusdpo.training.run_folder import checkpoints
+
+    argv = ["--config", str(recipe)]
+    if run is not None and run.exists():
+        last = yaml.safe_load(recipe.read_text())["max_steps"]
+        usable = [c for c in checkpoints(run) if int(c.name.split("-")[1]) < last]
+        if usable:
+            print(f"[efficacy] {run}: resuming from {usable[0].name}")
+            argv += ["--resume_from_checkpoint", str(usable[0])]
+        else:
+            shutil.rmtree(run)
+    main(argv)

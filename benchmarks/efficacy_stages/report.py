@@ -48,30 +48,31 @@ def finished_seeds(evals: Path, arm: str, seeds: list[int]) -> list[int]:
     return [s for s in wanted if (evals / arm / f"seed{s}" / "scores.jsonl").is_file()]
 
 
-def gain_cell(arm: dict, base: dict, metric: str, draws: int) -> tuple[str, bool]:
+def gain_cell(arm: dict, base: dict, metric: str, draws: int, min_seeds: int = 1) -> tuple[str, bool]:
     """``[low, high]`` of the paired bootstrap over the seeds both have, and whether it counts (issue rule:
-    |mean gain| ≥ 3 points and the interval excludes zero)."""
+    |mean gain| ≥ 3 points and the interval excludes zero, over at least ``min_seeds`` seeds)."""
     shared = [s for s in arm if s in base]
     if not shared:
         return "–", False
     arm_scores = [arm[s][metric] for s in shared]
     low, high = paired_bootstrap(arm_scores, [base[s][metric] for s in shared], draws, 0)
     gain = float(np.mean([a.mean() - base[s][metric].mean() for a, s in zip(arm_scores, shared)]))
-    counts = abs(gain) >= 0.03 and (low > 0 or high < 0)
+    counts = abs(gain) >= 0.03 and (low > 0 or high < 0) and len(shared) >= min_seeds
     return f"[{low * 100:+.1f}, {high * 100:+.1f}]" + (" **" if counts else ""), counts
 
 
-def arm_rows(evals: Path, arms: list[str], seeds: list[int], draws: int) -> list[str]:
-    """One table row per arm with at least one finished sample set."""
+def arm_rows(evals: Path, arms: list[str], seeds: list[int], draws: int, baseline: str = BASELINE,
+             min_seeds: int = 1) -> list[str]:
+    """One table row per arm with at least one finished sample set; gains against ``baseline``."""
     scores = {a: {s: read_scores(evals / a / f"seed{s}" / "scores.jsonl") for s in finished_seeds(evals, a, seeds)}
-              for a in arms}
+              for a in {*arms, baseline}}
     lines = []
     for arm in (a for a in arms if scores[a]):
         means = {m: [float(v[m].mean()) for v in scores[arm].values()] for m in METRICS}
-        # the base model is sampled once: it is paired with every dpo seed
-        paired = {s: next(iter(scores[arm].values())) for s in scores.get(BASELINE, {})} if arm == "base" \
+        # the base model is sampled once: it is paired with every seed of the baseline
+        paired = {s: next(iter(scores[arm].values())) for s in scores.get(baseline, {})} if arm == "base" \
             else scores[arm]
-        gains = [gain_cell(paired, scores.get(BASELINE, {}), m, draws)[0] if arm != BASELINE else "–"
+        gains = [gain_cell(paired, scores.get(baseline, {}), m, draws, min_seeds)[0] if arm != baseline else "–"
                  for m in ("fidelity", "leakage")]
         lines.append(f"| {arm} | {len(scores[arm])} | {cell(means['fidelity'])} | {cell(means['leakage'])} | "
                      f"{cell(means['missing'])} | {cell(means['extra'], 1.0)} | {gains[0]} | {gains[1]} |")
@@ -130,4 +131,170 @@ def write_report(out: Path, root: Path, arms: list[str], seeds: list[int], todo:
              "Per arm: " + ", ".join(
                  f"[{a}](../eval/{a}/seed{seeds[0]}/samples.png)" for a in evaluated
                  if (root / "eval" / a / f"seed{seeds[0]}" / "samples.png").is_file()), ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+# ---- round 2 (issue 25) ------------------------------------------------------------------------------------------
+TRAINING_METRICS = ("rewards/accuracies", "subject/accuracy", "subject/labelled", "subject/label_disagrees",
+                    "subject/mask_coverage", "mse/winner_drift")
+
+
+def logged_means(metrics_file: Path, last: float = 1.0) -> dict[str, float]:
+    """Mean over the logged steps (the last ``last`` share of them) of each of TRAINING_METRICS (absent: NaN)."""
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    rows = [row for row in map(json.loads, filter(None, lines)) if "loss" in row or "subject/accuracy" in row]
+    rows = rows[int(len(rows) * (1 - last)):]
+    return {name: float(np.mean([r[name] for r in rows if name in r])) if any(name in r for r in rows) else math.nan
+            for name in TRAINING_METRICS}
+
+
+def training_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
+    """Per arm, means over seeds of the training metrics (winner drift: over the last quarter of the steps)."""
+    lines = []
+    for arm in arms:
+        files = [runs / arm / f"seed{s}" / "run" / "metrics.jsonl" for s in seeds]
+        files = [f for f in files if f.is_file()]
+        if not files:
+            continue
+        whole = [logged_means(f) for f in files]
+        tail = [logged_means(f, 0.25) for f in files]
+        values = {k: np.nanmean([w[k] for w in whole]) if not all(math.isnan(w[k]) for w in whole) else math.nan
+                  for k in TRAINING_METRICS}
+        drift = [t["mse/winner_drift"] for t in tail if not math.isnan(t["mse/winner_drift"])]
+        values["mse/winner_drift"] = float(np.mean(drift)) if drift else math.nan
+        shown = ["–" if math.isnan(values[k]) else (f"{values[k] * 100:.1f}" if k != "mse/winner_drift" and
+                 k != "subject/mask_coverage" else f"{values[k]:.3g}") for k in TRAINING_METRICS]
+        lines.append(f"| {arm} | {len(files)} | " + " | ".join(shown) + " |")
+    return lines
+
+
+def stage_times(root: Path) -> list[str]:
+    """Every finished stage's wall time (``done.json``), in the order they finished."""
+    markers = sorted((p for p in root.rglob(MARKER_NAME) if "report" not in p.relative_to(root).parts),
+                     key=lambda p: p.stat().st_mtime)
+    lines = []
+    for marker in markers:
+        record = json.loads(marker.read_text())
+        note = " (resumed; this attempt)" if record.get("resumed") else ""
+        lines.append(f"| {record['stage']} | {record['seconds']:.0f}{note} |")
+    return lines
+
+
+MARKER_NAME = "done.json"
+
+
+def pct(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value * 100:.1f}"
+
+
+def agreement_lines(agreement: dict) -> list[str]:
+    names = {"scorer": "scorer pairs (features' labels)", "oracle": "oracle pairs (judge's labels)"}
+    lines = [("| pair set | pairs | subjects | labelled | label opposes image label | features label | judge labels | "
+              "both label | features = judge (both labelled) | judge opposes image label | judge prefers chosen / "
+              "ties / rejected |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, title in names.items():
+        a = agreement[key]
+        lines.append(f"| {title} | {a['pairs']} | {a['subjects']} | {pct(a['labelled'])} | "
+                     f"{pct(a['label_disagrees'])} | {pct(a['features_labelled'])} | {pct(a['judge_labelled'])} | "
+                     f"{pct(a['both_labelled'])} | {pct(a['agree'])} | {pct(a['judge_disagrees_with_image'])} | "
+                     f"{pct(a['judge_prefers_chosen'])} / {pct(a['judge_ties'])} / {pct(a['judge_prefers_rejected'])} |")
+    return lines
+
+
+def budget_lines(choice: dict) -> list[str]:
+    lines = [("| point | lr | steps | rank | β | pairs | Δ fidelity | Δ leakage | Δ missing | Δ extra | drifted | "
+              "qualifies |"), "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for p in choice["points"]:
+        g = p["gain"]
+        mark = " (held)" if p["name"] == choice["chosen"] else ""
+        lines.append(f"| {p['name']}{mark} | {p['arm_lr']:g} | {p['arm_steps']} | {p['lora_rank']} | {p['beta']:g} | "
+                     f"{choice['arm_pairs']} | {g['fidelity'] * 100:+.1f} | {g['leakage'] * 100:+.1f} | "
+                     f"{g['missing'] * 100:+.1f} | {g['extra']:+.2f} | {p['drifted']} | {p['qualifies']} |")
+    return lines
+
+
+def round_rows(evals: Path, chains: list[str], seeds: list[int], draws: int) -> list[str]:
+    """Second round minus first round of each chain, paired by seed and scene."""
+    lines = []
+    for chain in chains:
+        first = {s: read_scores(evals / chain / f"seed{s}" / "scores.jsonl") for s in finished_seeds(evals, chain, seeds)}
+        second = {s: read_scores(evals / f"{chain}_r2" / f"seed{s}" / "scores.jsonl")
+                  for s in finished_seeds(evals, f"{chain}_r2", seeds)}
+        if not second:
+            continue
+        cells = [gain_cell(second, first, m, draws, MIN_SEEDS)[0] for m in ("fidelity", "leakage")]
+        lines.append(f"| {chain}_r2 − {chain} | {len([s for s in second if s in first])} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+TABLE_HEAD = ["| arm | seeds | fidelity | leakage | missing | extra | Δ fidelity vs {b} | Δ leakage vs {b} |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
+MIN_SEEDS = 3  # round 2's rule: a difference counts only over at least this many seeds
+
+
+def head(baseline: str) -> list[str]:
+    return [h.format(b=baseline) for h in TABLE_HEAD]
+
+
+def pairs_section(root: Path) -> list[str]:
+    agreement_file = root / "agreement" / "agreement.json"
+    if not agreement_file.is_file():
+        return ["Not finished yet.", ""]
+    agreement = json.loads(agreement_file.read_text())
+    return [("Percent of subjects (labelled: the scores differ; a label opposes the image label when the rejected "
+             "image holds the better subject). Both sets score the same candidates (same seeds); the scorer and the "
+             f"judge pick the same winner in {pct(agreement['same_winner'])} % of {agreement['shared_scenes']} "
+             "scenes."), "", *agreement_lines(agreement), ""]
+
+
+def budget_section(root: Path) -> list[str]:
+    choice_file = root / "budget" / "choice" / "choice.json"
+    if not choice_file.is_file():
+        return ["Not finished yet.", ""]
+    choice = json.loads(choice_file.read_text())
+    return [(f"Gains over the base model, points (extra: subjects per scene). Held: `{choice['chosen']}` "
+             f"({choice['why']})."), "", *budget_lines(choice), ""]
+
+
+def round2_section(root: Path, chain: str | None, seeds: list[int], draws: int) -> list[str]:
+    if not chain:
+        return ["Not started yet (it needs every seed of the subject arms).", ""]
+    evals = root / "eval"
+    values = json.loads((root / "round2" / "choice" / "choice.json").read_text())["fidelity_minus_leakage"]
+    return [(f"Chains: `dpo` and `{chain}` (the better subject arm on the validation scenes, mean fidelity − leakage "
+             f"over seeds: {values})."), "", *head("dpo_r2"),
+            *arm_rows(evals, ["base", "dpo", chain, "dpo_r2", f"{chain}_r2"], seeds, draws, "dpo_r2", MIN_SEEDS), "",
+            "| change | seeds | Δ fidelity | Δ leakage |", "| --- | --- | --- | --- |",
+            *round_rows(evals, ["dpo", chain], seeds, draws), ""]
+
+
+def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int], settings: dict) -> None:
+    """The round-2 report from whatever has finished (every section says when its stage has not)."""
+    evals, draws = root / "eval", settings["bootstrap_draws"]
+    chain_file = root / "round2" / "choice" / "choice.json"
+    chain = json.loads(chain_file.read_text())["chain"] if chain_file.is_file() else None
+    second = ["dpo_r2", f"{chain}_r2"] if chain else []
+    samples_figure(evals, ["base", *arms, *second], seeds[0], out)
+    accuracy = json.loads((root / "judge" / "accuracy.json").read_text())
+    rule = ("A difference counts (marked **) only if it is at least 3 points and its paired bootstrap 95 % interval "
+            f"(scenes resampled, the same indices in every seed) excludes zero, over at least {MIN_SEEDS} seeds.")
+    lines = ["# Efficacy study, round 2 (issue 25)", "", f"Settings: `{json.dumps(settings, sort_keys=True)}`", "",
+             (f"Judge, exact identity per subject: {accuracy['renders'] * 100:.1f} % on clean renders, "
+              f"{accuracy['reconstructions'] * 100:.1f} % on VAE reconstructions."), "",
+             "## On-policy pairs: do the two scorings agree?", "", *pairs_section(root),
+             "## The budget (DPO alone, seed 0, validation scenes)", "", *budget_section(root),
+             "## Round 1: every arm at the held budget (held-out test scenes)", "", rule, "", *head("dpo"),
+             *arm_rows(evals, ["base", *arms], seeds, draws, BASELINE, MIN_SEEDS), "",
+             ("Training metrics (percent, means over logged steps and seeds; winner drift = e_θ(w) − e_ref(w) over "
+              "the last quarter of the steps; mask coverage = Σ_k M_k per patch):"), "",
+             "| arm | seeds | " + " | ".join(TRAINING_METRICS) + " |", "| --- " * (len(TRAINING_METRICS) + 2) + "|",
+             *training_rows(root / "arms", [*arms, *second], seeds), "",
+             "## Round 2: pairs re-sampled from each round-1 model, trained again", "",
+             *round2_section(root, chain, seeds, draws),
+             "## Wall time of every finished stage (seconds)", "", "| stage | seconds |", "| --- | --- |",
+             *stage_times(root), "",
+             (f"Samples of every arm on the first held-out scenes (seed {seeds[0]}, the same noise): "
+              "[samples.png](samples.png)."), ""]
     (out / "report.md").write_text("\n".join(lines))

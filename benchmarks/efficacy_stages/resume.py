@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 MARKER = "done.json"
+ATTEMPT = "attempt.json"  # in a resumable stage's staging folder: the settings it was started with
 
 
 class SettingsChanged(RuntimeError):
@@ -42,18 +43,31 @@ def finished(folder: Path, name: str, settings: dict) -> bool:
     return True
 
 
-def run_stage(folder: Path, name: str, settings: dict, work: Callable[[Path], None]) -> bool:
-    """Run ``work(staging)`` unless finished; the result appears at ``folder`` all at once. Returns True if it ran."""
+def run_stage(folder: Path, name: str, settings: dict, work: Callable[[Path], None], resumable: bool = False) -> bool:
+    """Run ``work(staging)`` unless finished; the result appears at ``folder`` all at once. Returns True if it ran.
+
+    An interrupted attempt leaves its staging folder. It is discarded, unless ``resumable`` and the attempt was
+    made with the same settings (``ATTEMPT`` inside it): then ``work`` gets it back as it was left, and continues
+    (an arm from its last checkpoint, a pair generator from its written shards)."""
     if finished(folder, name, settings):
         print(f"[efficacy] {name}: done, skipped ({folder})")
         return False
     staging = folder.with_name(f".{folder.name}.staging")
-    shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted attempt
-    staging.mkdir(parents=True)
+    attempt = staging / ATTEMPT
+    resumed = resumable and attempt.is_file() and json.loads(attempt.read_text()) == json.loads(json.dumps(settings))
+    if resumed:
+        print(f"[efficacy] {name}: resuming the interrupted attempt in {staging}")
+    else:
+        shutil.rmtree(staging, ignore_errors=True)  # debris of an interrupted attempt
+        staging.mkdir(parents=True)
+        if resumable:
+            attempt.write_text(json.dumps(settings, sort_keys=True))
     start = time.time()
     print(f"[efficacy] {name}: running")
     work(staging)
-    marker = {"stage": name, "settings": settings, "seconds": round(time.time() - start, 2)}
+    attempt.unlink(missing_ok=True)
+    marker = {"stage": name, "settings": settings, "seconds": round(time.time() - start, 2),
+              **({"resumed": True} if resumed else {})}  # seconds: of the last attempt only
     (staging / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True))
     if folder.exists():
         shutil.rmtree(folder)

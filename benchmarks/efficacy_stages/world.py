@@ -13,12 +13,13 @@ from __future__ import annotations
 import itertools
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, Features
 from PIL import Image, ImageDraw
 
-from focusdpo.data.schema import PAIR_FEATURES
+from focusdpo.data.schema import PAIR_FEATURES, SUBJECT_SCORES_FEATURE
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = ((220, 40, 40), (40, 160, 60), (40, 80, 220), (235, 200, 30), (200, 50, 200), (30, 190, 200))
@@ -147,22 +148,28 @@ def box_mask(box) -> Image.Image:
     return mask
 
 
-def disrupted_pair(rng: np.random.Generator, scene: Scene, index: int, tag: str) -> dict:
-    """Winner = the scene; loser = one subject replaced by an identity not in the scene; prior = its box."""
+def disrupted_pair(rng: np.random.Generator, scene: Scene, index: int, tag: str, labels: bool = False) -> dict:
+    """Winner = the scene; loser = one subject replaced by an identity not in the scene; prior = its box. With
+    ``labels``, also ``subject_scores`` as ``focusdpo pairs`` writes them for a disruption: the replaced subject
+    prefers the winner (1 vs 0), every other subject ties (1 vs 1)."""
     slot = int(rng.integers(len(scene.identities)))
     swapped = list(scene.identities)
     swapped[slot] = int(rng.choice([i for i in range(NUM_IDENTITIES) if i not in scene.identities]))
     refs = [reference(i) for i in scene.identities]
     return {"pair_id": f"{tag}-{index:06d}", "prompt": PROMPT, "chosen": render(scene),
             "rejected": render(scene, swapped), "references": [r[0] for r in refs],
-            "reference_masks": [r[1] for r in refs], "prior_mask": box_mask(scene.boxes[slot])}
+            "reference_masks": [r[1] for r in refs], "prior_mask": box_mask(scene.boxes[slot]),
+            **({"subject_scores": [[1.0] * len(refs), [0.0 if k == slot else 1.0 for k in range(len(refs))]]}
+               if labels else {})}
 
 
-def make_pairs(count: int, seed: int, tag: str) -> Dataset:
-    """``count`` instance-disrupted pairs of training-split scenes, in the project's pair schema."""
+def make_pairs(count: int, seed: int, tag: str, labels: bool = False) -> Dataset:
+    """``count`` instance-disrupted pairs of training-split scenes, in the project's pair schema (with ``labels``
+    also ``subject_scores``: the same pairs, the same random draws)."""
     rng = np.random.default_rng(seed)
-    rows = [disrupted_pair(rng, random_scene(rng, held_out=False), i, tag) for i in range(count)]
-    return Dataset.from_list(rows, features=PAIR_FEATURES)
+    rows = [disrupted_pair(rng, random_scene(rng, held_out=False), i, tag, labels) for i in range(count)]
+    features = Features({**PAIR_FEATURES, "subject_scores": SUBJECT_SCORES_FEATURE}) if labels else PAIR_FEATURES
+    return Dataset.from_list(rows, features=features)
 
 
 def scene_record(scene: Scene) -> dict:
@@ -172,3 +179,33 @@ def scene_record(scene: Scene) -> dict:
 def make_scenes(count: int, seed: int, held_out: bool | None) -> list[Scene]:
     rng = np.random.default_rng(seed)
     return [random_scene(rng, held_out) for _ in range(count)]
+
+
+def reference_file(identity: int, mask: bool = False) -> str:
+    """The file name of an identity's reference (or its mask) in a prompt set: the oracle reads the identity back
+    from it (:func:`identity_of`)."""
+    return f"id_{identity:03d}{'_mask' if mask else ''}.png"
+
+
+def identity_of(path: str) -> int:
+    return int(Path(path).stem.split("_")[1])
+
+
+def write_prompt_set(out: Path, count: int, seed: int) -> None:
+    """``count`` training-split scenes as a prompt file for ``focusdpo pairs`` (the jsonl layout): ``prompts.jsonl``
+    (one entry per scene: the constant prompt and its references with their masks, under ``refs/``) and
+    ``scenes.json`` (identities, quadrants, boxes). Only the references are written: the generator draws the scene."""
+    import json
+
+    (out / "refs").mkdir(parents=True, exist_ok=True)
+    scenes = make_scenes(count, seed, held_out=False)
+    for identity in sorted({i for scene in scenes for i in scene.identities}):
+        image, mask = reference(identity)
+        image.save(out / "refs" / reference_file(identity))
+        mask.save(out / "refs" / reference_file(identity, mask=True))
+    lines = [json.dumps({"id": f"scene-{index:05d}", "prompt": PROMPT,
+                         "references": [f"refs/{reference_file(i)}" for i in scene.identities],
+                         "reference_masks": [f"refs/{reference_file(i, mask=True)}" for i in scene.identities]})
+             for index, scene in enumerate(scenes)]
+    (out / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    (out / "scenes.json").write_text(json.dumps([scene_record(s) for s in scenes]))
