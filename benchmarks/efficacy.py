@@ -220,7 +220,7 @@ def pair_set_stage(out: Path, name: str, sizes: dict, seed: int, prompts: Path, 
         return folder
     keys = ("candidates", "sample_steps", "pair_margin")
     run_stage(folder, f"pairs {name}", {**settings_of(sizes, keys, prompts, base, judge_dir),
-                                        "scorer": onpolicy.SCORERS[name], **common},
+                                        **onpolicy.scorer_settings(name), **common},
               partial(onpolicy.build_onpolicy, prompts=prompts, pipeline=base / "pipeline", judge_dir=judge_dir,
                       sizes=sizes, scorer=name, seed=seed + 600), resumable=True)
     return folder
@@ -245,7 +245,7 @@ def report_stage_round2(out: Path, sizes: dict, table: dict, seeds: list[int]) -
 
 
 def round2_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", table: dict | None = None,
-                 budgets: tuple[dict, ...] = round2.BUDGETS) -> Path | None:
+                 budgets: tuple[dict, ...] = round2.BUDGETS, budget_pairs: str = "oracle") -> Path | None:
     """Round 2 up to and including ``until`` (pairs: the pair sets and their agreement; budget: the DPO budget)."""
     import torch
     from efficacy_stages import evaluation, onpolicy
@@ -268,7 +268,7 @@ def round2_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", t
     if until == "pairs":
         return None
     sizes = {**sizes, "arm_pairs": min(sizes["pairs"], *(onpolicy.kept_pairs(sets[n]) for n in ("scorer", "oracle")))}
-    choice = round2.budget_stage(out, sizes, budgets, base, sets["scorer"], validation, judge_dir, seeds[0])
+    choice = round2.budget_stage(out, sizes, budgets, base, sets[budget_pairs], validation, judge_dir, seeds[0])
     sizes = {**sizes, **round2.chosen_budget(choice)}
     report_stage_round2(out, sizes, table, seeds)
     if until == "budget":
@@ -313,6 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(docs/efficacy-round2.md).")
     parser.add_argument("--budgets", default=None, help="Round 2: a JSON list of budget points replacing the search "
                         "(each {arm_lr, arm_steps, lora_rank, beta}), e.g. to hold a budget found elsewhere.")
+    parser.add_argument("--budget_pairs", choices=("oracle", "scorer"), default="oracle", help="Round 2: the pairs "
+                        "the budget search trains DPO on (default: the judge-selected ones; the scorer's pairs agree "
+                        "with the judge at chance level on this base model, docs/efficacy-round2.md).")
     for key, value in FULL.items():
         parser.add_argument(f"--{key}", type=type(value), default=None, help=f"default {value} (smoke {SMOKE[key]})")
     args = parser.parse_args(argv)
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.report_only:
             folder = report_stage_round2(out, sizes, table, [seed + i for i in range(sizes["seeds"])])
         else:
-            folder = round2_study(out, sizes, seed, args.until, table, budgets)
+            folder = round2_study(out, sizes, seed, args.until, table, budgets, args.budget_pairs)
     else:
         table = select_arms(arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"]),
                             args.arms)

@@ -184,8 +184,9 @@ def test_a_finished_stage_is_skipped_and_other_settings_are_refused(tmp_path):
 
 def test_oracle_scores_and_masks_follow_the_judges_quadrants():
     quadrants = np.array([[1, 0, 0, 0], [1, 1, 0, 1], [0, -1, -1, -1], [1, 4, 5, 2]])
-    # identity 0 exact (3 right); identity 22 = (1, 1, 1) read as (1, 0, 1): 2 right, its colour leaked from 0
-    assert judge.subject_scores([0, 22], quadrants) == [1.0, (2 - 1) / 3]
+    # identity 0 exact (3 right); identity 22 = (1, 1, 1) read as (1, 0, 1): 2 right, its colour leaked from 0;
+    # one extra subject (quadrant 3), its penalty shared by both references
+    assert judge.subject_scores([0, 22], quadrants) == pytest.approx([1.0 - 0.5, (2 - 1) / 3 - 0.5])
     assert judge.assign([0, 22], quadrants) == [0, 1]
     only_one = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
     assert judge.subject_scores([0, 22], only_one) == [-1.0, 1.0]  # identity 0 missing
@@ -203,3 +204,9 @@ def test_budget_choice_takes_the_first_point_that_moves_without_drift():
     assert round2.choose_budget([small, drifting, moving, later])[0] == 2
     assert round2.choose_budget([small, drifting])[0] == 0  # none qualifies: the largest move without drift
     assert round2.choose_budget([drifting])[0] == 0
+
+
+def test_round2_chains_keep_one_label_source():
+    table = round2.arm_table(1.0, 1.0)
+    assert round2.round2_chains(table, "subject") == ["dpo", "subject"]
+    assert round2.round2_chains(table, "subject_oracle") == ["dpo", "subject_oracle", "dpo_oracle"]

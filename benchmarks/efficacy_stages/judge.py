@@ -143,7 +143,12 @@ def score_scene(identities: list[int], quadrants: np.ndarray) -> dict:
 
 
 def subject_scores(identities: list[int], quadrants: np.ndarray) -> list[float]:
-    """The oracle's per-reference score in [-1, 1]: (attributes right − attributes leaked) / 3 for a placed
-    subject, −1 for a missing one (the labels of the oracle pairs and the subject_oracle arm)."""
-    return [-1.0 if o["quadrant"] is None else (o["right"] - o["leaked"]) / 3
+    """The oracle's per-reference score: (attributes right − attributes leaked) / 3 for a placed subject, −1 for a
+    missing one, minus extra / K for every reference (extra: occupied quadrants beyond the K references). The extras
+    belong to no subject; they are shared out because ``focusdpo pairs`` takes a user scorer's image score as the
+    mean of its subject scores, and an image score blind to extras prefers images with more blobs (measured: without
+    the term the judge-chosen images held 0.32 extra subjects per scene, the rejected ones 0.09)."""
+    count = len(identities)
+    extra = max(0, int((quadrants[:, 0] == 1).sum()) - count)
+    return [(-1.0 if o["quadrant"] is None else (o["right"] - o["leaked"]) / 3) - extra / count
             for o in reference_outcomes(identities, quadrants)]

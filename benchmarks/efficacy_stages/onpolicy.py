@@ -37,6 +37,14 @@ SCORERS = {
     "oracle": {"fidelity_weight": 0.0, "leakage_weight": 0.0, "scorer": oracle.SCORER, "scorer_weight": 1.0},
 }
 
+# Bumped when the oracle's score changes (2: extra subjects penalised), so that pairs scored the old way are refused.
+ORACLE_VERSION = 2
+
+
+def scorer_settings(scorer: str) -> dict:
+    """What a pair set's stage records of its scorer (a changed one refuses the finished set)."""
+    return {"scorer": SCORERS[scorer], **({"oracle_version": ORACLE_VERSION} if scorer == "oracle" else {})}
+
 
 def pair_recipe(path: Path, prompts: Path, out: Path, pipeline: Path, sizes: dict, scorer: str, seed: int,
                 dpo_lora: Path | None = None) -> Path:

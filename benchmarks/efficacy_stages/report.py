@@ -254,20 +254,20 @@ def budget_section(root: Path) -> list[str]:
     if not choice_file.is_file():
         return ["Not finished yet.", ""]
     choice = json.loads(choice_file.read_text())
-    return [(f"Gains over the base model, points (extra: subjects per scene). Held: `{choice['chosen']}` "
-             f"({choice['why']})."), "", *budget_lines(choice), ""]
+    return [(f"DPO alone on the `{choice.get('pair_set', 'scorer')}` pairs. Gains over the base model, points (extra: "
+             f"subjects per scene). Held: `{choice['chosen']}` ({choice['why']})."), "", *budget_lines(choice), ""]
 
 
-def round2_section(root: Path, chain: str | None, seeds: list[int], draws: int) -> list[str]:
-    if not chain:
+def round2_section(root: Path, chains: list[str], seeds: list[int], draws: int) -> list[str]:
+    if not chains:
         return ["Not started yet (it needs every seed of the subject arms).", ""]
     evals = root / "eval"
     values = json.loads((root / "round2" / "choice" / "choice.json").read_text())["fidelity_minus_leakage"]
-    return [(f"Chains: `dpo` and `{chain}` (the better subject arm on the validation scenes, mean fidelity − leakage "
-             f"over seeds: {values})."), "", *head("dpo_r2"),
-            *arm_rows(evals, ["base", "dpo", chain, "dpo_r2", f"{chain}_r2"], seeds, draws, "dpo_r2", MIN_SEEDS), "",
+    return [(f"Chains: {', '.join(f'`{c}`' for c in chains)} (`{chains[1]}`: the better subject arm on the validation "
+             f"scenes, mean fidelity − leakage over seeds: {values})."), "", *head("dpo_r2"),
+            *arm_rows(evals, ["base", *chains, *(f"{c}_r2" for c in chains)], seeds, draws, "dpo_r2", MIN_SEEDS), "",
             "| change | seeds | Δ fidelity | Δ leakage |", "| --- | --- | --- | --- |",
-            *round_rows(evals, ["dpo", chain], seeds, draws), ""]
+            *round_rows(evals, chains, seeds, draws), ""]
 
 
 def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int], settings: dict) -> None:
@@ -275,7 +275,10 @@ def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int]
     evals, draws = root / "eval", settings["bootstrap_draws"]
     chain_file = root / "round2" / "choice" / "choice.json"
     chain = json.loads(chain_file.read_text())["chain"] if chain_file.is_file() else None
-    second = ["dpo_r2", f"{chain}_r2"] if chain else []
+    # the chains of round2.round2_chains: dpo, the chosen subject arm, the oracle's image-label control with the oracle
+    chains = ["dpo", chain, *(["dpo_oracle"] if chain == "subject_oracle" and "dpo_oracle" in arms else [])] \
+        if chain else []
+    second = [f"{c}_r2" for c in chains]
     samples_figure(evals, ["base", *arms, *second], seeds[0], out)
     accuracy = json.loads((root / "judge" / "accuracy.json").read_text())
     rule = ("A difference counts (marked **) only if it is at least 3 points and its paired bootstrap 95 % interval "
@@ -292,7 +295,7 @@ def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int]
              "| arm | seeds | " + " | ".join(TRAINING_METRICS) + " |", "| --- " * (len(TRAINING_METRICS) + 2) + "|",
              *training_rows(root / "arms", [*arms, *second], seeds), "",
              "## Round 2: pairs re-sampled from each round-1 model, trained again", "",
-             *round2_section(root, chain, seeds, draws),
+             *round2_section(root, chains, seeds, draws),
              "## Wall time of every finished stage (seconds)", "", "| stage | seconds |", "| --- | --- |",
              *stage_times(root), "",
              (f"Samples of every arm on the first held-out scenes (seed {seeds[0]}, the same noise): "

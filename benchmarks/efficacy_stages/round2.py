@@ -65,7 +65,11 @@ def arm_table(lam_s: float, lam_d: float) -> dict[str, dict]:
 
 
 FIRST_ARMS = ("dpo", "subject", "subject_oracle", "dpo_oracle", "subject_focus", "focusdpo")  # every seed first
-CHAINS = ("subject", "subject_focus")  # the subject arms a second round may continue (the oracle is not deployable)
+# The subject arms a second round may continue (the better one on the validation scenes). A chain's round-2 pairs are
+# scored like its round-1 pairs (the scorer's, or the judge's with its masks); when the oracle arm continues, its
+# image-label control (dpo_oracle) continues too, so that the round-2 comparison keeps one label source.
+CHAINS = ("subject", "subject_focus", "subject_oracle")
+CONTROLS = {"oracle": "dpo_oracle", "scorer": "dpo"}
 PAIR_SETS = ("scorer", "oracle", "disrupted")
 
 
@@ -136,9 +140,10 @@ def choose_budget(verdicts: list[dict]) -> tuple[int, str]:
     return best, "every point drifted: the one that drifted least"
 
 
-def budget_stage(out: Path, sizes: dict, budgets: tuple[dict, ...], base: Path, scorer_set: Path, validation: Path,
+def budget_stage(out: Path, sizes: dict, budgets: tuple[dict, ...], base: Path, pair_set: Path, validation: Path,
                  judge_dir: Path, seed: int) -> Path:
-    """DPO alone at each budget point (seed ``seed``), in order, until one qualifies; ``budget/choice`` holds it."""
+    """DPO alone (the image label) on ``pair_set`` at each budget point (seed ``seed``), in order, until one qualifies;
+    ``budget/choice`` holds it."""
     from . import evaluation
 
     table = arm_table(sizes["lambda_structure"], sizes["lambda_detail"])
@@ -149,9 +154,10 @@ def budget_stage(out: Path, sizes: dict, budgets: tuple[dict, ...], base: Path, 
         name = f"b{index}"
         point_sizes = {**sizes, **point}
         run = out / "budget" / name
-        run_stage(run, f"budget {name}", {**settings_of(point_sizes, ARM_KEYS, base, scorer_set), "arm": table["dpo"]},
+        run_stage(run, f"budget {name}", {**settings_of(point_sizes, ARM_KEYS, base, pair_set), "arm": table["dpo"],
+                                          "pairs": pair_set.name},
                   partial(train_arm, arm=table["dpo"], sizes=point_sizes, pipeline=base / "pipeline",
-                          pair_set=scorer_set, seed=seed), resumable=True)
+                          pair_set=pair_set, seed=seed), resumable=True)
         evaluation.sample_stage(out, name, seed, run, sizes, base, validation, judge_dir, evals="budget_eval")
         verdicts.append(budget_verdict(scores_of(out / "budget_eval" / name / f"seed{seed}"), base_scores))
         folders.append(out / "budget_eval" / name / f"seed{seed}")
@@ -162,6 +168,7 @@ def budget_stage(out: Path, sizes: dict, budgets: tuple[dict, ...], base: Path, 
 
     def work(staging: Path) -> None:
         record = {"chosen": f"b{chosen}", "budget": budgets[chosen], "why": why, "arm_pairs": sizes["arm_pairs"],
+                  "pair_set": pair_set.name,
                   "points": [{"name": f"b{i}", **budgets[i], **v} for i, v in enumerate(verdicts)]}
         (staging / "choice.json").write_text(json.dumps(record, indent=1))
     upstream = [out / "budget_eval" / "base" / f"seed{seed}", *folders]
@@ -201,25 +208,25 @@ def chain_stage(out: Path, sizes: dict, chains: list[str], seeds: list[int], bas
 
 
 def pair_set_r2(out: Path, chain: str, seed: int, sizes: dict, prompts: Path, base: Path, judge_dir: Path,
-                study_seed: int) -> Path:
-    """Pairs re-sampled from the round-1 model of ``chain`` (seed ``seed``), scored by the project's scorer."""
+                study_seed: int, scorer: str = "scorer") -> Path:
+    """Pairs re-sampled from the round-1 model of ``chain`` (seed ``seed``), scored like its round-1 pairs."""
     from . import onpolicy
 
     folder = out / "pairs_r2" / chain / f"seed{seed}"
     first_round = out / "arms" / chain / f"seed{seed}"
     keys = ("candidates", "sample_steps", "pair_margin")
     run_stage(folder, f"pairs round 2 {chain} seed {seed}",
-              {**settings_of(sizes, keys, prompts, base, judge_dir, first_round), "scorer": onpolicy.SCORERS["scorer"],
+              {**settings_of(sizes, keys, prompts, base, judge_dir, first_round), **onpolicy.scorer_settings(scorer),
                "maps": onpolicy.MAP_SETS, "focus": arms.FOCUS_STATIC},
               partial(onpolicy.build_onpolicy, prompts=prompts, pipeline=base / "pipeline", judge_dir=judge_dir,
-                      sizes=sizes, scorer="scorer", seed=study_seed + 700, dpo_lora=first_round / "run"),
+                      sizes=sizes, scorer=scorer, seed=study_seed + 700, dpo_lora=first_round / "run"),
               resumable=True)
     return folder
 
 
 def round2_calls(out: Path, sizes: dict, table: dict, chain: str, seeds: list[int], base: Path, prompts: Path,
                  world_dir: Path, judge_dir: Path, choice: Path, study_seed: int) -> list:
-    """Per seed: both chains' pairs, then each chain's second-round arm (equal pairs: the fewer of the two sets)."""
+    """Per seed: every chain's pairs, then each chain's second-round arm (equal pairs: the fewest of the sets)."""
     calls = []
     for seed in seeds:
         calls.append(partial(round2_seed, out, sizes, table, chain, seed, base, prompts, world_dir, judge_dir, choice,
@@ -231,12 +238,19 @@ def round2_seed(out: Path, sizes: dict, table: dict, chain: str, seed: int, base
                 world_dir: Path, judge_dir: Path, choice: Path, study_seed: int) -> None:
     from . import onpolicy
 
-    chains = ("dpo", chain)
-    sets = {c: pair_set_r2(out, c, seed, sizes, prompts, base, judge_dir, study_seed) for c in chains}
+    chains = round2_chains(table, chain)
+    sets = {c: pair_set_r2(out, c, seed, sizes, prompts, base, judge_dir, study_seed, table[c]["pairs"])
+            for c in chains}
     pairs = min([sizes["arm_pairs"], *(onpolicy.kept_pairs(s) for s in sets.values())])
     for c in chains:
         train_and_sample(out, f"{c}_r2", table[c], seed, {**sizes, "arm_pairs": pairs}, base, sets[c], world_dir,
                          judge_dir, choice, first_round=out / "arms" / c / f"seed{seed}")
+
+
+def round2_chains(table: dict, chain: str) -> list[str]:
+    """``dpo``, the chosen subject arm, and its image-label control when that is not ``dpo`` (the oracle's)."""
+    control = CONTROLS[table[chain]["pairs"]]
+    return ["dpo", chain] + ([control] if control != "dpo" and control in table else [])
 
 
 def finished(folder: Path) -> bool:
