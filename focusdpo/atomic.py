@@ -67,9 +67,9 @@ def atomic_write(path: str | Path, write) -> Path:
     """``write(staging_path)``, then rename the staging file onto ``path``: a reader sees the old file or the whole
     new one, never half of it. The staging file sits beside ``path`` (same filesystem, so the rename is atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
     with disk_full_names(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             write(staging)
         except BaseException:
@@ -138,8 +138,14 @@ def release_lock(lock: Path | None) -> None:
 
 
 @contextmanager
-def output_lock(out: str | Path):
-    """One writer at a time for the folder ``out``: a lock file beside it for as long as the command runs."""
+def output_lock(out: str | Path, take: bool = True):
+    """One writer at a time for the folder ``out``: a lock file beside it for as long as the command runs.
+
+    ``take``: False on the other processes of a multi-process run (``accelerate launch``): the main process holds
+    the lock for the whole run, and a rank that took its own would find the main one's and refuse."""
+    if not take:
+        yield
+        return
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     lock = take_lock(out.parent / f".{out.name}.lock", f"another process is writing {out}",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from focusdpo.atomic import atomic_write
+from focusdpo.atomic import atomic_write, output_lock
 from focusdpo.errors import LoraFileError, OutputError
 from focusdpo.models.base import LORA_WEIGHTS_NAME, sort_safetensors_header
 from focusdpo.models.families import FAMILIES
@@ -113,8 +113,9 @@ def export_lora(lora: str | Path, family: str, out: str | Path | None = None) ->
         metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps({f"{prefix}.{k}": v for k, v in folded.items()})}
         kind = "comfyui"
     target = Path(out) if out else source.parent / EXPORT_NAMES[kind]
-    atomic_write(target, lambda staging: save_file(state, str(staging), metadata={"format": "pt", **metadata}))
-    sort_safetensors_header(target)  # the same LoRA exports to the same bytes
+    with output_lock(target):  # two exports to one file: the second is refused, not interleaved
+        atomic_write(target, lambda staging: save_file(state, str(staging), metadata={"format": "pt", **metadata}))
+        sort_safetensors_header(target)  # the same LoRA exports to the same bytes
     return target
 
 

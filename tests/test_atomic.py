@@ -36,3 +36,19 @@ def test_a_full_disk_names_the_folder_and_leaves_no_staging(tmp_path, monkeypatc
     with pytest.raises(OutputError, match=f"no space left on the device of {tmp_path} "):
         trainer.train()
     assert not (tmp_path / ".staging").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_only_the_main_process_of_a_run_takes_the_lock(tmp_path):
+    import json
+    import os
+    import socket
+
+    from focusdpo.atomic import output_lock
+
+    lock = tmp_path / ".out.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))  # the main process, alive
+    with output_lock(tmp_path / "out", take=False):  # another rank of the same run: not refused
+        pass
+    with pytest.raises(OutputError, match="another process is writing"), output_lock(tmp_path / "out"):
+        pass
+    assert json.loads(lock.read_text())["pid"] == os.getppid()  # the holder's lock is left alone

@@ -146,3 +146,23 @@ def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "prompts.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     with pytest.raises(PromptSetError, match="prompts.jsonl is not UTF-8 text"):
         load_prompt_set(tmp_path / "prompts.jsonl")
+
+
+def test_a_second_export_to_one_file_is_refused_while_the_first_lives(tmp_path):
+    import os
+    import socket
+
+    from peft import LoraConfig
+
+    from focusdpo.export import export_lora
+    from focusdpo.models import load_backbone
+
+    backbone = load_backbone("sd")
+    backbone.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=list(backbone.default_lora_targets)))
+    backbone.save_lora(tmp_path)
+    owner = os.getppid()  # a live process on this host that is not this one
+    (tmp_path / ".lora_kohya.safetensors.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner}))
+    with pytest.raises(OutputError, match=f"another process is writing {tmp_path / 'lora_kohya.safetensors'} "
+                                          f"\\(pid {owner}"):
+        export_lora(tmp_path, "sd")
+    assert not (tmp_path / "lora_kohya.safetensors").exists()

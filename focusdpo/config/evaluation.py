@@ -23,7 +23,9 @@ class EvalConfig:
     data_root: str | None = field(default=None, metadata={
         "help": "Folder the benchmark's image paths are relative to (default: the benchmark file's folder)."})
     output_dir: str = field(default="runs/eval", metadata={
-        "help": "Report folder; generated images go to images/<variant>/ inside it and are reused on rerun."})
+        "help": "Report folder; generated images go to images/<variant>/ inside it and are reused by a rerun with "
+                "the same settings and inputs (another seed, resolution, model or LoRA file is refused: choose a "
+                "new output_dir)."})
     images_dir: str | None = field(default=None, metadata={
         "help": "Score existing images <images_dir>/<variant>/<item_id>_<n>.png instead of generating."})
     loras: list[str] = field(default_factory=list, metadata={

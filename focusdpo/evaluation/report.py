@@ -145,7 +145,6 @@ def write_report(out: Path, cfg, model_cfg, extractors: dict, variants: list[str
         "skipped_images": skipped_images, "samples": records,
     }
     report = rounded(report)
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
     if report["deltas"]:

@@ -6,6 +6,11 @@ Flow: read the benchmark (:mod:`focusdpo.data.prompt_sets`; entries with missing
 counted) -> build the scorers (fails early on missing weights) -> generate each process's share of the
 entries for every variant (images already on disk are reused, so a killed run resumes) -> score them ->
 the main process merges the shards and writes the report (:mod:`focusdpo.evaluation.report`).
+
+Images are reused only when made with the same settings and inputs: ``output_dir/run_settings.json`` holds the
+sampling settings and content digests of the benchmark, references, model and LoRAs (:mod:`focusdpo.provenance`),
+and a rerun with other ones is refused before any model loads. The main process holds ``output_dir``'s writer
+lock for the run.
 """
 
 from __future__ import annotations
@@ -19,21 +24,26 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from focusdpo.atomic import atomic_write_text, save_png
+from focusdpo.atomic import atomic_write_text, output_lock, save_png
 from focusdpo.config.evaluation import EvalConfig
 from focusdpo.config.focus import FocusConfig
 from focusdpo.config.training import ModelConfig
 from focusdpo.data.prompt_sets import load_prompt_set
-from focusdpo.errors import EvalInputError, PromptSetError
+from focusdpo.errors import EvalInputError, OutputError, PromptSetError
 from focusdpo.evaluation.metrics import (pooled_embedding, subject_averaged_similarity, subject_scores,
                                          text_image_similarity)
 from focusdpo.evaluation.report import save_prompt_grid, write_report
 from focusdpo.images import resize_square, to_tensor
 from focusdpo.models import load_backbone
+from focusdpo.models.base import LORA_WEIGHTS_NAME
 from focusdpo.models.sampling import sample_images
 from focusdpo.processes import process_state
+from focusdpo.provenance import check_record, input_digests, write_record
 
 BASE = "base"
+
+# Model options that only shape training (timestep sampling), not a sampled image: a change keeps the images.
+TRAINING_ONLY = ("flow_density", "logit_mean", "logit_std", "mode_scale", "max_references")
 
 
 @dataclass
@@ -200,7 +210,8 @@ def generate_missing(backbone, personal, cfg: EvalConfig, items, out: Path, rank
     """Generate the images of ``items`` not on disk yet, for every variant; returns how many were made.
 
     One image per (variant, entry, number) from :func:`image_seed`: identical seeds for every variant, and an
-    image depends only on its seed and entry, so a rerun regenerates exactly what was missing.
+    image depends only on its seed and entry, so a rerun (with the same settings and inputs: :func:`image_record`)
+    regenerates exactly what was missing.
     """
 
     todo = [(v, item, n) for v in variant_names(cfg) for item in items for n in range(cfg.images_per_prompt)
@@ -210,7 +221,6 @@ def generate_missing(backbone, personal, cfg: EvalConfig, items, out: Path, rank
             jobs = [(item, n) for v, item, n in todo if v == variant]
             if jobs:
                 select_variant(backbone, variant, personal)
-            (out / variant).mkdir(parents=True, exist_ok=True)
             for start in range(0, len(jobs), cfg.batch_size):
                 chunk = jobs[start:start + cfg.batch_size]
                 references = [[Image.open(item.references[g[0]]).convert("RGB") for g in subject_groups(item)]
@@ -252,10 +262,35 @@ def score_items(scorers: Scorers, cfg: EvalConfig, items, variants: list[str], i
     return records, skipped
 
 
-def run(cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path:
-    """Evaluate and write the report; returns the report folder. Every process calls it (accelerate)."""
+def lora_weights(path: str | Path | None) -> str | Path | None:
+    """The file a LoRA folder is read from: a training run's folder also holds checkpoints, plots and exports,
+    which change without changing the LoRA."""
+    inside = Path(path) / LORA_WEIGHTS_NAME if path else None
+    return inside if inside is not None and inside.is_file() else path
 
-    state = process_state()
+
+def image_record(cfg: EvalConfig, model_cfg: ModelConfig, items) -> dict:
+    """What the generated images depend on: the sampling settings and content digests of the benchmark file, each
+    entry's references, the model and each variant's LoRA. ``max_prompts``, ``images_per_prompt`` and added or
+    dropped variants are not in it: an image depends only on its own entry, number and variant."""
+    options = {k: v for k, v in model_cfg.adapter_options(6).items() if k not in TRAINING_ONLY}
+    named = {"benchmark": cfg.benchmark, "pretrained_path": model_cfg.pretrained_path,
+             "personalization_lora": lora_weights(model_cfg.personalization_lora)}
+    named.update({f"lora {name}": lora_weights(path) for name, path in zip(variant_names(cfg)[1:], cfg.loras)})
+    named.update({f"reference {path}": path for item in items for path in item.references})
+    generator = {"family": model_cfg.family, "tiny_seed": None if model_cfg.pretrained_path else model_cfg.tiny_seed,
+                 "personalization_lora_loader": model_cfg.personalization_lora_loader, **options}
+    return {"generator": generator, "sampling": {"seed": cfg.seed, "resolution": cfg.resolution,
+                                                 "sample_steps": cfg.sample_steps},
+            "inputs": input_digests(named)}
+
+
+def check_images_record(out: Path, record: dict) -> None:
+    check_record(out, record, OutputError, "images", "--output_dir")
+
+
+def benchmark_items(cfg: EvalConfig):
+    """The benchmark and its first ``max_prompts`` entries, refused when none can be scored."""
     try:
         prompt_set = load_prompt_set(cfg.benchmark, cfg.benchmark_layout, cfg.data_root)
     except PromptSetError as e:
@@ -267,13 +302,33 @@ def run(cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path
     if not all(item.references for item in items):
         raise EvalInputError(f"benchmark {cfg.benchmark}: entries without references cannot be scored for "
                              "subject fidelity; give a benchmark with reference images")
-    scorers = build_scorers(cfg, focus_cfg, state.device)
+    return prompt_set, items
+
+
+def run(cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path:
+    """Evaluate and write the report; returns the report folder. Every process calls it (accelerate); the main
+    process holds ``output_dir``'s writer lock for the run, so a second run into it is refused at once."""
+    state = process_state()
+    with output_lock(cfg.output_dir, take=state.is_main_process):
+        return evaluate_locked(state, cfg, model_cfg, focus_cfg)
+
+
+def evaluate_locked(state, cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: FocusConfig) -> Path:
+    """:func:`run` once ``output_dir`` is locked. Generated images are reused only when made with the same
+    settings and inputs (:func:`image_record`, checked before any model loads); the report is rebuilt each time."""
+    prompt_set, items = benchmark_items(cfg)
     out = Path(cfg.output_dir)
+    record = None if cfg.images_dir else image_record(cfg, model_cfg, items)
+    if record is not None:
+        check_images_record(out, record)
+    scorers = build_scorers(cfg, focus_cfg, state.device)
     images = Path(cfg.images_dir) if cfg.images_dir else out / "images"
     mine = items[state.process_index::state.num_processes]
     variants = variant_names(cfg)
-    if not cfg.images_dir:
+    if record is not None:
         backbone, personal = load_variants(cfg, model_cfg, state.device)
+        if state.is_main_process:  # once every LoRA fits: a refused start leaves no record to block its fix
+            write_record(out, record)
         generate_missing(backbone, personal, cfg, mine, images, state.process_index)
         del backbone
     grid_ids = {item.item_id for item in items[: cfg.grid_prompts]}

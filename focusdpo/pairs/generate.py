@@ -28,18 +28,19 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from focusdpo import __version__
+from focusdpo.atomic import output_lock
 from focusdpo.config.pairs import PairGenConfig
 from focusdpo.data.prompt_sets import PromptItem, load_prompt_set
 from focusdpo.errors import PairGenError
+from focusdpo.evaluation.run import lora_weights
 from focusdpo.models import load_backbone
 from focusdpo.models.families import FAMILIES
 from focusdpo.models.sampling import apply_loras, sample_images
 from focusdpo.pairs.disrupt import check_inpainter, inpaint_instance, load_inpainter, mask_image, region_mask
 from focusdpo.pairs.scoring import CandidateScorer, load_user_scorer, subject_views
-from focusdpo.pairs.writer import ShardWriter, check_run_settings, finished_items, merge_shards, write_summary
+from focusdpo.pairs.writer import ShardWriter, finished_items, merge_shards, write_summary
 from focusdpo.processes import process_state
-from focusdpo.pairs.writer import check_run_inputs
-from focusdpo.provenance import input_digests
+from focusdpo.provenance import check_record, input_digests, write_record
 
 
 def item_seeds(cfg: PairGenConfig, index: int) -> list[int]:
@@ -221,7 +222,8 @@ def run_inputs(pair_cfg, model_cfg, items: list) -> dict[str, str | None]:
     """Content digests of what the pairs are made from: the prompt file, every reference image and mask, the
     generator's folder and LoRAs, the inpainter."""
     named = {"prompts": pair_cfg.prompts, "pretrained_path": model_cfg.pretrained_path,
-             "personalization_lora": model_cfg.personalization_lora, "dpo_lora": pair_cfg.dpo_lora,
+             "personalization_lora": lora_weights(model_cfg.personalization_lora),
+             "dpo_lora": lora_weights(pair_cfg.dpo_lora),
              "inpaint_path": pair_cfg.inpaint_path if pair_cfg.strategy == "disrupt" else None}
     for item in items:
         named.update({f"reference {p}": p for p in [*item.references, *item.reference_masks]})
@@ -247,9 +249,22 @@ def provenance(pair_cfg, model_cfg, scorer, inpainter, layout: str, dtype) -> di
 def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None, inpainter=None,
                    extractor=None) -> dict | None:
     """Run the generator in this process (one of ``accelerate launch``'s, or alone); returns the summary on the
-    main process. ``backbone`` / ``inpainter`` / ``extractor`` replace the configured ones (tests, notebooks)."""
+    main process. ``backbone`` / ``inpainter`` / ``extractor`` replace the configured ones (tests, notebooks).
+    The main process holds ``out``'s writer lock for the run: a second run into it is refused at once."""
 
     state = process_state(cpu=pair_cfg.device == "cpu")
+    with output_lock(pair_cfg.out, take=state.is_main_process):
+        return generate_locked(state, pair_cfg, model_cfg, focus_cfg, backbone, inpainter, extractor)
+
+
+def check_pair_record(out, record: dict) -> None:
+    check_record(out, record, PairGenError, "pairs", "out folder")
+
+
+def generate_locked(state, pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone, inpainter,
+                    extractor) -> dict | None:
+    """:func:`generate_pairs` once ``out`` is locked. ``max_items`` selects the entries: a rerun with more extends
+    the run, one with fewer merges only theirs (inputs of the others' are not compared: their work is not used)."""
     datasets.disable_progress_bars()  # one bar: the generator's own
     prompt_set = load_prompt_set(pair_cfg.prompts, pair_cfg.prompt_layout, pair_cfg.data_root,
                                  pair_cfg.missing_references, pair_cfg.unique_token)
@@ -257,7 +272,7 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
     items = items[: pair_cfg.max_items] if pair_cfg.max_items else items
     preflight(pair_cfg, backbone.family if backbone is not None else model_cfg.family, items)
     inputs = run_inputs(pair_cfg, model_cfg, [item for _, item in items])
-    check_run_inputs(pair_cfg.out, inputs)  # before any model loads
+    check_pair_record(pair_cfg.out, {"inputs": inputs})  # before any model loads
     device, dtype = resolve_device_dtype(pair_cfg, state)
     if inpainter is not None:
         check_inpainter(inpainter)
@@ -269,13 +284,28 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
                               model_cfg.guidance_scale if not backbone.is_flow else None)
 
     info = {**provenance(pair_cfg, model_cfg, scorer, inpainter, prompt_set.layout, dtype), "inputs": inputs}
-    check_run_settings(pair_cfg.out, info, write=state.is_main_process)
+    check_pair_record(pair_cfg.out, info)
+    if state.is_main_process:
+        write_record(pair_cfg.out, info)
     done = finished_items(pair_cfg.out)
     state.wait_for_everyone()  # every process sees the same finished set before anyone writes
-    check_run_settings(pair_cfg.out, info, write=False)
     todo = [(i, item) for i, item in items if item.item_id not in done][state.process_index::state.num_processes]
-    writer = ShardWriter(pair_cfg.out, state.process_index, pair_cfg.items_per_shard)
-    bar = tqdm(todo, desc=f"pairs[{state.process_index}]", position=state.process_index, unit="prompt")
+    write_shards(generator, todo, ShardWriter(pair_cfg.out, state.process_index, pair_cfg.items_per_shard),
+                 state.process_index)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    merged = merge_shards(pair_cfg.out, info, {index for index, _ in items})
+    chosen = {item.item_id for _, item in items}
+    records = {key: record for key, record in finished_items(pair_cfg.out).items() if key in chosen}
+    summary = write_summary(pair_cfg.out, records, prompt_set.skipped)
+    summary["dataset"] = str(Path(pair_cfg.out) / "dataset") if merged is not None else None
+    return summary
+
+
+def write_shards(generator: PairGenerator, todo: list, writer: ShardWriter, rank: int) -> None:
+    """Turn this process's entries into pairs, written shard by shard; one failing entry is recorded, not fatal."""
+    bar = tqdm(todo, desc=f"pairs[{rank}]", position=rank, unit="prompt")
     kept = 0  # this process's kept pairs this session (the writer's records restart at every shard)
     for index, item in bar:
         try:
@@ -287,10 +317,3 @@ def generate_pairs(pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbone=None,
         kept += record["status"] == "kept"
         bar.set_postfix(kept=kept)
     writer.flush()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        return None
-    merged = merge_shards(pair_cfg.out, info)
-    summary = write_summary(pair_cfg.out, finished_items(pair_cfg.out), prompt_set.skipped)
-    summary["dataset"] = str(Path(pair_cfg.out) / "dataset") if merged is not None else None
-    return summary

@@ -1,14 +1,18 @@
-"""The evaluator end to end on tiny in-process models with the DreamBench subset, and its bad-input paths."""
+"""The evaluator end to end on tiny in-process models with the DreamBench subset, its bad-input paths, and its output
+folder: keyed by what made its images, locked, a full disk named."""
 
+import errno
 import json
+import os
 import shutil
+import socket
 
 import pytest
 import torch
 
 from focusdpo.commands.evaluate import main
 from focusdpo.config.evaluation import EvalConfig
-from focusdpo.errors import ConfigError, EvalInputError
+from focusdpo.errors import ConfigError, EvalInputError, OutputError
 from focusdpo.evaluation.run import run
 
 from conftest import SHARED_DATA, UNO_MULTI, accelerate_launch
@@ -26,12 +30,12 @@ def lora_dirs(tmp_path_factory):
     from focusdpo.models import load_backbone
 
     root = tmp_path_factory.mktemp("loras")
-    for family in ("sd", "sdxl"):
+    for name, family, seed in (("dpo_sd", "sd", 1), ("dpo_sdxl", "sdxl", 1), ("other_sd", "sd", 2)):
         backbone = load_backbone(family)
-        torch.manual_seed(1)
+        torch.manual_seed(seed)
         backbone.denoiser.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
                                                  target_modules=list(backbone.default_lora_targets)))
-        backbone.save_lora(root / f"dpo_{family}")
+        backbone.save_lora(root / name)
     return root
 
 
@@ -160,3 +164,77 @@ def test_bad_config_and_benchmark_are_clear_errors(tmp_path, capsys):
     with pytest.raises(EvalInputError, match="no entry has all its images"):
         run(*parse(["--benchmark", str(UNO_MULTI), "--data_root", str(tmp_path), "--output_dir", str(tmp_path),
                     *TOY]))
+
+
+# ---- the output folder: keyed by what made its images, locked, a full disk named -------------------------------------
+def refuse_models(monkeypatch):
+    """Loading a scorer or the generator fails the test: a refusal must come before any model loads."""
+    import focusdpo.evaluation.run as evaluation
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the rerun was refused")
+    monkeypatch.setattr(evaluation, "build_scorers", loaded)
+    monkeypatch.setattr(evaluation, "load_backbone", loaded)
+
+
+def refuse_sampling(monkeypatch):
+    import focusdpo.evaluation.run as evaluation
+
+    def sampled(*args, **kwargs):
+        raise AssertionError("an image on disk was generated again")
+    monkeypatch.setattr(evaluation, "sample_images", sampled)
+
+
+def test_a_rerun_with_other_settings_or_loras_is_refused_and_an_identical_one_resumes(tmp_path, lora_dirs,
+                                                                                     monkeypatch):
+    lora = tmp_path / "lora"
+    shutil.copytree(lora_dirs / "dpo_sd", lora)
+    out = evaluate(tmp_path / "eval", "--loras", str(lora), prompts=1)
+    with monkeypatch.context() as patched:
+        refuse_sampling(patched)  # same settings and inputs: every image is reused
+        evaluate(out, "--loras", str(lora), prompts=1)
+    image = out / "images" / "lora" / min(os.listdir(out / "images" / "lora"))
+    made = (out / "images" / "base" / image.name).read_bytes()
+    image.write_bytes(made)  # a reused image is not regenerated
+    report = json.loads((evaluate(out, "--loras", str(lora), prompts=2) / "report.json").read_text())
+    assert report["counts"]["prompts"] == 2 and image.read_bytes() == made  # one prompt more: the run extends
+    refuse_models(monkeypatch)
+    changes = ((["--seed", "1"], "sampling.seed (0 → 1)"), (["--resolution", "48"], "sampling.resolution (32 → 48)"),
+               (["--sample_steps", "3"], "sampling.sample_steps (2 → 3)"))
+    for extra, changed in changes:
+        with pytest.raises(OutputError, match=rf"{out} holds images made with other settings or inputs \(changed: "
+                                              rf"{changed.replace('(', '.').replace(')', '.')}.*new --output_dir"):
+            run(*parse(eval_argv(out, "--loras", str(lora), *extra)))
+    shutil.copy(lora_dirs / "other_sd" / "pytorch_lora_weights.safetensors", lora)  # another LoRA, same name
+    with pytest.raises(OutputError, match="changed: lora lora\\)"):
+        run(*parse(eval_argv(out, "--loras", str(lora))))
+    assert image.read_bytes() == made
+
+
+def eval_argv(out, *extra, prompts: int = 1):
+    return ["--benchmark", str(UNO_MULTI), "--data_root", str(SHARED_DATA / "dreambench"), "--output_dir", str(out),
+            "--max_prompts", str(prompts), *TOY, *extra]
+
+
+def another_live_process() -> int:
+    return os.getppid()  # alive for as long as this test runs, on this host, not this process
+
+
+def test_a_second_evaluation_into_one_folder_is_refused_while_the_first_lives(tmp_path, monkeypatch):
+    owner = another_live_process()
+    (tmp_path / ".eval.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner}))
+    refuse_models(monkeypatch)
+    with pytest.raises(OutputError, match=f"another process is writing {tmp_path / 'eval'} \\(pid {owner}"):
+        run(*parse(eval_argv(tmp_path / "eval")))
+
+
+def test_a_full_disk_while_writing_images_names_the_folder_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    from PIL import Image
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    folder = tmp_path / "eval" / "images" / "base"
+    with pytest.raises(OutputError, match=f"no space left on the device of {folder} "):
+        run(*parse(eval_argv(tmp_path / "eval")))
+    assert list(folder.iterdir()) == [] and not (tmp_path / ".eval.lock").exists()

@@ -211,7 +211,7 @@ def test_a_failing_entry_is_listed_and_the_run_goes_on(tmp_path, dreambench):
     assert summary["counts"]["failed"] == 1 and summary["counts"]["kept"] == 1
     assert "cannot be read" in summary["not_kept"][0]["reason"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["failed"] == 1
-    with pytest.raises(ValueError, match=r"other settings \(changed: \['sampling'\]\)"):  # no mixed runs in one out
+    with pytest.raises(ValueError, match=r"other settings or inputs \(changed: sampling\.steps \(2 → 3\)\)"):
         run(tmp_path / "out", path, family="sd", max_items=0, scorer="conftest:brightness",
             scorer_weight=0.5, steps=3)
 
@@ -225,3 +225,67 @@ def test_ranking_loser_rules_and_seeds():
     assert [pick_loser(order, r) for r in ("worst", "second", "median")] == [3, 0, 2]
     cfg, _, _ = build_pair_configs({"prompts": "p.json", "out": "o", "num_candidates": 3, "seed": 10})
     assert item_seeds(cfg, 2) == [16, 17, 18]
+
+
+# ---- the output folder: keyed by its inputs, max_items honoured, locked, a full disk named ----------------------------
+def refuse_models(monkeypatch):
+    """Loading the scorer or the generator fails the test: a refusal must come before any model loads."""
+    from focusdpo.pairs import generate
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the rerun was refused")
+    monkeypatch.setattr(generate, "CandidateScorer", loaded)
+    monkeypatch.setattr(generate, "load_generator", loaded)
+
+
+def two_entries(tmp_path, dreambench):
+    """A prompt file of two entries, each with its own reference copied here (so a test can replace it)."""
+    entries = []
+    for subject in ("can", "dog"):
+        reference = tmp_path / f"{subject}.jpg"
+        reference.write_bytes((dreambench / subject / "01.jpg").read_bytes())
+        entries.append({"prompt": f"a {subject}", "references": [str(reference)]})
+    return jsonl(tmp_path, entries)
+
+
+def test_max_items_selects_the_entries_of_a_rerun_and_a_changed_reference_is_refused(tmp_path, dreambench,
+                                                                                     monkeypatch):
+    prompts, out = two_entries(tmp_path, dreambench), tmp_path / "out"
+    settings = dict(family="sd", data_root=None, margin_threshold=0.0)
+    assert run(out, prompts, max_items=2, **settings)["counts"]["kept"] == 2
+    fewer = run(out, prompts, max_items=1, **settings)  # fewer entries: only theirs are merged
+    assert fewer["total"] == 1 and len(load_from_disk(fewer["dataset"])) == 1
+    more = run(out, prompts, max_items=2, **settings)  # more again: the other entry's shard is reused
+    assert more["counts"]["kept"] == 2 and len(load_from_disk(more["dataset"])) == 2
+    (tmp_path / "can.jpg").write_bytes((dreambench / "can" / "00.jpg").read_bytes())  # another photo, same name
+    refuse_models(monkeypatch)
+    with pytest.raises(PairGenError, match=rf"changed: reference {tmp_path / 'can.jpg'}\).*new out folder"):
+        run(out, prompts, max_items=1, **settings)
+
+
+def test_a_second_generator_into_one_folder_is_refused_while_the_first_lives(uno, tmp_path, monkeypatch):
+    import socket
+
+    from focusdpo.errors import OutputError
+
+    owner = os.getppid()  # a live process on this host that is not this one
+    (tmp_path / ".out.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": owner}))
+    refuse_models(monkeypatch)
+    with pytest.raises(OutputError, match=f"another process is writing {tmp_path / 'out'} \\(pid {owner}"):
+        run(tmp_path / "out", uno, family="sd")
+
+
+def test_a_full_disk_while_writing_a_shard_names_the_folder_and_leaves_no_staging(uno, tmp_path, monkeypatch):
+    import errno
+
+    from datasets import Dataset
+
+    from focusdpo.errors import OutputError
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Dataset, "save_to_disk", full_disk)
+    shards = tmp_path / "out" / "shards"
+    with pytest.raises(OutputError, match=f"no space left on the device of {shards} "):
+        run(tmp_path / "out", uno, family="sd", margin_threshold=0.0)
+    assert list(shards.iterdir()) == [] and not (tmp_path / ".out.lock").exists()
