@@ -15,6 +15,8 @@ With ``W ≡ 1`` the error is the plain per-sample MSE, i.e. vanilla Diffusion-D
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -135,6 +137,28 @@ def diffusion_dpo_loss(policy_err: torch.Tensor, ref_err: torch.Tensor, beta: fl
         "dpo/gradient_factor": torch.sigmoid(-inside.detach()).mean(),
     }
     return loss, metrics
+
+
+# ---- automatic β (beta_target_gradient_factor) ------------------------------------------------------------------
+def adapted_beta(beta: float, gradient_factor: float, target: float, rate: float, low: float, high: float) -> float:
+    """One step of the automatic β: ``log β ← clamp(log β + rate·(g − target), log low, log high)``.
+
+    g is a step's mean sigmoid gradient factor σ(−inside) (``dpo/gradient_factor``): 0.5 for a pair with zero margin,
+    near 0 for a pair far on the right side. A small g means the pairs are saturated: |inside| is large, each pair's
+    gradient vanishes, and the loss can keep falling by blowing up the winner's and the loser's errors together (the
+    collapse reported on FLUX.2 [klein]); a smaller β shrinks |inside| and gives the pairs their gradient back. A g
+    near 0.5 means the pairs are not separated yet, and a larger β sharpens them. g = target is the fixed point. The
+    step is taken on log β, a relative change, because β's scale differs by orders of magnitude between families.
+
+    Args:
+        beta: the current β (> 0, Diffusion-DPO scale). gradient_factor: g in (0, 1), dimensionless.
+        target: the g to hold, in (0, 0.5). rate: change of log β per unit of (g − target), per update.
+        low, high: the clamp of β, 0 < low ≤ high.
+
+    Returns:
+        The next β, a Python float in [low, high] (exactly ``beta`` when g = target).
+    """
+    return min(max(beta * math.exp(rate * (gradient_factor - target)), low), high)
 
 
 # ---- subject-wise preferences (DESIGN.md, "Subject-wise preferences") -------------------------------------------

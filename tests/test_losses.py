@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from focusdpo.losses import (diffusion_dpo_loss, dpo_inside, error_output_gradient, md_loss, preference_loss, sca_loss,
-                             scale_loser_gradient, sdpo_loser_scale, subject_dpo_loss, subject_errors, subject_labels,
-                             weighted_error)
+from focusdpo.losses import (adapted_beta, diffusion_dpo_loss, dpo_inside, error_output_gradient, md_loss,
+                             preference_loss, sca_loss, scale_loser_gradient, sdpo_loser_scale, subject_dpo_loss,
+                             subject_errors, subject_labels, weighted_error)
 
 
 def vanilla_diffusion_dpo(model_pred, ref_pred, target, beta):
@@ -113,6 +113,28 @@ def test_dpo_health_metrics_by_hand():
     _, metrics = diffusion_dpo_loss(POLICY, REF, 4.0)
     assert metrics["dpo/negative_margin_share"].item() == sum(x < 0 for x in INSIDE) / len(INSIDE)
     assert metrics["dpo/gradient_factor"].item() == pytest.approx(sum(sig(-x) for x in INSIDE) / len(INSIDE))
+
+
+# ---- automatic β: log β ← clamp(log β + rate·(g − target)) ---------------------------------------------------------
+DOUBLING = math.log(2) / 0.2  # a rate at which g − target = ±0.2 doubles or halves β
+
+
+@pytest.mark.parametrize("factor, low, high, expected", [
+    (0.5, 10.0, 1e5, 2000.0),  # pairs not separated (g = 0.5 > 0.3): β doubles
+    (0.1, 10.0, 1e5, 500.0),  # saturated pairs (g = 0.1 < 0.3): β halves
+    (0.5, 10.0, 1500.0, 1500.0),  # clamped at beta_max
+    (0.1, 800.0, 1e5, 800.0),  # clamped at beta_min
+    (0.3, 10.0, 1e5, 1000.0),  # at the target: unchanged, exactly
+])
+def test_adapted_beta_by_hand(factor, low, high, expected):
+    assert adapted_beta(1000.0, factor, 0.3, DOUBLING, low, high) == pytest.approx(expected, rel=1e-12)
+
+
+def test_adapted_beta_steps_are_relative_and_exact_at_the_fixed_point():
+    # rate 0.05, g − target = 0.2: ×e^0.01 whatever β's scale
+    assert adapted_beta(5000.0, 0.5, 0.3, 0.05, 1.0, 1e9) / 5000.0 == pytest.approx(math.exp(0.01), rel=1e-12)
+    assert adapted_beta(100.0, 0.5, 0.3, 0.05, 1.0, 1e9) / 100.0 == pytest.approx(math.exp(0.01), rel=1e-12)
+    assert adapted_beta(1234.5, 0.25, 0.25, 0.05, 1.0, 1e9) == 1234.5
 
 
 def test_unknown_loss_type_lists_choices():

@@ -48,6 +48,10 @@ MD_ROWS = ("matched", "all")
 
 FLOW_SHIFT_MODES = ("pipeline", "none", "static")
 
+AUTO_BETA_SPAN = 100.0  # the automatic β's default clamp: [beta / span, beta × span]
+
+AUTO_BETA_LOSS_TYPES = ("sigmoid", "robust")  # the losses whose per-pair gradient σ(−inside) scales
+
 
 @dataclass
 class ModelConfig:
@@ -216,6 +220,18 @@ class LossConfig:
 
     beta: float = field(default=5000.0, metadata={
         "help": "DPO β on the Diffusion-DPO scale (inside = −½·β·Δ); ≈5000 for SD ε-prediction."})
+    beta_target_gradient_factor: float | None = field(default=None, metadata={
+        "help": "Automatic β (docs/stability.md), empty = off (β stays beta): after each optimizer step, log β "
+                "moves by beta_adapt_rate·(g − this), g the step's mean dpo/gradient_factor σ(−inside), so saturated "
+                "pairs (small g, the collapse) lower β and unseparated ones (g near 0.5) raise it. In (0, 0.5), e.g. "
+                "0.3; sigmoid and robust losses only. β is logged as dpo/beta and saved in checkpoints."})
+    beta_adapt_rate: float = field(default=0.05, metadata={
+        "help": "Automatic β: change of log β per unit of (g − beta_target_gradient_factor), per optimizer step; "
+                "0.05 moves β by at most about 5 % a step."})
+    beta_min: float | None = field(default=None, metadata={
+        "help": f"Automatic β: the lowest β it may reach; empty = beta / {AUTO_BETA_SPAN:g}."})
+    beta_max: float | None = field(default=None, metadata={
+        "help": f"Automatic β: the highest β it may reach; empty = beta × {AUTO_BETA_SPAN:g}."})
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of: {', '.join(LOSS_TYPES)}."})
     label_smoothing: float = field(default=0.0, metadata={
         "help": "Label-noise rate ε for sigmoid (cDPO) and robust losses, in [0, 0.5)."})
@@ -273,6 +289,7 @@ class LossConfig:
                           stacklevel=2)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        self.check_auto_beta()
         if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
@@ -298,6 +315,35 @@ class LossConfig:
         check_positive("md_start_step", self.md_start_step, allow_zero=True)
         check_positive("md_ramp_steps", self.md_ramp_steps, allow_zero=True)
         self.attention_block_selection()
+
+    def check_auto_beta(self) -> None:
+        """The automatic β's target, rate and clamp, and that the loss has the gradient factor it steers."""
+        target = self.beta_target_gradient_factor
+        if target is None:
+            return
+        if not (isinstance(target, (int, float)) and 0 < target < 0.5):
+            raise ConfigError(f"beta_target_gradient_factor={target!r} must be in (0, 0.5), e.g. 0.3 (0.5 is the "
+                              "factor of a pair with zero margin, 0 one of a saturated pair), or empty to keep β "
+                              "fixed")
+        check_positive("beta_adapt_rate", self.beta_adapt_rate)
+        for name in ("beta_min", "beta_max"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        low, high = self.beta_range
+        if not low <= self.beta <= high:
+            raise ConfigError(f"beta={self.beta} must lie within beta_min={low} and beta_max={high} (empty: beta / "
+                              f"{AUTO_BETA_SPAN:g} and beta × {AUTO_BETA_SPAN:g})")
+        if self.objective != "dpo" or self.loss_type not in AUTO_BETA_LOSS_TYPES:
+            raise ConfigError(f"beta_target_gradient_factor steers the gradient factor σ(−inside) of a DPO loss: it "
+                              f"needs objective: dpo (now {self.objective!r}) and loss_type one of: "
+                              f"{', '.join(AUTO_BETA_LOSS_TYPES)} (now {self.loss_type!r})")
+
+    @property
+    def beta_range(self) -> tuple[float, float]:
+        """The automatic β's clamp ``(low, high)``: beta_min and beta_max, each beta ÷/× AUTO_BETA_SPAN when empty."""
+        low = self.beta / AUTO_BETA_SPAN if self.beta_min is None else float(self.beta_min)
+        high = self.beta * AUTO_BETA_SPAN if self.beta_max is None else float(self.beta_max)
+        return low, high
 
     @property
     def mosaic_enabled(self) -> bool:

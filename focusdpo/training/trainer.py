@@ -42,6 +42,7 @@ from focusdpo.losses import (diffusion_dpo_loss, dpo_inside, patch_error, scale_
 from focusdpo.models import load_backbone
 from focusdpo.models.base import Backbone, DenoiseInputs
 from focusdpo.mosaic.objective import MosaicCollator, MosaicObjective, winner_inputs
+from focusdpo.training.beta import AutoBeta
 from focusdpo.training.callbacks import add_sampling_callbacks, save_run_pictures, validation_samples
 from focusdpo.training.ema import EMAUpdate, WeightAverage
 from focusdpo.training.interrupts import SaveOnSignal
@@ -106,6 +107,7 @@ class FocusDPOTrainer(Trainer):
 
             self.weight_average = WeightAverage(self.model.trainable_parameters(), args.ema_decay)
             self.add_callback(EMAUpdate(self.weight_average, lambda: self._skipped_steps))
+        self.auto_beta = AutoBeta(loss_config) if loss_config.beta_target_gradient_factor is not None else None
 
     def init_guards(self) -> None:
         self._step_metrics: dict[str, list] = defaultdict(list)  # this optimizer step's, until it is kept
@@ -131,6 +133,11 @@ class FocusDPOTrainer(Trainer):
     # ---- the loss ------------------------------------------------------------------------------------------------------
 
     # ---- the loss -------------------------------------------------------------------------------
+    @property
+    def beta(self) -> float:
+        """The β the loss uses now: the automatic β's current value when it is on, else the configured ``beta``."""
+        return self.loss_config.beta if self.auto_beta is None else self.auto_beta.value
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_config.objective == "sft":
             return self.sft_loss(model, inputs, return_outputs)
@@ -151,17 +158,17 @@ class FocusDPOTrainer(Trainer):
         if cfg.sdpo_mu is not None:  # winner-preserving safeguard: acts in backward only
             loser_scale = sdpo_loser_scale(pred, prepared.target, weights, cfg.sdpo_mu)
             policy_err = scale_loser_gradient(policy_err, loser_scale)
-        loss, metrics = diffusion_dpo_loss(policy_err, ref_err, cfg.beta, cfg.loss_type, cfg.label_smoothing,
+        loss, metrics = diffusion_dpo_loss(policy_err, ref_err, self.beta, cfg.loss_type, cfg.label_smoothing,
                                            inputs.get("pair_weight"), inputs.get("preference"))
         if cfg.preference_unit == "subject":
             loss, subject_metrics = self.subject_loss(pred, ref_pred, prepared.target, weights, masks, inputs,
-                                                      dpo_inside(policy_err, ref_err, cfg.beta))
+                                                      dpo_inside(policy_err, ref_err, self.beta))
             metrics.update(subject_metrics)
         loss = loss + self.mosaic_loss(metrics)
         if loser_scale is not None:
             metrics["sdpo/loser_scale"] = loser_scale.mean()
         self._step_pair_ids.extend(inputs["pair_ids"])
-        inside = dpo_inside(policy_err.detach(), ref_err.detach(), cfg.beta)
+        inside = dpo_inside(policy_err.detach(), ref_err.detach(), self.beta)
         metrics["_loss"] = loss.detach()
         finite = self.store_metrics(metrics, inside, prepared.noise_level[: len(inside)], weights)
         loss = self.guard_non_finite(loss, finite, model, inputs["pair_ids"])
@@ -221,7 +228,7 @@ class FocusDPOTrainer(Trainer):
         masks = masks.to(pred.device)
         with torch.no_grad():
             ref_errors = subject_errors(ref_pred, target, masks, weights)
-        loss, metrics = subject_dpo_loss(subject_errors(pred, target, masks, weights), ref_errors, labels, cfg.beta,
+        loss, metrics = subject_dpo_loss(subject_errors(pred, target, masks, weights), ref_errors, labels, self.beta,
                                          cfg.loss_type, cfg.label_smoothing, image_inside, cfg.subject_image_weight,
                                          inputs.get("pair_weight"))
         metrics["subject/mask_coverage"] = masks.detach().sum(1).mean()
@@ -292,6 +299,8 @@ class FocusDPOTrainer(Trainer):
             self._kept_loss[0] += sum(step_metrics.get("_loss", []))
             self._kept_loss[1] += len(step_metrics.get("_loss", []))
             self.watch_zero_gradients(norm)
+            if self.auto_beta is not None:  # the step's loss is done: the next step's β (no sync: host floats)
+                self.auto_beta.update(step_metrics["dpo/gradient_factor"])
             return grad_norm
         if not finite and self.loss_config.nan_policy == "stop":
             self.stop_non_finite(f"gradient norm is {float(grad_norm)}", model, pair_ids)
@@ -418,6 +427,8 @@ class FocusDPOTrainer(Trainer):
             self._metrics.clear()
             if "mse/winner_drift" in logs:  # DPO only: SFT has no reference pass
                 self.watch_winner_drift(logs["mse/winner_drift"])
+        if self.auto_beta is not None and "loss" in logs:
+            logs["dpo/beta"] = self.auto_beta.value  # after this logging step's update
         if "train_loss" in logs and self._skipped_steps and self._kept_loss[1]:
             logs["train_loss"] = self._kept_loss[0] / self._kept_loss[1]  # skipped steps left out
         super().log(logs, start_time)
@@ -478,6 +489,8 @@ class FocusDPOTrainer(Trainer):
             self.backbone.denoiser.load_state_dict(loaded.state_dict())
         if self.weight_average is not None:
             self.weight_average.load(Path(resume_from_checkpoint))
+        if self.auto_beta is not None:
+            self.auto_beta.load(Path(resume_from_checkpoint))
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write the checkpoint into a staging folder and rename it: a crash never leaves half a checkpoint."""
@@ -496,6 +509,8 @@ class FocusDPOTrainer(Trainer):
                 write_resolved_config(Path(staging, name, CHECKPOINT_CONFIG), self.all_configs())
                 if self.weight_average is not None:
                     self.weight_average.save(Path(staging, name))
+                if self.auto_beta is not None:
+                    self.auto_beta.save(Path(staging, name))
             final = os.path.join(run_dir, name)
             if os.path.exists(final):
                 shutil.rmtree(final)

@@ -81,3 +81,27 @@ def test_bad_mosaic_settings_are_refused(field, value, message):
 def test_bad_subject_settings_are_refused(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), *argv])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beta_target_gradient_factor=0.5), r"beta_target_gradient_factor=0.5 must be in \(0, 0.5\), e.g. 0.3"),
+    (dict(beta_target_gradient_factor=0.0), r"beta_target_gradient_factor=0.0 must be in \(0, 0.5\)"),
+    (dict(beta_target_gradient_factor=-0.2), r"beta_target_gradient_factor=-0.2 must be in \(0, 0.5\)"),
+    (dict(beta_target_gradient_factor=0.3, beta_adapt_rate=0.0), "beta_adapt_rate=0.0 must be a finite number > 0"),
+    (dict(beta_target_gradient_factor=0.3, beta_min=6000.0), "beta=5000.0 must lie within beta_min=6000.0 and "
+                                                             "beta_max=500000.0"),
+    (dict(beta_target_gradient_factor=0.3, beta_max=-1.0), "beta_max=-1.0 must be a finite number > 0"),
+    (dict(beta_target_gradient_factor=0.3, loss_type="hinge"), r"loss_type one of: sigmoid, robust \(now 'hinge'\)"),
+    (dict(beta_target_gradient_factor=0.3, objective="sft"), r"needs objective: dpo \(now 'sft'\)"),
+])
+def test_automatic_beta_settings_are_refused_naming_valid_values(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LossConfig(**kwargs)
+
+
+def test_automatic_beta_clamp_defaults_to_a_hundredfold_either_way():
+    assert LossConfig(beta=1000.0, beta_target_gradient_factor=0.3).beta_range == (10.0, 100000.0)
+    assert LossConfig(beta=1000.0, beta_target_gradient_factor=0.3, beta_min=250, beta_max=4000).beta_range == \
+        (250.0, 4000.0)
+    with pytest.raises(ConfigError, match=r"beta_target_gradient_factor=0.7 must be in \(0, 0.5\)"):  # from a recipe
+        parse_config(["--config", str(REPO / "recipes" / "tiny_cpu.yaml"), "--beta_target_gradient_factor", "0.7"])

@@ -12,7 +12,7 @@ from focusdpo.config.recipe import parse_config
 from focusdpo.errors import ConfigError, RunFolderError
 from focusdpo.training.trainer import build_trainer
 
-from conftest import QUICK, losses_by_step, tiny_argv
+from conftest import QUICK, losses_by_step, read_metrics, tiny_argv
 
 pytestmark = pytest.mark.e2e
 
@@ -62,6 +62,22 @@ def test_ema_survives_a_kill_and_is_what_the_run_writes(tmp_path):
     with pytest.raises(ValueError, match="has no ema.safetensors"):  # a checkpoint saved without an EMA
         main(tiny_argv(tmp_path / "plain", "--max_steps", "3", "--save_steps", "2", "--sample_every_run", "false",
                        "--ema_decay", "0.9", "--resume_from_checkpoint", "latest"))
+
+
+def test_automatic_beta_survives_a_kill(tmp_path):
+    from safetensors.torch import load_file
+
+    argv = ["--max_steps", "6", "--save_steps", "3", "--sample_every_run", "false",
+            "--beta_target_gradient_factor", "0.45", "--beta_adapt_rate", "2.0"]
+    full, killed = full_and_resumed_runs(tmp_path, argv, "auto_beta.json")
+    expected, got = ({m["step"]: m["dpo/beta"] for m in read_metrics(out) if "loss" in m} for out in (full, killed))
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert len(set(expected.values())) > 2  # β moved
+    for step in (4, 5, 6):  # the resumed steps start from checkpoint-3's β, not from beta
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    written, resumed = (load_file(str(out / "pytorch_lora_weights.safetensors")) for out in (full, killed))
+    for key in written:
+        torch.testing.assert_close(resumed[key], written[key], rtol=1e-5, atol=1e-7)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ def test_embedded_default_writes_lora_config_metrics_and_samples(tmp_path):
                  "mse/policy_l", "mse/ref_w", "mse/ref_l"):
         assert name in logs[0], name
     assert any(k.startswith("rewards/margins_u") for k in logs[0])
+    assert "dpo/beta" not in logs[0] and not list(tmp_path.glob("checkpoint-*/auto_beta.json"))  # automatic β off
 
 
 @pytest.mark.e2e
