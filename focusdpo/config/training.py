@@ -17,7 +17,7 @@ from focusdpo.config.checks import (check_choice, check_int, check_launcher_prec
 # re-exported: FocusConfig and its choices are part of the config API (``from focusdpo.config import FocusConfig``)
 from focusdpo.config.focus import CONFIDENCE_SOURCES, FEATURE_BACKBONES, PAIR_ALIGNMENTS, FocusConfig  # noqa: F401
 from focusdpo.errors import ConfigError
-from focusdpo.models.families import FAMILIES, FLOW_FAMILIES
+from focusdpo.models.families import FAMILIES, FLOW_FAMILIES, QUANTIZATIONS, QUANTIZE_CHOICES
 
 REFERENCE_MODES = ("disable_adapters", "frozen_adapter", "frozen_copy")
 
@@ -81,6 +81,12 @@ class ModelConfig:
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny in-process generator."})
     # Flow-matching transformers (flux2, flux_kontext) only.
     flow_density: str = field(default="uniform", metadata={
+    quantize_base: str = field(default="none", metadata={
+        "help": f"Store the frozen denoiser's Linear weights quantized (low VRAM; the LoRA stays fp32 and the DPO "
+                f"reference is still the adapter-disabled base, now quantized): {', '.join(QUANTIZE_CHOICES)}. "
+                "int8_weight_only: torchao, runs on CPU and CUDA (the tiny generator too); int8 (LLM.int8) and nf4 "
+                "(4-bit NF4, double quantization): bitsandbytes, CUDA only, pretrained_path only. Install: pip "
+                "install \"focusdpo[quantization]\"; `focusdpo plan` shows the saving."})
         "help": f"σ density for flow models: {', '.join(FLOW_DENSITIES)}."})
     logit_mean: float = field(default=0.0, metadata={
         "help": "Mean m of the logit_normal density, as diffusers' compute_density_for_timestep_sampling and its "
@@ -157,12 +163,23 @@ class ModelConfig:
             raise ConfigError("save_kohya_format exports a LoRA: a full fine-tune (lora_rank: 0) has none")
         if self.channels_last and self.family in FLOW_FAMILIES:
             raise ConfigError(f"channels_last=True is for UNet families (sd, sdxl), not family={self.family!r}: "
+        check_choice("quantize_base", self.quantize_base, QUANTIZE_CHOICES)
+        if self.quantize_base != "none" and self.lora_rank <= 0:
+            raise ConfigError(f"quantize_base={self.quantize_base!r} freezes the base in low precision, but "
+                              "lora_rank: 0 trains every base weight: train a LoRA (lora_rank > 0) or set "
+                              "quantize_base: none")
+        if self.quantize_base != "none" and QUANTIZATIONS[self.quantize_base].needs_cuda and not self.pretrained_path:
+            raise ConfigError(f"quantize_base={self.quantize_base!r} (bitsandbytes) quantizes a checkpoint while "
+                              "diffusers loads it: set pretrained_path, or use quantize_base: int8_weight_only "
+                              "(torchao) for the tiny in-process generator")
                               "its transformer has no convolutions on the token path; remove channels_last")
 
     def adapter_options(self, max_references: int) -> dict:
-        """Keyword arguments for the family's adapter (flow transformers only; UNets take none)."""
+        """Keyword arguments of ``load_backbone`` past family, path and seed: the base's quantization when one is set
+        (taken by the loader), then the family's adapter options (flow transformers only; UNets take none)."""
+        quantize = {"quantize_base": self.quantize_base} if self.quantize_base != "none" else {}
         if self.family not in FLOW_FAMILIES:
-            return {}
+            return quantize
         options = dict(flow_density=self.flow_density, logit_mean=self.logit_mean, logit_std=self.logit_std,
                        mode_scale=self.mode_scale, flow_shift_mode=self.flow_shift_mode,
                        flow_shift=self.flow_shift, guidance_scale=self.guidance_scale,
@@ -173,7 +190,7 @@ class ModelConfig:
             options["reference_ids"] = self.reference_ids
         elif self.text_encoder_out_layers:
             options["text_encoder_out_layers"] = tuple(self.text_encoder_out_layers)
-        return options
+        return {**quantize, **options}
 
 
 @dataclass

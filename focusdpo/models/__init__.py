@@ -43,22 +43,31 @@ def _flux_kontext():
 FAMILY_LOADERS = {"sd": _sd, "sdxl": _sdxl, "flux2": _flux2, "flux_kontext": _flux_kontext}
 
 
-def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: int = 0, **options) -> Backbone:
-    """Build the adapter for ``family`` from a local pipeline directory, or a tiny random one if no path.
+def load_backbone(family: str, pretrained_path: str | None = None, tiny_seed: int = 0,
+                  quantize_base: str | None = None, **options) -> Backbone:
+    """Build the adapter for ``family`` from a local pipeline directory, or a tiny random one if no path; with
+    ``quantize_base`` (``ModelConfig.quantize_base``) its denoiser's Linear weights are quantized as they load,
+    refused before anything loads where this machine cannot (:mod:`focusdpo.models.quantize`).
 
     ``options`` go to the adapter (see ``ModelConfig.adapter_options``).
     """
+    from focusdpo.models.quantize import check_quantization, pipeline_load_options, quantize_in_place
+
     if family not in FAMILY_LOADERS:
         raise ValueError(f"unknown model family {family!r}; choose one of: {', '.join(FAMILY_LOADERS)}")
+    check_quantization(quantize_base, pretrained=bool(pretrained_path))
     adapter_cls, pipeline_cls, tiny = FAMILY_LOADERS[family]()
     if not pretrained_path:
-        return adapter_cls(tiny(tiny_seed), **options)
+        pipeline = tiny(tiny_seed)
+        quantize_in_place(getattr(pipeline, FAMILIES[family].denoiser), quantize_base)
+        return adapter_cls(pipeline, **options)
     path = Path(pretrained_path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"pretrained_path={pretrained_path!r} is not a diffusers pipeline directory "
                                 "(no model_index.json); point it at a local `save_pretrained` folder")
     check_family(path, family, pipeline_cls)
-    return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True), **options)
+    extra = pipeline_load_options(quantize_base, FAMILIES[family].denoiser)
+    return adapter_cls(pipeline_cls.from_pretrained(str(path), local_files_only=True, **extra), **options)
 
 
 def loss_grid(family: str, pretrained_path: str | None, resolution: int) -> tuple[int, int]:

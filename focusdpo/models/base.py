@@ -21,6 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from focusdpo.models.families import FAMILIES, Family
+from focusdpo.models.quantize import cast_unquantized, is_quantized
 from focusdpo.atomic import atomic_write
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -86,8 +87,9 @@ class Backbone(ABC):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The denoiser's compute dtype (its frozen base weights)."""
-        return next(self.denoiser.parameters()).dtype
+        """The denoiser's compute dtype (its frozen base weights). A quantized base's Linear weights are skipped
+        (``quantize_base``): their dtype is the one they were quantized from, and ``.to(dtype)`` leaves it."""
+        return next(p.dtype for p in self.denoiser.parameters() if p.is_floating_point() and not is_quantized(p))
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -145,6 +147,14 @@ class Backbone(ABC):
                 cast = dtype not in (None, torch.float32) and name != self.denoiser_name
                 module.to(device, dtype) if cast else module.to(device)  # a dtype argument warns in diffusers
         return self
+
+    def cast_denoiser(self, dtype: torch.dtype) -> None:
+        """``denoiser.to(dtype)``; a base quantized as it loaded (``quantize_base``) layer by layer, its quantized
+        weights kept (diffusers refuses ``.to(dtype)`` on it)."""
+        if getattr(self.denoiser, "is_quantized", False):
+            cast_unquantized(self.denoiser, dtype)
+        else:
+            self.denoiser.to(dtype)
 
     def use_channels_last(self) -> None:
         """Store the denoiser's convolution weights channels-last and feed it channels-last inputs (UNets)."""

@@ -1,4 +1,5 @@
-"""What each model family is, as plain data: the one table every other module asks (no torch, no diffusers).
+"""What each model family is, and each way of quantizing its frozen base, as plain data: the tables every other
+module asks (no torch, no diffusers).
 
 A new family adds a row here, its :class:`~focusdpo.models.base.Backbone` adapter and its loader in
 ``focusdpo.models``; nothing outside ``models/`` names a family. :mod:`focusdpo.config` reads this module (and no
@@ -26,3 +27,32 @@ FAMILIES = {
     "flux_kontext": Family("transformer", flow=True, takes_references=True, export_format="comfyui", patchify=2),
 }
 FLOW_FAMILIES = tuple(name for name, family in FAMILIES.items() if family.flow)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A way to store the frozen base's Linear weights (``ModelConfig.quantize_base``): the loader applies it through
+    diffusers' quantization configs, the planner counts its bytes. Other layers (norms, biases, convolutions,
+    embeddings) follow the run's precision as without quantization."""
+
+    backend: str  # the package that quantizes (an optional extra: pip install "focusdpo[quantization]")
+    needs_cuda: bool  # the backend's kernels (or diffusers' loader for it) need a CUDA device
+    bytes_per_weight: float  # per element of a quantized weight, block scales included
+    bytes_per_row: int  # per output row of a quantized weight: its per-row scale
+    saves_dequantized: bool  # autograd keeps a compute-dtype copy of each weight for backward (the planner traces it)
+
+
+# torchao's Int8Tensor: int8 values and one scale per row in the dtype it was loaded in (float32); its linear multiplies
+# the activations by a copy of the weight in their dtype, which autograd keeps for the input gradient. bitsandbytes'
+# LLM.int8: int8 values and one fp32 scale per row. bitsandbytes' NF4 with double quantization (QLoRA): 4 bits per
+# weight, an 8-bit absmax per block of 64 and an fp32 constant per 256 blocks. Both bitsandbytes types dequantize
+# inside their autograd functions and keep only the packed weight for backward.
+QUANTIZATIONS = {
+    "int8_weight_only": Quantization("torchao", needs_cuda=False, bytes_per_weight=1.0, bytes_per_row=4,
+                                     saves_dequantized=True),
+    "int8": Quantization("bitsandbytes", needs_cuda=True, bytes_per_weight=1.0, bytes_per_row=4,
+                         saves_dequantized=False),
+    "nf4": Quantization("bitsandbytes", needs_cuda=True, bytes_per_weight=0.5 + 1 / 64 + 4 / (64 * 256),
+                        bytes_per_row=0, saves_dequantized=False),
+}
+QUANTIZE_CHOICES = ("none", *QUANTIZATIONS)

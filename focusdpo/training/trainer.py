@@ -74,7 +74,7 @@ class FocusDPOTrainer(Trainer):
             # Frozen base in half precision, trainable LoRA in fp32 for stable optimizer updates.
             from diffusers.training_utils import cast_training_params
 
-            backbone.denoiser.to(half_dtype(args))
+            backbone.cast_denoiser(half_dtype(args))  # a quantized base keeps its quantized weights
             cast_training_params(backbone.denoiser, torch.float32)
         # Trackers log args.to_dict() as the run config: give it every section, not only TrainingArguments.
         args.recipe_sections = config_fields(model_config, data_config, loss_config, self.focus_config)
