@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback, set_seed
+from transformers import Trainer, TrainerCallback, TrainerState, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from focusdpo.atomic import atomic_write_text, disk_full_names
@@ -595,6 +596,23 @@ def build_trainer(train_cfg: FocusDPOConfig, model_cfg: ModelConfig, data_cfg: D
     return trainer
 
 
+def restored_finished_run(trainer: FocusDPOTrainer, checkpoint: str | None) -> bool:
+    """Load ``checkpoint`` and train nothing when it was saved at ``max_steps`` (a run killed between its last
+    checkpoint and its final save): the Trainer would take one more optimizer step when ``max_steps`` ends inside
+    an epoch, so the resumed result would differ from the uninterrupted one."""
+    if checkpoint is None or trainer.args.max_steps <= 0:
+        return False
+    state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE_NAME))
+    if state.global_step < trainer.args.max_steps:
+        return False
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = state
+    if trainer.is_world_process_zero():
+        print(f"[focusdpo] {Path(checkpoint).name} is at max_steps {trainer.args.max_steps}: nothing left to train; "
+              "writing its weights", file=sys.stderr)
+    return True
+
+
 def train_and_save(configs, out: Path, resume: str | None, freeze_heap: bool = False) -> FocusDPOTrainer:
     """Build the trainer, train, and write the run's files. ``freeze_heap`` (for the process that owns its heap, the
     ``focusdpo train`` command): what is alive once the trainer is built (model, pipeline, dataset, modules) is kept
@@ -611,7 +629,8 @@ def train_and_save(configs, out: Path, resume: str | None, freeze_heap: bool = F
         gc.collect()  # what is garbage now is freed now, not kept for the whole run
         gc.freeze()
     try:
-        trainer.train(resume_from_checkpoint=resume)
+        if not restored_finished_run(trainer, resume):
+            trainer.train(resume_from_checkpoint=resume)
     finally:
         gc.unfreeze()
         interrupt.restore()

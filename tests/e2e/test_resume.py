@@ -120,3 +120,23 @@ def test_a_damaged_newest_checkpoint_names_the_file_and_the_previous_one(finishe
         main(tiny_argv(run, *QUICK, "--max_steps", "4", "--resume_from_checkpoint", str(run / "checkpoint-4")))
     main(tiny_argv(run, *QUICK, "--max_steps", "4", "--resume_from_checkpoint", "latest"))
     assert f"resuming from {run / 'checkpoint-2'}: the newer checkpoint-4 is damaged" in capsys.readouterr().err
+
+
+def test_resuming_a_checkpoint_at_max_steps_trains_nothing(tmp_path, capsys):
+    """A run killed between its last checkpoint and its final save resumes to the same result (the Trainer alone
+    takes one more optimizer step when max_steps ends inside an epoch)."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    argv = tiny_argv(run, *QUICK, "--toy_num_pairs", "16", "--max_steps", "3", "--save_steps", "3")
+    main(argv)
+    (run / "pytorch_lora_weights.safetensors").unlink()
+    main([*argv, "--resume_from_checkpoint", "latest"])
+    assert "checkpoint-3 is at max_steps 3: nothing left to train" in capsys.readouterr().err
+    assert not (run / "checkpoint-4").exists()
+    written = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    saved = load_file(str(run / "checkpoint-3" / "pytorch_lora_weights.safetensors"))
+    assert written.keys() == saved.keys()
+    for key in written:
+        torch.testing.assert_close(written[key], saved[key], rtol=0, atol=0)
+    assert [m["step"] for m in read_metrics(run) if "loss" in m] == [1, 2, 3]
