@@ -38,6 +38,8 @@ MIXED_REFERENCE_COUNTS = ("pad", "error")
 
 ON_BAD_PAIR = ("error", "skip")
 
+VERIFY_IMAGES = ("header", "full")
+
 OBJECTIVES = ("dpo", "sft")
 
 PREFERENCE_UNITS = ("image", "subject")
@@ -79,14 +81,14 @@ class ModelConfig:
     lora_target_modules: list[str] = field(default_factory=list, metadata={
         "help": "Module names for the DPO LoRA; empty uses the family's default attention projections."})
     tiny_seed: int = field(default=0, metadata={"help": "Seed of the tiny in-process generator."})
-    # Flow-matching transformers (flux2, flux_kontext) only.
-    flow_density: str = field(default="uniform", metadata={
     quantize_base: str = field(default="none", metadata={
         "help": f"Store the frozen denoiser's Linear weights quantized (low VRAM; the LoRA stays fp32 and the DPO "
                 f"reference is still the adapter-disabled base, now quantized): {', '.join(QUANTIZE_CHOICES)}. "
                 "int8_weight_only: torchao, runs on CPU and CUDA (the tiny generator too); int8 (LLM.int8) and nf4 "
                 "(4-bit NF4, double quantization): bitsandbytes, CUDA only, pretrained_path only. Install: pip "
                 "install \"focusdpo[quantization]\"; `focusdpo plan` shows the saving."})
+    # Flow-matching transformers (flux2, flux_kontext) only.
+    flow_density: str = field(default="uniform", metadata={
         "help": f"σ density for flow models: {', '.join(FLOW_DENSITIES)}."})
     logit_mean: float = field(default=0.0, metadata={
         "help": "Mean m of the logit_normal density, as diffusers' compute_density_for_timestep_sampling and its "
@@ -161,8 +163,6 @@ class ModelConfig:
             raise ConfigError(f"lora_rank={self.lora_rank} trains all weights: use reference_mode: frozen_copy")
         if self.save_kohya_format and self.lora_rank <= 0:
             raise ConfigError("save_kohya_format exports a LoRA: a full fine-tune (lora_rank: 0) has none")
-        if self.channels_last and self.family in FLOW_FAMILIES:
-            raise ConfigError(f"channels_last=True is for UNet families (sd, sdxl), not family={self.family!r}: "
         check_choice("quantize_base", self.quantize_base, QUANTIZE_CHOICES)
         if self.quantize_base != "none" and self.lora_rank <= 0:
             raise ConfigError(f"quantize_base={self.quantize_base!r} freezes the base in low precision, but "
@@ -172,6 +172,8 @@ class ModelConfig:
             raise ConfigError(f"quantize_base={self.quantize_base!r} (bitsandbytes) quantizes a checkpoint while "
                               "diffusers loads it: set pretrained_path, or use quantize_base: int8_weight_only "
                               "(torchao) for the tiny in-process generator")
+        if self.channels_last and self.family in FLOW_FAMILIES:
+            raise ConfigError(f"channels_last=True is for UNet families (sd, sdxl), not family={self.family!r}: "
                               "its transformer has no convolutions on the token path; remove channels_last")
 
     def adapter_options(self, max_references: int) -> dict:
@@ -214,12 +216,17 @@ class DataConfig:
     on_bad_pair: str = field(default="error", metadata={
         "help": "A pair that fails the up-front check (missing/unreadable file, sizes, counts): 'error' stops "
                 "before the model loads; 'skip' logs it, drops it and reports how many were dropped."})
+    verify_images: str = field(default="header", metadata={
+        "help": "How images are checked before the model loads: 'header' (fast: headers, end markers, sizes as "
+                "displayed) or 'full' (decodes every image, with a progress bar: corrupt pixel data behind a sound "
+                "header is refused up front instead of stopping the run mid-way)."})
 
     def __post_init__(self):
         check_types(self)
         check_int("toy_num_pairs", self.toy_num_pairs, 1)
         check_int("max_references", self.max_references, 0)
         check_choice("on_bad_pair", self.on_bad_pair, ON_BAD_PAIR)
+        check_choice("verify_images", self.verify_images, VERIFY_IMAGES)
         check_choice("dataset_format", self.dataset_format, DATASET_FORMATS)
         if self.max_train_samples is not None:
             check_int("max_train_samples", self.max_train_samples, 1)

@@ -1,8 +1,10 @@
-"""Check every pair of a dataset before any model loads: files exist, headers decode, sizes agree.
+"""Check every pair of a dataset before any model loads: files exist, headers decode, sizes agree, prompts are set.
 
-Fast on purpose: image headers and file endings only (a truncated PNG/JPEG is caught by its missing end
-marker), never full decodes; a tqdm bar shows progress. With ``on_bad_pair: skip`` bad pairs are logged,
-counted and dropped instead of stopping the run.
+Fast by default (``verify_images: header``): image headers and file endings only (a truncated PNG/JPEG is caught by
+its missing end marker), sizes as displayed (after the EXIF orientation, read from the header); a tqdm bar shows
+progress. Corrupt pixel data behind a sound header and end marker shows only when the pixels are decoded:
+``verify_images: full`` decodes every image here, as the loader will, instead of failing mid-run. With
+``on_bad_pair: skip`` bad pairs are logged, counted and dropped instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from PIL import Image as PILImage
 from tqdm.auto import tqdm
 
 from focusdpo.errors import PairDataError
+from focusdpo.images import displayed_size, open_upright
 
 ON_BAD_PAIR = ("error", "skip")
+
+VERIFY_IMAGES = ("header", "full")
+
+IMAGE_VALUE_COLUMNS = ("chosen", "rejected", "references", "reference_masks", "prior_mask")
+
+MASK_COLUMNS = ("reference_masks", "prior_mask")
 
 PNG_END = b"IEND\xaeB`\x82"
 
@@ -29,14 +38,14 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def image_header(value: dict | None, column: str, pair_id: str) -> tuple[int, int]:
-    """Width and height of an undecoded datasets Image value, from its header; refuse an unreadable or
-    truncated file, naming the pair, the column and the file."""
+    """Width and height of an undecoded datasets Image value as displayed (EXIF orientation applied), from its
+    header; refuse an unreadable or truncated file, naming the pair, the column and the file."""
     where = value.get("path") or "embedded bytes"
     try:
         data = value.get("bytes")
         source = io.BytesIO(data) if data else open(value["path"], "rb")
         with source, PILImage.open(source) as image:
-            size, fmt = image.size, image.format
+            size, fmt = displayed_size(image, source), image.format
             source.seek(0, io.SEEK_END)
             source.seek(max(0, source.tell() - TAIL_BYTES))
             tail = source.read()
@@ -50,8 +59,9 @@ def image_header(value: dict | None, column: str, pair_id: str) -> tuple[int, in
 
 
 def check_row(row: dict, max_references: int | None) -> None:
-    """Every check of one pair that needs no pixels: counts, sizes of the images and masks."""
+    """Every check of one pair that needs no pixels: the prompt, counts, sizes of the images and masks."""
     pair_id = row["pair_id"]
+    check_prompt(row["prompt"], pair_id)
     chosen = image_header(row["chosen"], "chosen", pair_id)
     rejected = image_header(row["rejected"], "rejected", pair_id)
     if chosen != rejected:
@@ -74,6 +84,36 @@ def check_row(row: dict, max_references: int | None) -> None:
                         pair_id)
 
 
+def check_prompt(prompt: str | None, pair_id: str) -> None:
+    """Refuse an empty prompt, from every source alike (jsonl, parquet, Pick-a-Pic, saved datasets). A pair with
+    no prompt is an unconditional pair: its preference would train the generator's unconditional prediction, which
+    classifier-free guidance subtracts, rather than the prompt-following the pairs are about. Empty captions in
+    scraped data (Pick-a-Pic has some) are faults of the data, not a deliberate caption dropout."""
+    if not (prompt or "").strip():
+        raise PairDataError(f"pair {pair_id}: the prompt is empty ({prompt!r}); a preference pair needs the prompt its "
+                            "images were made for: write the caption, or drop the pair (on_bad_pair: skip)")
+
+
+def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PILImage.Image:
+    """Decode an undecoded datasets Image value fully (corrupt or truncated data fails here), upright as displayed,
+    in ``mode``; an unreadable one is refused naming the pair, the column and the file."""
+    where = value.get("path") or "embedded bytes"
+    try:
+        image = open_upright(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: {e}. Replace the file "
+                            "(export it again from its source), or drop the pair (on_bad_pair: skip)") from None
+    return to_eight_bit(image, f"pair {pair_id}: {column} image ({where})").convert(mode)
+
+
+def decode_row(row: dict) -> None:
+    """Decode every image of one pair as the loader will (``verify_images: full``)."""
+    for column in IMAGE_VALUE_COLUMNS:
+        values = row[column] if column.startswith("reference") else [row[column]]
+        for value in (v for v in values or [] if v):
+            open_image(value, column, row["pair_id"], "L" if column in MASK_COLUMNS else "RGB")
+
+
 def check_mask_size(image: tuple[int, int], mask: tuple[int, int], mask_name: str, image_name: str,
                     pair_id: str) -> None:
     """A mask of another size would be centre-cropped out of alignment with its image: refuse it."""
@@ -82,13 +122,19 @@ def check_mask_size(image: tuple[int, int], mask: tuple[int, int], mask_name: st
                             f"{image[0]}x{image[1]}; resize the mask to its image's size")
 
 
-def preflight(ds: Dataset, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
-    """Check every pair (see :func:`check_row`); stop at the first bad one, or drop and count bad pairs."""
-    columns = ds.select_columns(["pair_id", "chosen", "rejected", "references", "reference_masks", "prior_mask"])
+def preflight(ds: Dataset, max_references: int | None = None, on_bad_pair: str = "error",
+              verify_images: str = "header") -> Dataset:
+    """Check every pair (see :func:`check_row`; ``verify_images: full`` also decodes every image); stop at the
+    first bad one, or drop and count bad pairs."""
+    columns = ds.select_columns(["pair_id", "prompt", *IMAGE_VALUE_COLUMNS])
+    full = verify_images == "full"
     kept, bad = [], []
-    for i, row in enumerate(tqdm(columns, desc="checking pairs", unit="pair", leave=False)):
+    desc = "decoding every image (verify_images: full)" if full else "checking pairs"
+    for i, row in enumerate(tqdm(columns, desc=desc, unit="pair", leave=False)):
         try:
             check_row(row, max_references)
+            if full:
+                decode_row(row)
             kept.append(i)
         except PairDataError as e:
             if on_bad_pair != "skip":

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
 import torch
 from PIL import Image as PILImage
-from PIL import ImageOps
 
-from focusdpo.data.checks import check_mask_size, to_eight_bit
+from focusdpo.data.checks import check_mask_size, open_image
 from focusdpo.data.schema import TEXT_CACHE_COLUMNS
 from focusdpo.errors import PairDataError
 from focusdpo.images import square, to_tensor
@@ -20,20 +18,6 @@ def check_same_size(chosen: PILImage.Image, rejected: PILImage.Image, pair_id: s
     if chosen.size != rejected.size:
         raise PairDataError(f"pair {pair_id}: chosen is {chosen.size[0]}x{chosen.size[1]} but rejected is "
                             f"{rejected.size[0]}x{rejected.size[1]}; a pair's images must have the same size")
-
-
-def open_image(value: dict, column: str, pair_id: str, mode: str = "RGB") -> PILImage.Image:
-    """Decode an undecoded datasets Image value fully (so truncation is caught here) in ``mode``."""
-    source = io.BytesIO(value["bytes"]) if value.get("bytes") else value.get("path")
-    try:
-        image = PILImage.open(source)
-        image.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-        where = value.get("path") or "embedded bytes"
-        raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: {e}. "
-                            "Replace the file or drop the pair") from None
-    image = to_eight_bit(image, f"pair {pair_id}: {column} image ({value.get('path') or 'embedded bytes'})")
-    return ImageOps.exif_transpose(image).convert(mode)
 
 
 def as_tensor(value) -> torch.Tensor:

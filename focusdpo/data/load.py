@@ -16,27 +16,29 @@ from focusdpo.atomic import check_replaceable, disk_full_names, mark_output
 from focusdpo.data.checks import check_jsonl_row, preflight
 from focusdpo.data.hub import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
 from focusdpo.data.schema import ARRAY_COLUMNS, IMAGE_COLUMNS, PAIR_FEATURES, REQUIRED_COLUMNS, SUBJECT_SCORES_FEATURE
-from focusdpo.errors import PairDataError
+from focusdpo.errors import OutputError, PairDataError
 
 
 def load_recipe_pairs(data_cfg, seed: int = 0) -> Dataset:
     """:func:`load_pairs` with every setting of a recipe's ``DataConfig`` (what each command trains or caches on)."""
     return load_pairs(data_cfg.dataset, data_cfg.dataset_format, data_cfg.toy_num_pairs, data_cfg.resolution,
                       seed=seed, max_references=data_cfg.max_references, on_bad_pair=data_cfg.on_bad_pair,
-                      split=data_cfg.dataset_split, max_samples=data_cfg.max_train_samples)
+                      split=data_cfg.dataset_split, max_samples=data_cfg.max_train_samples,
+                      verify_images=data_cfg.verify_images)
 
 
 def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resolution: int = 32,
                seed: int = 0, max_references: int | None = None, on_bad_pair: str = "error",
-               split: str = "train", max_samples: int | None = None) -> Dataset:
+               split: str = "train", max_samples: int | None = None, verify_images: str = "header") -> Dataset:
     """Load pairs in the schema from ``'toy'``, a saved dataset, a jsonl folder, parquet (pair schema or
     Pick-a-Pic, a file or a hub-style folder with split-named files) or a hub id, keep the first
-    ``max_samples`` of ``split``, and check every pair (:func:`focusdpo.pair_checks.preflight`)."""
+    ``max_samples`` of ``split``, and check every pair (:func:`focusdpo.data.checks.preflight`; ``verify_images:
+    full`` decodes every image too)."""
+    checks = {"max_references": max_references, "on_bad_pair": on_bad_pair, "verify_images": verify_images}
     with no_cache_files():
         if source == "toy":
             from focusdpo.data.toy import make_toy_pairs
-            return check_pairs(first(make_toy_pairs(toy_num_pairs, resolution, seed), max_samples), source,
-                               max_references, on_bad_pair)
+            return check_pairs(first(make_toy_pairs(toy_num_pairs, resolution, seed), max_samples), source, **checks)
         path = Path(source)
         if not path.exists() and looks_like_hub_id(source) and fmt in ("auto", "hub"):
             raw = load_hub_pairs(source, split)
@@ -46,7 +48,7 @@ def load_pairs(source: str, fmt: str = "auto", toy_num_pairs: int = 32, resoluti
                                 "or 'toy'")
         else:
             raw = load_local(path, detect_format(path) if fmt == "auto" else fmt, split)
-        return check_pairs(first(raw, max_samples), source, max_references, on_bad_pair)
+        return check_pairs(first(raw, max_samples), source, **checks)
 
 
 def load_local(path: Path, fmt: str, split: str) -> Dataset:
@@ -100,7 +102,8 @@ def load_saved(path: Path) -> Dataset:
     return load_from_disk(str(path))
 
 
-def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_bad_pair: str = "error") -> Dataset:
+def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_bad_pair: str = "error",
+                verify_images: str = "header") -> Dataset:
     """Reject an empty dataset or missing columns; fill optional columns; keep images undecoded."""
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing:
@@ -113,7 +116,7 @@ def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_
     for column, empty in (("references", []), ("reference_masks", []), ("prior_mask", None)):
         if column not in ds.column_names:
             ds = ds.add_column(column, [empty] * len(ds), feature=PAIR_FEATURES[column])
-    return preflight(undecoded(ds), max_references, on_bad_pair)
+    return preflight(undecoded(ds), max_references, on_bad_pair, verify_images)
 
 
 def undecoded(ds: Dataset) -> Dataset:
@@ -209,6 +212,8 @@ def save_dataset(dataset, out: str) -> None:
     """``dataset.save_to_disk(out)`` through ``.out.staging`` and two renames: ``out`` is either the old
     dataset or the new one, never a mix (a kill between the renames leaves the old one as ``.out.old``)."""
     target = Path(out).resolve()
+    if target.exists() and not target.is_dir():  # it would be moved aside and lost
+        raise OutputError(f"{out} is a file, not a folder: the dataset is a folder; choose a new folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging, old = (target.parent / f".{target.name}.{tag}" for tag in ("staging", "old"))
     shutil.rmtree(staging, ignore_errors=True)  # debris of an earlier kill

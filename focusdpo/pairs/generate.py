@@ -32,6 +32,7 @@ from focusdpo.atomic import output_lock
 from focusdpo.config.pairs import PairGenConfig
 from focusdpo.data.prompt_sets import PromptItem, load_prompt_set
 from focusdpo.errors import PairGenError
+from focusdpo.images import open_upright
 from focusdpo.evaluation.run import lora_weights
 from focusdpo.models import load_backbone
 from focusdpo.models.families import FAMILIES
@@ -66,8 +67,7 @@ def open_references(item: PromptItem) -> list[Image.Image]:
     refs = []
     for path in item.references:
         try:
-            image = Image.open(path)
-            image.load()
+            image = open_upright(path)
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             raise ValueError(f"reference {path} cannot be read: {e}") from None
         refs.append(image.convert("RGB"))
@@ -111,7 +111,7 @@ class PairGenerator:
         seeds = item_seeds(cfg, index)
         if cfg.strategy == "disrupt" and item.target:  # a real image is the winner: nothing to sample
             seeds = seeds[:1]  # the inpainting seed
-            images = [Image.open(item.target).convert("RGB").resize((cfg.resolution,) * 2, Image.BICUBIC)]
+            images = [open_upright(item.target).convert("RGB").resize((cfg.resolution,) * 2, Image.BICUBIC)]
         else:
             images = sample_images(self.backbone, [item.prompt] * len(seeds), [refs] * len(seeds), seeds,
                                    cfg.resolution, cfg.steps, cfg.batch_size, self.guidance_scale)
@@ -158,7 +158,7 @@ class PairGenerator:
             pick = min if cfg.disrupt_subject == "lowest" else max
             k = pick(range(len(fidelity)), key=lambda j: (fidelity[j], j))
         if cfg.region_source == "masks":
-            mask = Image.open(item.reference_masks[views[k][0]]).convert("L")
+            mask = open_upright(item.reference_masks[views[k][0]]).convert("L")
             mask = mask.resize((cfg.resolution,) * 2, Image.NEAREST)
             region = torch.from_numpy(np.asarray(mask) > 127)
         else:

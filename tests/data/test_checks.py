@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from focusdpo.config.training import DataConfig
+from focusdpo.data.checks import open_image
 from focusdpo.data.collate import PairCollator
-from focusdpo.data.load import load_pairs
-from focusdpo.errors import PairDataError
+from focusdpo.data.load import load_pairs, load_recipe_pairs
+from focusdpo.errors import ConfigError, PairDataError
 
 from conftest import jsonl_folder, png
 
@@ -21,6 +23,7 @@ GOOD = {"prompt": "a dog", "chosen": "w.png", "rejected": "l.png"}
     ('["a dog", "w.png", "l.png"]', {}, r"pairs.jsonl line 2: expected a JSON object .* got a list"),
     ({"prompt": "a dog", "chosen": "w.png"}, {}, r"line 2: missing key\(s\) \['rejected'\]"),
     ({**GOOD, "prompt": None}, {}, "line 2: prompt must be a non-empty string, got None"),
+    ({**GOOD, "prompt": " "}, {}, r"pair line-2: the prompt is empty .* write the caption, or drop the pair"),
     ({**GOOD, "chosen": 3}, {}, "line 2: chosen must be a non-empty string, got 3"),
     ({**GOOD, "references": "r.png"}, {}, r"line 2: references must be a list .*write \['r.png'\]"),
     ({**GOOD, "prior_mask": [1]}, {}, r"line 2: prior_mask must be an image path or null"),
@@ -95,3 +98,52 @@ def test_jsonl_pairs_carry_subject_scores_and_a_wrong_count_names_the_line(tmp_p
     (tmp_path / "pairs.jsonl").write_text(json.dumps({**good, "subject_scores": [[0.9], [0.1]]}) + "\n")
     with pytest.raises(PairDataError, match="pairs.jsonl line 1: subject_scores must be .* per reference \\(2\\)"):
         load_pairs(str(tmp_path))
+
+
+def oriented_png(size, orientation, colour="red") -> bytes:
+    """A PNG stored ``size`` with an EXIF orientation (6 and 8: displayed turned by 90°, width and height swapped);
+    its stored top-left pixel is blue, to see where it is displayed."""
+    image = Image.new("RGB", size, colour)
+    image.putpixel((0, 0), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_pair_is_compared_at_its_displayed_sizes(tmp_path):
+    """Both stored 16x24; the winner's orientation turns it to 24x16, the size the loader would train on."""
+    jsonl_folder(tmp_path, [GOOD], {"w.png": oriented_png((16, 24), 6), "l.png": png("blue", (16, 24))})
+    with pytest.raises(PairDataError, match="chosen is 24x16 but rejected is 16x24"):
+        load_pairs(str(tmp_path))
+
+
+def test_turned_images_with_masks_of_their_displayed_size_load_upright(tmp_path):
+    line = {**GOOD, "references": ["r.png"], "reference_masks": ["m.png"], "prior_mask": "p.png"}
+    mask = png("white", (24, 16), "L")
+    files = {"w.png": oriented_png((16, 24), 6), "l.png": png("blue", (24, 16)), "r.png": oriented_png((16, 24), 8),
+             "m.png": mask, "p.png": mask}
+    row = load_pairs(jsonl_folder(tmp_path, [line], files))[0]
+    chosen, reference = open_image(row["chosen"], "chosen", "x"), open_image(row["references"][0], "references", "x")
+    assert chosen.size == reference.size == (24, 16)
+    assert chosen.getpixel((23, 0)) == reference.getpixel((0, 15)) == (0, 0, 255)  # 90° clockwise / anticlockwise
+    assert PairCollator(16)([row])["prior_mask"][0].shape == (16, 16)
+
+
+def pixels_cut_short() -> bytes:
+    """A PNG whose pixel data stops half-way but whose header and end marker are sound."""
+    data = noise_png()
+    return data[:1500] + data[-12:]  # the IEND chunk
+
+
+def test_verify_images_full_decodes_every_image_before_the_model_loads(tmp_path):
+    lines = [GOOD, {**GOOD, "pair_id": "p2", "references": ["cut.png"]}]
+    folder = jsonl_folder(tmp_path, lines, {"cut.png": pixels_cut_short()})
+    assert len(load_pairs(folder)) == 2  # the header check cannot see it: it would fail mid-run
+    with pytest.raises(PairDataError, match=r"pair p2: references image .*cut.png.* cannot be read: image file is "
+                                            r"truncated\. Replace the file .* or drop the pair \(on_bad_pair: skip\)"):
+        load_recipe_pairs(DataConfig(dataset=folder, verify_images="full"))
+    assert load_pairs(folder, verify_images="full", on_bad_pair="skip")["pair_id"] == ["line-1"]
+    with pytest.raises(ConfigError, match="verify_images='pixels'"):
+        DataConfig(verify_images="pixels")

@@ -103,3 +103,15 @@ def test_hub_pickapic_rows_are_converted_like_local_ones(scratch, monkeypatch):
     pairs = load_hub_pairs(str(scratch / "hub"), "train")
     assert pairs["prompt"] == ["a", "b"]
     assert [pairs[i]["chosen"].getpixel((0, 0)) for i in range(2)] == [(255, 0, 0)] * 2  # the winners, swapped
+
+
+def test_pickapic_empty_caption_is_refused_like_jsonl(tmp_path, capsys):
+    """An empty caption makes an unconditional pair: refused naming the row, as jsonl refuses it (test_checks)."""
+    red, blue = png("red"), png("blue")
+    Dataset.from_dict({"jpg_0": [red] * 3, "jpg_1": [blue] * 3, "label_0": [1.0] * 3,
+                       "caption": ["a dog", "", " "]}).to_parquet(str(tmp_path / "p.parquet"))
+    with pytest.raises(PairDataError, match=r"pair pickapic-1: the prompt is empty \(''\); .* write the caption, "
+                                            r"or drop the pair \(on_bad_pair: skip\)"):
+        load_pairs(str(tmp_path / "p.parquet"))
+    assert load_pairs(str(tmp_path / "p.parquet"), on_bad_pair="skip")["prompt"] == ["a dog"]
+    assert "dropped 2 of 3 pairs" in capsys.readouterr().err
