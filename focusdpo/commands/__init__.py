@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import sys
 from importlib import import_module
+from typing import NoReturn
 
 from focusdpo.errors import FocusDPOError
 
@@ -54,15 +55,25 @@ def print_usage(unknown: str | None) -> None:
         sys.exit(0)
     near = difflib.get_close_matches(unknown, COMMANDS, n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; choose one of: {', '.join(COMMANDS)}"
-    print(f"focusdpo: unknown command {unknown!r}{hint}", file=sys.stderr)
+    print(f"focusdpo: error: unknown command {unknown!r}{hint}", file=sys.stderr)
     sys.exit(2)
 
 
 def report_user_errors(command, argv: list[str]):
-    """Run ``command(argv)``; a refused input ends with its message and exit status 2, not a traceback
-    (the message already names the field, file, pair or line and the fix)."""
+    """Run ``command(argv)``; a refused input ends with its message and exit status 2, not a traceback (the message
+    already names the field, file, pair or line and the fix). A file the system refuses to open or create (missing,
+    a folder where a file is needed, no permission) is the user's to fix too: its error names the path."""
     try:
         return command(argv)
-    except (FocusDPOError, FileNotFoundError) as e:
-        print(f"focusdpo: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except (FocusDPOError, OSError) as e:
+        if not isinstance(e, (FocusDPOError, FileNotFoundError)) and e.filename is None:
+            raise  # an OSError about no file the user named: a fault of the program, with its traceback
+        refuse(e)
+
+
+def refuse(error: Exception) -> NoReturn:
+    """Every command's one way to end on a user error: one line, ``focusdpo: error: MESSAGE``, exit status 2
+    (a message quoted from a library over several lines, such as a YAML parser's, is joined into one)."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    print(f"focusdpo: error: {message}", file=sys.stderr)
+    sys.exit(2)

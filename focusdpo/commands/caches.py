@@ -10,14 +10,14 @@ import torch
 
 from focusdpo.atomic import check_out_is_not_input, output_lock
 from focusdpo.caches import cache_encoder_outputs
-from focusdpo.config.recipe import RECIPE_EPILOG, parse_config
+from focusdpo.config.recipe import RECIPE_EPILOG, parse_config, refusing
 from focusdpo.data.load import load_recipe_pairs, save_dataset
 from focusdpo.models import load_backbone, resolve_grid
 
 
 def recipe_and_options(argv: list[str], prog: str, description: str, options):
     """Split ``argv`` into this command's own options and the recipe fields (``--config`` + overrides)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=RECIPE_EPILOG)
+    parser = refusing(argparse.ArgumentParser(prog=prog, description=description, epilog=RECIPE_EPILOG))
     for args, kwargs in options:
         parser.add_argument(*args, **kwargs)
     own, rest = parser.parse_known_args(argv)
@@ -72,8 +72,8 @@ def inspect_main(argv: list[str]) -> None:
 
 def embed_main(argv: list[str]) -> None:
     """``focusdpo embed --out DIR --config recipe.yaml [--latents] [--no_text]``."""
-    parser = argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0],
-                                     epilog=RECIPE_EPILOG)
+    parser = refusing(argparse.ArgumentParser(prog="focusdpo embed", description=__doc__.split("\n\n")[0],
+                                              epilog=RECIPE_EPILOG))
     parser.add_argument("--out", required=True, help="Folder for the pairs with cached encoder outputs.")
     parser.add_argument("--latents", action="store_true", help="Also cache VAE latents of images and references.")
     parser.add_argument("--no_text", action="store_true", help="Do not cache prompt embeddings.")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from focusdpo.commands import refuse
 from focusdpo.config.evaluation import EvalConfig
 from focusdpo.config.focus import FocusConfig
-from focusdpo.config.recipe import check_config_keys
+from focusdpo.config.recipe import check_config_keys, refusing
 from focusdpo.config.training import ModelConfig
 from focusdpo.errors import ConfigError, EvalInputError
 from focusdpo.evaluation.run import run
@@ -21,7 +22,7 @@ def parse_eval_config(argv: list[str]):
     classes = (EvalConfig, ModelConfig, FocusConfig)
     if "--config" in argv:
         check_config_keys(argv[argv.index("--config") + 1], classes)
-    return TrlParser(classes).parse_args_and_config(argv)
+    return refusing(TrlParser(classes, prog="focusdpo evaluate")).parse_args_and_config(argv)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -30,7 +31,6 @@ def main(argv: list[str] | None = None) -> Path:
         cfg, model_cfg, focus_cfg = parse_eval_config(argv)[:3]
         out = run(cfg, model_cfg, focus_cfg)
     except (ConfigError, EvalInputError, FileNotFoundError) as e:
-        print(f"[focusdpo evaluate] error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)  # the one error line of every command
     print(f"[focusdpo] evaluation report (report.md, report.json, PNGs) in {out}")
     return out

@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from focusdpo.config.recipe import refusing
 from focusdpo.errors import ConfigError
 from focusdpo.export import EXPORT_NAMES, export_lora, family_of_run
 from focusdpo.models.families import FAMILIES
 
 
 def export_main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="focusdpo export", description=__doc__.split("\n\n")[0])
+    parser = refusing(argparse.ArgumentParser(prog="focusdpo export", description=__doc__.split("\n\n")[0]))
     parser.add_argument("lora", help="Run folder (holding pytorch_lora_weights.safetensors) or a LoRA file.")
     parser.add_argument("--family", choices=list(FAMILIES),
                         help="Backbone family; default: `family` from the run's config.yaml.")

@@ -9,12 +9,13 @@ from pathlib import Path
 import yaml
 
 from focusdpo.atomic import output_lock
+from focusdpo.config.checks import check_int
 from focusdpo.config.pairs import PAIR_CONFIG_CLASSES, build_pair_configs, read_pair_recipe
+from focusdpo.config.recipe import refusing
 from focusdpo.data.load import save_dataset
 from focusdpo.data.toy import make_toy_pairs
-from focusdpo.errors import ConfigError
+from focusdpo.errors import ConfigError, PairGenError
 from focusdpo.pairs.generate import generate_pairs
-from focusdpo.errors import PairGenError
 
 
 def parse_pair_args(argv: list[str]) -> dict:
@@ -30,8 +31,16 @@ def parse_pair_args(argv: list[str]) -> dict:
     for key, value in zip(rest[::2], rest[1::2]):
         if not key.startswith("--"):
             raise ConfigError(f"override {key!r} must look like --field value")
-        values[key[2:]] = yaml.safe_load(value)
+        values[key[2:]] = override_value(key, value)
     return values
+
+
+def override_value(key: str, text: str):
+    """A command-line value read as YAML (numbers, lists, null), as the recipe's values are."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key} {text!r} is not a YAML value ({e}); quote it or fix it") from None
 
 
 def pairs_help() -> str:
@@ -68,12 +77,14 @@ def pairs_main(argv: list[str]) -> None:
 
 def toy_pairs_main(argv: list[str]) -> None:
     """``focusdpo pairs --out DIR``: the procedurally drawn toy set of the embedded default (no model)."""
-    parser = argparse.ArgumentParser(prog="focusdpo pairs", description="Write the toy pair set.")
+    parser = refusing(argparse.ArgumentParser(prog="focusdpo pairs", description="Write the toy pair set."))
     parser.add_argument("--out", required=True, help="Folder to write the dataset to (save_to_disk).")
     parser.add_argument("--num_pairs", type=int, default=32, help="How many pairs.")
     parser.add_argument("--resolution", type=int, default=64, help="Image size in pixels.")
     parser.add_argument("--seed", type=int, default=0, help="Random seed.")
     args = parser.parse_args(argv)
+    check_int("num_pairs", args.num_pairs, 1)  # no pair written is no dataset
+    check_int("resolution", args.resolution, 8)
     with output_lock(args.out):
         save_dataset(make_toy_pairs(args.num_pairs, args.resolution, args.seed), args.out)
     print(f"[focusdpo] {args.num_pairs} pairs written to {args.out}")

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from focusdpo.config.recipe import refusing
 from focusdpo.training.plot import plot_run
 
 
 def plot_main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="focusdpo plot", description=__doc__.split("\n\n")[0])
+    parser = refusing(argparse.ArgumentParser(prog="focusdpo plot", description=__doc__.split("\n\n")[0]))
     parser.add_argument("run", help="A training output_dir holding metrics.jsonl.")
     parser.add_argument("--out", help="PNG to write; default: RUN/metrics.png.")
     args = parser.parse_args(argv)

@@ -109,6 +109,18 @@ def split_config_option(argv: list[str]) -> list[str]:
     return out
 
 
+def refusing(parser):
+    """``parser`` (an argparse parser) raising :class:`ConfigError` for a bad command line, instead of printing its
+    usage and its own ``PROG: error:`` line: every command then reports every user error the same way (one line,
+    one prefix, exit status 2: :func:`focusdpo.commands.report_user_errors`)."""
+
+    def refuse(message: str):
+        raise ConfigError(f"{message} (see `{parser.prog} --help`)")
+
+    parser.error = refuse
+    return parser
+
+
 def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
     """Parse ``--config recipe.yaml`` plus CLI overrides into the five config dataclasses."""
     import argparse
@@ -121,7 +133,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "focusdpo train"):
     check_cli_keys(argv)
     if "--config" in argv:
         check_config_keys(argv[argv.index("--config") + 1])
-    parser = TrlParser(CONFIG_CLASSES, prog=prog)
+    parser = refusing(TrlParser(CONFIG_CLASSES, prog=prog))
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="RECIPE.yaml",
                         help="YAML recipe of field: value (flat); command-line fields override it.")
     return parser.parse_args_and_config(argv)

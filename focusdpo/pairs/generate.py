@@ -31,9 +31,9 @@ from focusdpo import __version__
 from focusdpo.atomic import output_lock
 from focusdpo.config.pairs import PairGenConfig
 from focusdpo.data.prompt_sets import PromptItem, load_prompt_set
-from focusdpo.errors import PairGenError
-from focusdpo.images import open_upright
+from focusdpo.errors import ConfigError, PairGenError
 from focusdpo.evaluation.run import lora_weights
+from focusdpo.images import open_upright
 from focusdpo.models import load_backbone
 from focusdpo.models.families import FAMILIES
 from focusdpo.models.sampling import apply_loras, sample_images
@@ -199,6 +199,8 @@ def disrupted_subject_scores(item, disrupted: int) -> list[list[float]]:
 
 def resolve_device_dtype(cfg: PairGenConfig, state) -> tuple[torch.device, torch.dtype]:
     device = state.device if cfg.device == "auto" else torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda, but torch sees no CUDA device here: set device: auto or cpu")
     if cfg.dtype != "auto":
         return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
     if device.type != "cuda":

@@ -4,7 +4,7 @@ import pytest
 
 from focusdpo.commands import main as cli
 
-from conftest import TINY_RECIPE
+from conftest import REPO, TINY_RECIPE
 
 
 def test_usage_lists_the_commands(capsys):
@@ -41,3 +41,16 @@ def test_version_and_grouped_train_help(capsys):
     sections = [text.index(f"\n{name} (") for name in ("training", "model", "data", "loss", "focus")]
     assert sections == sorted(sections)
     assert text.index("\n  --beta BETA") > sections[3] and text.index("\n  --lora_rank LORA_RANK") > sections[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--config", TINY_RECIPE, "--max_steps", "x"], "invalid int value: 'x' (see `focusdpo train --help`)"),
+    (["evaluate", "--config", str(REPO / "recipes" / "eval_tiny_cpu.yaml"), "--benchmark", "gone.json"], "gone.json"),
+    (["plot"], "the following arguments are required: run (see `focusdpo plot --help`)"),
+    (["trian"], "unknown command 'trian'"),
+])
+def test_every_command_refuses_in_one_line_under_one_prefix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("focusdpo: error: ") and message in err
