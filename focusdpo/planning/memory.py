@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from focusdpo.models.families import QUANTIZATIONS
 from focusdpo.planning.presets import Preset
 from focusdpo.planning.settings import StepSettings
 
@@ -86,10 +87,22 @@ def mosaic_bytes(config: dict, settings: StepSettings, tokens: dict, pairs: int)
     return kept + pairs * rows * target * 4 * (1 + heads)
 
 
+def denoiser_weight_bytes(trace: dict, settings: StepSettings) -> int:
+    """The frozen denoiser: in the run's dtype, with ``quantize_base`` its Linear weights at the quantized size (values
+    and block scales per weight, a scale per row); a full fine-tune holds float32 weights and their frozen copy."""
+    if settings.lora_rank <= 0:
+        return trace["base_params"] * 4
+    quantization = QUANTIZATIONS.get(settings.quantize_base)
+    if quantization is None:
+        return trace["base_params"] * dtype_bytes(settings)
+    linear = trace["quantized_params"]
+    return int((trace["base_params"] - linear) * dtype_bytes(settings) + linear * quantization.bytes_per_weight
+               + trace["quantized_rows"] * quantization.bytes_per_row)
+
+
 def memory_split(trace: dict, preset: Preset, settings: StepSettings, pairs: int) -> dict[str, int]:
     """Peak bytes by holder for ``pairs`` pairs per device, from a trace of ``trace['pairs']`` pairs."""
-    full = settings.lora_rank <= 0
-    weights = trace["base_params"] * (4 if full else dtype_bytes(settings))  # full fine-tune: the frozen copy
+    weights = denoiser_weight_bytes(trace, settings)
     trainable = trace["trainable_params"]
     state = 8 * trainable + optimizer_bytes(settings.optim, trainable, trace["trainable_factored"])
     activations = trace["peak_activation_bytes"] * pairs / trace["pairs"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from focusdpo.models.families import QUANTIZATIONS
 from focusdpo.planning.memory import CARDS, GIB, card_fits, frozen_component_bytes, memory_split
 from focusdpo.planning.presets import Preset, get_preset, preset_for
 from focusdpo.planning.settings import FLOW_FAMILIES, StepSettings, read_settings
@@ -36,7 +37,7 @@ def plan_settings(settings: StepSettings, preset: Preset) -> dict:
     plan = {"recipe": settings.recipe, "label": LABEL, "settings": asdict(settings), "pairs": pairs,
             "model": model_summary(preset, chosen), "traces": {key(on): traces[on] for on in (True, False)},
             "memory": memory, "cards": cards, "fits_any_card": any(c["max_batch"] >= 1 for c in cards),
-            "notes": notes(preset, settings)}
+            "notes": notes(preset, settings) + quantization_notes(settings, chosen)}
     plan["suggestions"] = suggestions(traces, preset, settings) if not any(c["fits"] for c in cards) else []
     return plan
 
@@ -80,6 +81,21 @@ def notes(preset: Preset, settings: StepSettings) -> list[str]:
     return out
 
 
+def quantization_notes(settings: StepSettings, trace: dict) -> list[str]:
+    """How a quantized base is counted (``quantize_base``)."""
+    quantization = QUANTIZATIONS.get(settings.quantize_base)
+    if quantization is None:
+        return []
+    linear = f"{trace['quantized_params']:,} Linear weights of the denoiser"
+    if quantization.saves_dequantized:
+        return [f"{linear} counted in int8 with a float32 scale per row (torchao); the copy in the compute dtype that "
+                "its linear keeps for backward is traced with the activations (with checkpointing, one block's)"]
+    size = "4 bits + block scales (NF4, double quantization)" if settings.quantize_base == "nf4" else \
+        "int8 + a float32 scale per row (LLM.int8)"
+    return [f"{linear} counted at {size}, bitsandbytes; the copy it dequantizes inside each matmul lives for one "
+            "layer at a time and is not counted"]
+
+
 def text_encoders(preset: Preset) -> list[str]:
     return [name for name in preset.frozen if "vae" not in name]
 
@@ -120,6 +136,8 @@ def candidate_changes(trace: dict, settings: StepSettings, preset: Preset) -> li
         out.append(Change("activation_checkpointing: true", {"activation_checkpointing": True}, checkpointing=True))
     if not any(word in settings.optim for word in ("8bit", "4bit", "adafactor", "sgd")):
         out.append(Change("optim: adamw_8bit", {"optim": "adamw_8bit"}))
+    if settings.quantize_base == "none" and settings.lora_rank > 0:
+        out.append(Change("quantize_base: nf4", {"quantize_base": "nf4"}))
     if settings.family in FLOW_FAMILIES and settings.keeps_text_encoders and text_encoders(preset):
         out.append(Change("drop_text_encoders: true", {"drop_text_encoders": True}))
     if settings.lora_rank > 4:
@@ -193,8 +211,9 @@ def step_line(plan: dict) -> str:
     refs = f" + {k}×{t['references'] // k} reference" if k else ""
     pairs = f"{plan['pairs']} pair{'s' if plan['pairs'] > 1 else ''}/device"
     rows = f"{trace['rows']} denoiser row{'s' if trace['rows'] > 1 else ''}"
+    quantized = f" (Linear weights {s['quantize_base']})" if s.get("quantize_base", "none") != "none" else ""
     return (f"step       {pairs} = {rows} × ({t['target']} target{refs} + {t['text']} text "
-            f"tokens) at {s['resolution']} px, {trace['weight_dtype']} weights, optim {s['optim']}, "
+            f"tokens) at {s['resolution']} px, {trace['weight_dtype']} weights{quantized}, optim {s['optim']}, "
             f"objective {s['objective']}")
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from focusdpo.models.families import QUANTIZE_CHOICES
+
 FLOW_FAMILIES = ("flux2", "flux_kontext")
 
 
@@ -41,7 +43,13 @@ class StepSettings:
     drop_text_encoders: bool = False
     offload_text_encoders: bool = False
     personalization_lora: str | None = None
+    quantize_base: str = "none"
     recipe: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.quantize_base not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize_base={self.quantize_base!r} is not valid; choose one of: "
+                             f"{', '.join(QUANTIZE_CHOICES)}")
 
     @property
     def references(self) -> int:

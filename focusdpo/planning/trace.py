@@ -30,6 +30,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from focusdpo.models.families import QUANTIZATIONS
+from focusdpo.models.quantize import quantized_linears
 from focusdpo.planning.inputs import StepInputs, build_inputs
 from focusdpo.planning.lora import (
     add_lora,
@@ -71,6 +73,8 @@ class StepTrace:
     input_bytes: int
     seconds: float
     full_depth: bool = False
+    quantized_params: int = 0  # weights of the Linear layers a quantize_base choice converts (counted for every plan)
+    quantized_rows: int = 0  # their output rows (one scale each for the int8 types)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +212,35 @@ def fake_parameters(module: torch.nn.Module, mode, frozen_dtype: torch.dtype) ->
                 sub._buffers[name] = fake(buffer, buffer.dtype)
 
 
+class DequantizedCopy(torch.nn.Module):
+    """torchao's int8 weight-only linear as the trace runs it (a parametrization of the Linear's weight): the weight
+    is stored in int8, and every use makes a copy in the compute dtype, which autograd keeps for backward wherever the
+    input needs a gradient, as ``torch.mm(x, int8_weight.to(x.dtype))`` inside torchao does."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.to(self.dtype)
+
+
+def quantize_fake(denoiser: torch.nn.Module, mode, settings: StepSettings) -> None:
+    """Store the base Linear weights as ``quantize_base`` does where that changes the step: int8 weight-only keeps a
+    dequantized copy per layer for backward (traced); the bitsandbytes types dequantize inside their autograd
+    functions and keep only the packed weight (nothing to trace; their bytes are counted in the memory split)."""
+    from torch.nn.utils import parametrize
+
+    quantization = QUANTIZATIONS.get(settings.quantize_base)
+    if quantization is None or not quantization.saves_dequantized:
+        return
+    for linear in quantized_linears(denoiser):
+        with mode:
+            stored = torch.empty_strided(linear.weight.shape, linear.weight.stride(), dtype=torch.int8, device="cpu")
+        linear.weight = torch.nn.Parameter(stored, requires_grad=False)
+        parametrize.register_parametrization(linear, "weight", DequantizedCopy(weight_dtype(settings)), unsafe=True)
+
+
 def weight_dtype(settings: StepSettings) -> torch.dtype:
     """Frozen weights are cast to bf16 under ``bf16: true`` for a LoRA run; a full fine-tune stays float32."""
     return torch.bfloat16 if settings.bf16 and settings.lora_rank > 0 else torch.float32
@@ -300,6 +333,7 @@ def measure(denoiser, preset: Preset, settings: StepSettings, rows: int) -> tupl
 
     mode = FakeTensorMode()
     fake_parameters(denoiser, mode, weight_dtype(settings))
+    quantize_fake(denoiser, mode, settings)
     params = {storage_key(p) for p in denoiser.parameters()} | {storage_key(b) for b in denoiser.buffers()}
     with mode, StepRecorder(params) as recorder:
         inputs = build_inputs(preset, denoiser.config, settings, rows, weight_dtype(settings))
@@ -417,6 +451,7 @@ def trace_step(settings: StepSettings, preset: Preset | None = None, pairs: int 
     rows = pairs * settings.samples_per_pair
     denoiser = build_on_meta(preset)
     base = sum(p.numel() for p in denoiser.parameters())
+    linears = quantized_linears(denoiser)
     targets, shapes, layers = lora_layout(denoiser, settings)
     measured, inputs, full_depth = measure_step(denoiser, preset, settings, targets, rows, checkpointing, full_depth)
     flops = {phase: measured[phase] for phase in MEASURED[:3]}
@@ -427,4 +462,5 @@ def trace_step(settings: StepSettings, preset: Preset | None = None, pairs: int 
         trainable_params=sum(math.prod(s) for s in shapes), trainable_factored=sum(factored_size(s) for s in shapes),
         lora_layers=layers, lora_targets=list(targets), weight_dtype=str(weight_dtype(settings)).removeprefix("torch."),
         flops=flops, saved_bytes=measured["saved_bytes"], peak_activation_bytes=measured["peak_activation_bytes"],
-        input_bytes=measured["input_bytes"], seconds=time.perf_counter() - start, full_depth=full_depth)
+        input_bytes=measured["input_bytes"], seconds=time.perf_counter() - start, full_depth=full_depth,
+        quantized_params=sum(m.weight.numel() for m in linears), quantized_rows=sum(m.out_features for m in linears))

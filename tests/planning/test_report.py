@@ -31,6 +31,7 @@ def fake_trace(activations: float, checkpointing: bool = False, pairs: int = 1) 
             "trainable_params": 25 * 10 ** 6, "trainable_factored": 10 ** 6, "lora_layers": 266,
             "lora_targets": ["to_q"], "weight_dtype": "bfloat16", "saved_bytes": int(activations * 0.9),
             "peak_activation_bytes": int(activations), "input_bytes": 0, "seconds": 0.1, "full_depth": False,
+            "quantized_params": 11 * 10 ** 9, "quantized_rows": 10 ** 6,
             "preset": "flux1-kontext", "model_class": "FluxTransformer2DModel", "source": "preset",
             "flops": {"policy_forward": 1e14, "reference_forward": 1e14, "backward": 2e14, "total": 4e14}}
 
@@ -106,6 +107,10 @@ def test_a_recipe_that_fits_no_card_says_which_changes_would(monkeypatch):
     assert changes["activation_checkpointing: true"]["fits"] == "80 GB"
     assert changes["optim: adamw_8bit"]["fits"] is None
     assert "all of the above" in changes and "max_references: 1" in changes and "lora_rank: 8" in changes
+    # nf4 alone: 12e9 bf16 weights (24e9 bytes) become 1e9 in bf16 + 11e9 Linear weights at 0.515869 bytes
+    no_checkpointing = plan["memory"]["no checkpointing"]["total"]
+    nf4 = no_checkpointing - 24 * 10 ** 9 + 2 * 10 ** 9 + 11 * 10 ** 9 * (0.5 + 1 / 64 + 4 / 64 / 256)
+    assert changes["quantize_base: nf4"]["total_gib"] == pytest.approx(nf4 / GIB, abs=0.06)
     text = format_plan(plan)
     assert "does NOT fit any listed card even at batch 1" in text
     assert "activation_checkpointing: true" in text and "estimates" in text
