@@ -10,7 +10,7 @@ from focusdpo.config.evaluation import EvalConfig
 from focusdpo.config.focus import FocusConfig
 from focusdpo.config.recipe import check_config_keys, refusing
 from focusdpo.config.training import ModelConfig
-from focusdpo.errors import ConfigError, EvalInputError
+from focusdpo.errors import FocusDPOError
 from focusdpo.evaluation.run import run
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         cfg, model_cfg, focus_cfg = parse_eval_config(argv)[:3]
         out = run(cfg, model_cfg, focus_cfg)
-    except (ConfigError, EvalInputError, FileNotFoundError) as e:
+    except (FocusDPOError, FileNotFoundError) as e:  # a refused input, a locked or full output folder
         refuse(e)  # the one error line of every command
     print(f"[focusdpo] evaluation report (report.md, report.json, PNGs) in {out}")
     return out

@@ -33,7 +33,7 @@ from focusdpo.errors import EvalInputError, OutputError, PromptSetError
 from focusdpo.evaluation.metrics import (pooled_embedding, subject_averaged_similarity, subject_scores,
                                          text_image_similarity)
 from focusdpo.evaluation.report import save_prompt_grid, write_report
-from focusdpo.images import resize_square, to_tensor
+from focusdpo.images import open_upright, resize_square, to_tensor
 from focusdpo.models import load_backbone
 from focusdpo.models.base import LORA_WEIGHTS_NAME
 from focusdpo.models.sampling import sample_images
@@ -88,7 +88,7 @@ def subject_groups(item) -> list[list[int]]:
 
 def read_image(path, size: int | None = None) -> torch.Tensor:
     """An image file as ``(3, H, W)`` float in [0, 1], optionally resized to ``size`` x ``size`` (bicubic)."""
-    image = Image.open(path).convert("RGB")
+    image = open_upright(path).convert("RGB")
     return to_tensor(image if size is None else image.resize((size, size), Image.BICUBIC))
 
 
@@ -223,7 +223,7 @@ def generate_missing(backbone, personal, cfg: EvalConfig, items, out: Path, rank
                 select_variant(backbone, variant, personal)
             for start in range(0, len(jobs), cfg.batch_size):
                 chunk = jobs[start:start + cfg.batch_size]
-                references = [[Image.open(item.references[g[0]]).convert("RGB") for g in subject_groups(item)]
+                references = [[open_upright(item.references[g[0]]).convert("RGB") for g in subject_groups(item)]
                               for item, _ in chunk]  # one view per subject conditions the generator
                 seeds = [image_seed(cfg.seed, item.item_id, n) for item, n in chunk]
                 made = sample_images(backbone, [item.prompt for item, _ in chunk], references, seeds,

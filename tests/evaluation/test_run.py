@@ -238,3 +238,15 @@ def test_a_full_disk_while_writing_images_names_the_folder_and_leaves_nothing_ha
     with pytest.raises(OutputError, match=f"no space left on the device of {folder} "):
         run(*parse(eval_argv(tmp_path / "eval")))
     assert list(folder.iterdir()) == [] and not (tmp_path / ".eval.lock").exists()
+
+
+def test_references_are_read_as_displayed(tmp_path):
+    """A phone photo stores its pixels sideways with an EXIF orientation: the scorers see it upright."""
+    from PIL import Image
+
+    from focusdpo.evaluation.run import read_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    Image.new("RGB", (40, 20), "red").save(tmp_path / "photo.jpg", exif=exif.tobytes())
+    assert read_image(tmp_path / "photo.jpg").shape == (3, 40, 20)
