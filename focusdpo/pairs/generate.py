@@ -215,7 +215,9 @@ def load_generator(model_cfg, pair_cfg: PairGenConfig, device, dtype):
                              **model_cfg.adapter_options(max_references=6))
     apply_loras(backbone, model_cfg.personalization_lora, pair_cfg.dpo_lora, model_cfg.personalization_lora_loader)
     backbone.to(device, dtype)
-    backbone.denoiser.to(device, dtype) if dtype != torch.float32 else backbone.denoiser.to(device)
+    if dtype != torch.float32:
+        backbone.cast_denoiser(dtype)  # around a quantized base's weights (quantize_base)
+    backbone.denoiser.to(device)
     backbone.denoiser.eval()
     return backbone
 

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 
+from focusdpo.config.recipe import refusing
 from focusdpo.planning.presets import PRESETS
 
 
@@ -18,7 +19,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="plan on this denoiser instead of the recipe's (default: its local config, else its family's)")
     p.add_argument("--json", default=None, help="also write the plan as JSON to this file")
-    return p
+    return refusing(p)
 
 
 def main(argv: list[str] | None = None) -> int:

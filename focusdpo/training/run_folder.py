@@ -33,8 +33,8 @@ CHECKPOINT_CONFIG = "focusdpo_config.yaml"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 # Settings that shape the trained weights: a checkpoint cannot continue under other values.
-FIXED_ON_RESUME = ("family", "pretrained_path", "tiny_seed", "lora_rank", "lora_alpha", "lora_target_modules",
-                   "reference_mode", "personalization_lora", "resolution")
+FIXED_ON_RESUME = ("family", "pretrained_path", "tiny_seed", "quantize_base", "lora_rank", "lora_alpha",
+                   "lora_target_modules", "reference_mode", "personalization_lora", "resolution")
 
 # The optimizer and schedule come back from the checkpoint, so a new value would be silently ignored: refused.
 RESTORED_ON_RESUME = ("learning_rate", "lr_scheduler_type", "warmup_steps", "optim", "weight_decay",

@@ -48,6 +48,7 @@ def test_version_and_grouped_train_help(capsys):
     (["evaluate", "--config", str(REPO / "recipes" / "eval_tiny_cpu.yaml"), "--benchmark", "gone.json"], "gone.json"),
     (["plot"], "the following arguments are required: run (see `focusdpo plot --help`)"),
     (["trian"], "unknown command 'trian'"),
+    (["plan", "--config", TINY_RECIPE, "--batch", "0"], "--batch 0: give at least 1 pair per device"),
 ])
 def test_every_command_refuses_in_one_line_under_one_prefix(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -92,6 +92,7 @@ def finished_run(tmp_path_factory):
     (["--lora_rank", "8"], "lora_rank: 4 in the checkpoint, 8 now"),
     (["--resolution", "48"], "resolution: 32 in the checkpoint, 48 now"),
     (["--family", "flux2"], "family: 'sd' in the checkpoint, 'flux2' now"),
+    (["--quantize_base", "int8_weight_only"], "quantize_base: 'none' in the checkpoint, 'int8_weight_only' now"),
     (["--lora_target_modules", "to_q"], r"lora_target_modules: \[\] in the checkpoint, \['to_q'\] now"),
     (["--learning_rate", "0.01"], "restores its optimizer and learning-rate schedule, so the change is refused .*"
                                   "learning_rate: 0.001 in the checkpoint, 0.01 now"),
