@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from focusdpo.errors import ConfigError
+
 from focusdpo.planning import cli
 from focusdpo.planning import report as report_module
 from focusdpo.planning.memory import (
@@ -140,5 +142,5 @@ def test_settings_come_from_the_recipe_with_trainer_defaults():
 def test_cli_refuses_a_missing_recipe_and_a_zero_batch():
     with pytest.raises(FileNotFoundError, match="recipe YAML"):
         cli.main(["--config", "recipes/nope.yaml"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="--batch 0: give at least 1 pair per device"):
         cli.main(["--config", str(RECIPES / "tiny_cpu.yaml"), "--batch", "0"])
