@@ -46,6 +46,7 @@ def image_header(value: dict | None, column: str, pair_id: str) -> tuple[int, in
         source = io.BytesIO(data) if data else open(value["path"], "rb")
         with source, PILImage.open(source) as image:
             size, fmt = displayed_size(image, source), image.format
+            peak = to_eight_bit(image, where).convert("L").getextrema()[1] if column in MASK_COLUMNS else None
             source.seek(0, io.SEEK_END)
             source.seek(max(0, source.tell() - TAIL_BYTES))
             tail = source.read()
@@ -55,7 +56,27 @@ def image_header(value: dict | None, column: str, pair_id: str) -> tuple[int, in
     if (fmt == "PNG" and not tail.endswith(PNG_END)) or (fmt == "JPEG" and JPEG_END not in tail):
         raise PairDataError(f"pair {pair_id}: {column} image ({where}) cannot be read: the {fmt} file is "
                             "truncated (no end marker). Replace the file or drop the pair (on_bad_pair: skip)")
+    if peak is not None:
+        check_mask_peak(peak, f"pair {pair_id}: {column} image ({where})", column)
     return size
+
+
+MASK_MEANINGS = {
+    "prior_mask": "a prior mask marks in white where the loser differs from the winner; draw that region, or leave "
+                  "prior_mask out (the pair then has no prior)",
+    "reference_masks": "a reference mask marks its subject in white; draw the subject, or give this pair no "
+                       "reference_masks (each whole reference is then its subject)",
+}
+
+
+def check_mask_peak(peak: int, where: str, column: str) -> None:
+    """Masks are the one image whose pixels are checked up front (one channel, small to decode): a blank mask
+    would silently mean "no prior", or a subject with no pixels; a 0/1 array saved as is reads as almost black."""
+    if peak == 0:
+        raise PairDataError(f"{where} is blank (every pixel 0): {MASK_MEANINGS[column]}")
+    if peak == 1:
+        raise PairDataError(f"{where} holds only 0 and 1 (a 0/1 array saved as is), which reads as almost black: "
+                            "save it as 0 and 255 (mask * 255)")
 
 
 def check_row(row: dict, max_references: int | None) -> None:
@@ -168,23 +189,22 @@ JSONL_PATHS = ("chosen", "rejected")
 
 JSONL_PATH_LISTS = ("references", "reference_masks")
 
+JSONL_KEYS = ("prompt", *JSONL_PATHS, *JSONL_PATH_LISTS, "prior_mask", "pair_id", "subject_scores")
+
+JSONL_RENAMES = {"id": "pair_id"}  # a prompt set's entry id; here the pair's
+
 
 def check_jsonl_row(row, where: str) -> None:
     """One parsed ``pairs.jsonl`` line has the schema's keys and types; ``where`` names file and line."""
-    if not isinstance(row, dict):
-        raise PairDataError(f"{where}: expected a JSON object like {{\"prompt\": ..., \"chosen\": ..., "
-                            f"\"rejected\": ...}}, got a {type(row).__name__}")
+    check_json_object(row, where, '{"prompt": ..., "chosen": ..., "rejected": ...}', PairDataError)
+    check_known_keys(row, JSONL_KEYS, where, PairDataError, "A line's", JSONL_RENAMES)
     missing = [k for k in ("prompt", *JSONL_PATHS) if k not in row]
     if missing:
         raise PairDataError(f"{where}: missing key(s) {missing}; every line needs prompt, chosen and rejected")
     for key in ("prompt", *JSONL_PATHS):
-        if not isinstance(row[key], str) or not row[key]:
-            raise PairDataError(f"{where}: {key} must be a non-empty string, got {row[key]!r}")
+        check_text(row, key, where, PairDataError)
     for key in JSONL_PATH_LISTS:
-        value = row.get(key, [])
-        if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-            hint = f" (write [{value!r}])" if isinstance(value, str) else ""
-            raise PairDataError(f"{where}: {key} must be a list of image paths, got {value!r}{hint}")
+        check_text_list(row, key, where, PairDataError)
     if row.get("prior_mask") is not None and not isinstance(row["prior_mask"], str):
         raise PairDataError(f"{where}: prior_mask must be an image path or null, got {row['prior_mask']!r}")
     scores = row.get("subject_scores")
@@ -193,6 +213,37 @@ def check_jsonl_row(row, where: str) -> None:
                             f"number per reference ({len(row.get('references', []))}), got {scores!r}")
     if "pair_id" in row and not isinstance(row["pair_id"], (str, int)):
         raise PairDataError(f"{where}: pair_id must be a string, got {row['pair_id']!r}")
+
+
+def check_json_object(row, where: str, example: str, error: type[Exception]) -> None:
+    """A jsonl line holds one object: a list or a bare value has no named fields to read."""
+    if not isinstance(row, dict):
+        raise error(f"{where}: expected a JSON object like {example}, got a {type(row).__name__}")
+
+
+def check_known_keys(row: dict, known: tuple[str, ...], where: str, error: type[Exception], whose: str,
+                     renames: dict[str, str] | None = None) -> None:
+    """Refuse a key the reader does not know: a misspelt one ('referneces') would silently drop its data."""
+    import difflib
+
+    for key in (k for k in row if k not in known):
+        near = (renames or {}).get(key) or next(iter(difflib.get_close_matches(key, known, n=1)), None)
+        hint = f"; did you mean {near!r}?" if near else "."
+        raise error(f"{where}: unknown key {key!r}{hint} {whose} keys are {', '.join(known)}")
+
+
+def check_text(row: dict, key: str, where: str, error: type[Exception]) -> None:
+    """``row[key]`` is a non-empty string (a prompt or an image path)."""
+    if not isinstance(row[key], str) or not row[key]:
+        raise error(f"{where}: {key} must be a non-empty string, got {row[key]!r}")
+
+
+def check_text_list(row: dict, key: str, where: str, error: type[Exception], what: str = "image paths") -> None:
+    """``row[key]`` (optional) is a list of strings: a lone string would be read character by character."""
+    value = row.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        hint = f" (write [{value!r}])" if isinstance(value, str) else ""
+        raise error(f"{where}: {key} must be a list of {what}, got {value!r}{hint}")
 
 
 def subject_scores_fit(scores, references: int) -> bool:

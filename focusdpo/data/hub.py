@@ -17,7 +17,7 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-from datasets import Dataset, Features, load_dataset, load_dataset_builder, load_from_disk
+from datasets import Dataset, Features, load_dataset, load_dataset_builder
 
 from focusdpo.data.schema import PAIR_FEATURES
 from focusdpo.errors import PairDataError
@@ -64,15 +64,6 @@ def load_parquet_pairs(path: Path, split: str = "train", fmt: str = "auto") -> D
     if fmt == "pickapic":
         return import_pickapic(files, str(path))
     return load_dataset("parquet", data_files={split: files}, split=split)
-
-
-def load_saved_dict(path: Path, split: str) -> Dataset:
-    """A ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``): the ``split`` member."""
-    splits = load_from_disk(str(path))
-    if split not in splits:
-        raise PairDataError(f"dataset {str(path)!r} has no split {split!r}; its splits are {sorted(splits)}: "
-                            "set dataset_split to one of them")
-    return splits[split]
 
 
 def looks_like_hub_id(source: str) -> bool:

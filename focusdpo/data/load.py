@@ -14,7 +14,7 @@ from datasets import Dataset, Features, Image, List, load_from_disk
 
 from focusdpo.atomic import check_replaceable, disk_full_names, mark_output
 from focusdpo.data.checks import check_jsonl_row, preflight
-from focusdpo.data.hub import load_hub_pairs, load_parquet_pairs, load_saved_dict, looks_like_hub_id
+from focusdpo.data.hub import load_hub_pairs, load_parquet_pairs, looks_like_hub_id
 from focusdpo.data.schema import ARRAY_COLUMNS, IMAGE_COLUMNS, PAIR_FEATURES, REQUIRED_COLUMNS, SUBJECT_SCORES_FEATURE
 from focusdpo.errors import OutputError, PairDataError
 
@@ -99,7 +99,36 @@ def load_saved(path: Path) -> Dataset:
     state = json.loads((path / "state.json").read_text()) if (path / "state.json").is_file() else {}
     if state.get("_data_files") == []:
         raise PairDataError(f"dataset {str(path)!r} holds no pairs")
-    return load_from_disk(str(path))
+    return read_saved(path)
+
+
+def load_saved_dict(path: Path, split: str) -> Dataset:
+    """A ``DatasetDict.save_to_disk`` folder (``dataset_dict.json``): the ``split`` member."""
+    splits = read_saved(path)
+    if split not in splits:
+        raise PairDataError(f"dataset {str(path)!r} has no split {split!r}; its splits are {sorted(splits)}: "
+                            "set dataset_split to one of them")
+    return splits[split]
+
+
+ARROW_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker closing every arrow file datasets writes
+
+
+def read_saved(path: Path):
+    """``load_from_disk``, refusing a damaged folder by its file: an interrupted copy or write leaves an .arrow file
+    without its end marker, which arrow would report as a bare byte count deep in its reader."""
+    for data in sorted(path.rglob("*.arrow")):
+        with open(data, "rb") as f:
+            f.seek(max(0, data.stat().st_size - len(ARROW_END)))
+            if f.read() != ARROW_END:
+                raise PairDataError(f"dataset {str(path)!r}: {data.relative_to(path)} is cut short (no arrow end "
+                                    "marker): the copy or the write that made it was interrupted; copy the folder "
+                                    "again or write it again (focusdpo pairs, embed and focus write atomically)")
+    try:
+        return load_from_disk(str(path))
+    except (OSError, ValueError, KeyError) as e:  # arrow's ArrowInvalid is a ValueError, its IOError an OSError
+        raise PairDataError(f"dataset {str(path)!r} cannot be read ({e}): the folder is damaged; copy it again or "
+                            "write it again") from None
 
 
 def check_pairs(ds: Dataset, source: str, max_references: int | None = None, on_bad_pair: str = "error",

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from focusdpo.config.pairs import LAYOUTS, MISSING_POLICIES
+from focusdpo.data.checks import check_json_object, check_known_keys, check_text, check_text_list
 from focusdpo.errors import PromptSetError
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ DREAMBENCH_CLASSES_FILE = "prompts_and_classes.txt"
 LIVE_CLASSES = ("cat", "dog")  # DreamBench's live subjects get the live-subject prompt list
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+JSONL_KEYS = ("prompt", "references", "reference_masks", "classes", "id", "target")
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def jsonl_entries(path: Path, root: Path) -> list[dict]:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise PromptSetError(f"{path} line {number} is not JSON: {e}") from None
+        check_prompt_entry(entry, f"{path} line {number}")
         refs = [resolve(root, p) for p in entry.get("references", [])]
         masks = [resolve(root, p) for p in entry.get("reference_masks", [])]
         classes = list(entry.get("classes", []))
@@ -201,6 +205,21 @@ def jsonl_entries(path: Path, root: Path) -> list[dict]:
                     **({"item_id": str(entry["id"])} if "id" in entry else {}),
                     **({"target": resolve(root, entry["target"])} if entry.get("target") else {})})
     return out
+
+
+def check_prompt_entry(entry, where: str) -> None:
+    """One jsonl entry is an object of known keys and types, checked before its paths are resolved (a lone string
+    of references would be walked character by character into paths that do not exist)."""
+    check_json_object(entry, where, '{"prompt": ..., "references": [...]}', PromptSetError)
+    check_known_keys(entry, JSONL_KEYS, where, PromptSetError, "An entry's", {"pair_id": "id"})
+    if "prompt" not in entry:
+        raise PromptSetError(f"{where} lacks 'prompt': every entry needs its prompt")
+    check_text(entry, "prompt", where, PromptSetError)
+    for key in ("references", "reference_masks"):
+        check_text_list(entry, key, where, PromptSetError)
+    check_text_list(entry, "classes", where, PromptSetError, "strings")
+    if entry.get("target") is not None and not isinstance(entry["target"], str):
+        raise PromptSetError(f"{where}: target must be an image path, got {entry['target']!r}")
 
 
 def dreambench_classes(path: Path) -> dict[str, str]:

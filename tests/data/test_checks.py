@@ -33,6 +33,14 @@ GOOD = {"prompt": "a dog", "chosen": "w.png", "rejected": "l.png"}
      "pair line-2: prior_mask is 16x8 but chosen is 16x16"),
     ({**GOOD, "references": ["r.png"] * 7}, {}, "pair line-2 has 7 references but max_references=6"),
     ({**GOOD, "rejected": "cut.png"}, {"cut.png": png("blue")[:-20]}, r"pair line-2: rejected .*cut.png.* truncated"),
+    ({**GOOD, "id": "x7"}, {}, r"line 2: unknown key 'id'; did you mean 'pair_id'\? A line's keys are prompt, chosen"),
+    ({**GOOD, "referneces": ["r.png"]}, {}, r"line 2: unknown key 'referneces'; did you mean 'references'\?"),
+    ({**GOOD, "prior_mask": "m.png"}, {"m.png": png("black", (16, 16), "L")},
+     r"pair line-2: prior_mask image \(.*m.png\) is blank \(every pixel 0\).*leave prior_mask out"),
+    ({**GOOD, "prior_mask": "m.png"}, {"m.png": png(1, (16, 16), "L")},
+     r"pair line-2: prior_mask image \(.*m.png\) holds only 0 and 1.*save it as 0 and 255"),
+    ({**GOOD, "references": ["r.png"], "reference_masks": ["m.png"]}, {"m.png": png("black", (16, 16), "L")},
+     r"pair line-2: reference_masks image \(.*m.png\) is blank"),
 ])
 def test_bad_pairs_are_named_by_line_or_pair(tmp_path, line, files, message):
     with pytest.raises(PairDataError, match=message):

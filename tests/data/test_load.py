@@ -111,3 +111,15 @@ def test_a_dataset_no_step_decodes_from_drops_its_image_columns_and_the_batch_ke
     assert [len(r) for r in fast["references"]] == [len(r) for r in slow["references"]]
     assert torch.equal(fast["latents"], slow["latents"]) and fast["pair_ids"] == slow["pair_ids"]
     assert "pixel_values" not in fast
+
+
+def test_a_cut_arrow_file_is_refused_naming_the_file(tmp_path, capsys):
+    """A save_to_disk folder copied or written only in part: its .arrow file lacks arrow's end-of-stream marker."""
+    make_toy_pairs(4, 16).save_to_disk(str(tmp_path / "pairs"))
+    data = next((tmp_path / "pairs").glob("*.arrow"))
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(PairDataError, match=r"dataset .*pairs.*: data-00000-of-00001.arrow is cut short .* copy"):
+        load_pairs(str(tmp_path / "pairs"))
+    data.write_bytes(data.read_bytes() + b"\xff\xff\xff\xff\x00\x00\x00\x00")  # cut, yet ending in the marker
+    with pytest.raises(PairDataError, match=r"dataset .*pairs.* cannot be read"):
+        load_pairs(str(tmp_path / "pairs"))

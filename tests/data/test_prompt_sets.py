@@ -40,3 +40,19 @@ def test_dreambench_prompts_and_xverse_layout(dreambench):
     if xverse.is_file():  # its images are not in the subset: every entry is listed as skipped, none silently
         loaded = load_prompt_set(xverse)
         assert len(loaded) == 0 and len(loaded.skipped) > 0
+
+
+@pytest.mark.parametrize("line, message", [
+    ('[1, 2]', r"p.jsonl line 1: expected a JSON object like \{\"prompt\": ..., \"references\": \[...\]\}, got a list"),
+    ({"prompt": "a dog", "references": "r.png"}, r"line 1: references must be a list of image paths, got 'r.png' "
+                                                 r"\(write \['r.png'\]\)"),
+    ({"prompt": "a dog", "classes": "dog"}, r"line 1: classes must be a list of strings, got 'dog'"),
+    ({"prompt": 3}, "line 1: prompt must be a non-empty string, got 3"),
+    ({"prompt": "a dog", "reference": ["r.png"]}, r"line 1: unknown key 'reference'; did you mean 'references'\? An "
+                                                  "entry's keys are prompt, references"),
+])
+def test_a_bad_jsonl_entry_is_named_by_its_line_not_walked(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(line if isinstance(line, str) else json.dumps(line))
+    with pytest.raises(PromptSetError, match=message):
+        load_prompt_set(path)
