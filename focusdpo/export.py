@@ -20,7 +20,7 @@ import torch
 
 from focusdpo.atomic import atomic_write, output_lock
 from focusdpo.errors import LoraFileError, OutputError
-from focusdpo.models.base import LORA_WEIGHTS_NAME, sort_safetensors_header
+from focusdpo.models.base import LORA_WEIGHTS_NAME, check_lora_family, lora_denoisers, sort_safetensors_header
 from focusdpo.models.families import FAMILIES
 
 EXPORT_NAMES = {"kohya": "lora_kohya.safetensors", "comfyui": "lora_comfyui.safetensors"}
@@ -68,16 +68,6 @@ def scale_folded_state_dict(tensors: dict[str, torch.Tensor], config: dict) -> t
     return folded, {**config, "lora_alpha": config["r"], "use_rslora": False}
 
 
-def check_lora_family(tensors: dict, family: str, source: Path) -> None:
-    """The LoRA's own keys name its denoiser (``unet.…`` or ``transformer.…``): refuse an export for another one."""
-    held = next(iter(tensors), "").split(".", 1)[0]
-    wanted = FAMILIES[family].denoiser
-    if held != wanted:
-        fits = [name for name, facts in FAMILIES.items() if facts.denoiser == held]
-        raise LoraFileError(f"{source} holds {held or 'no'} LoRA weights, not the {wanted} weights of family "
-                            f"{family!r}: export it as {' or '.join(fits) or 'the family it was trained for'}")
-
-
 def target_is_source(out, source: Path) -> bool:
     return out is not None and Path(out).resolve() == source.resolve()
 
@@ -102,7 +92,10 @@ def export_lora(lora: str | Path, family: str, out: str | Path | None = None) ->
     tensors, config = read_lora(source)
     if family not in FAMILIES:
         raise ValueError(f"family={family!r} has no export; choose one of: {', '.join(FAMILIES)}")
-    check_lora_family(tensors, family, source)
+    check_lora_family(tensors, family, source, fix="export it as {fits}")
+    if not lora_denoisers(tensors):
+        raise LoraFileError(f"{source} is not a diffusers-format LoRA (no key starts with unet. or transformer.): "
+                            "export LoRAs written by focusdpo or by diffusers' save_lora_weights")
     if target_is_source(out, source):
         raise OutputError(f"--out {out} is the LoRA being exported: write the export to another file")
     if FAMILIES[family].export_format == "kohya":

@@ -161,6 +161,21 @@ def scratch(tmp_path, monkeypatch):
     return tmp_path
 
 
+def lora_file(path, prefix: str = "unet"):
+    """A one-module diffusers-format LoRA file whose keys start with ``prefix`` (its denoiser: unet or transformer)."""
+    from safetensors.torch import save_file
+
+    save_file({f"{prefix}.blocks.0.to_q.lora_A.weight": torch.zeros(2, 8),
+               f"{prefix}.blocks.0.to_q.lora_B.weight": torch.zeros(8, 2)}, str(path))
+    return path
+
+
+def cut(path, keep: float = 0.5):
+    """``path`` cut to ``keep`` of its bytes, as an interrupted copy or download leaves it."""
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+    return path
+
+
 # ---- feature extractors ----------------------------------------------------------------------------------------------
 def tiny_dino_model(name="vit_small_patch14_dinov2", **kwargs):
     """A tiny random-weight DINOv2 (2 blocks of 96 dims, 2 heads), seeded: the same weights for the same arguments."""

@@ -123,11 +123,11 @@ def test_a_recipe_with_a_key_given_twice_is_refused_naming_the_key(tmp_path):
 
 def test_a_truncated_personalization_lora_is_refused_before_the_model_loads(tmp_path):
     from focusdpo.errors import LoraFileError
-    from focusdpo.training.run_folder import check_personalization_lora
+    from focusdpo.models.base import check_lora_file
 
     (tmp_path / "lora.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     with pytest.raises(LoraFileError, match="cannot be read"):
-        check_personalization_lora(str(tmp_path / "lora.safetensors"))
+        check_lora_file(str(tmp_path / "lora.safetensors"), "sd", "personalization_lora")
 
 
 def test_plot_skips_a_half_written_last_line(tmp_path, capsys):

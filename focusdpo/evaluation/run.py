@@ -35,7 +35,7 @@ from focusdpo.evaluation.metrics import (pooled_embedding, subject_averaged_simi
 from focusdpo.evaluation.report import save_prompt_grid, write_report
 from focusdpo.images import open_upright, resize_square, to_tensor
 from focusdpo.models import load_backbone
-from focusdpo.models.base import LORA_WEIGHTS_NAME
+from focusdpo.models.base import LORA_WEIGHTS_NAME, check_lora_file
 from focusdpo.models.sampling import sample_images
 from focusdpo.processes import process_state
 from focusdpo.provenance import check_record, input_digests, write_record
@@ -180,8 +180,6 @@ def load_variants(cfg: EvalConfig, model_cfg: ModelConfig, device):
         backbone.add_lora_adapter(model_cfg.personalization_lora, "personal", model_cfg.personalization_lora_loader)
         personal = ["personal"]
     for name, path in zip(variant_names(cfg)[1:], cfg.loras):
-        if not Path(path).exists():
-            raise EvalInputError(f"loras: {path!r} does not exist; give a LoRA folder or .safetensors file")
         try:
             backbone.add_lora_adapter(path, name, model_cfg.personalization_lora_loader)
         except (ValueError, RuntimeError) as e:  # unknown module names / shape mismatches (another model)
@@ -191,6 +189,16 @@ def load_variants(cfg: EvalConfig, model_cfg: ModelConfig, device):
     backbone.to(device)
     backbone.denoiser.eval()
     return backbone, personal
+
+
+def check_variant_loras(cfg: EvalConfig, model_cfg: ModelConfig) -> None:
+    """Every LoRA to load exists, reads and is for the family, before any model loads (another model of the same
+    family is found only when its keys meet the model, in :func:`load_variants`)."""
+    loader = model_cfg.personalization_lora_loader
+    if model_cfg.personalization_lora:
+        check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora", loader)
+    for path in cfg.loras:
+        check_lora_file(path, model_cfg.family, "loras", loader)
 
 
 def select_variant(backbone, name: str, personal: list[str]) -> None:
@@ -318,6 +326,8 @@ def evaluate_locked(state, cfg: EvalConfig, model_cfg: ModelConfig, focus_cfg: F
     settings and inputs (:func:`image_record`, checked before any model loads); the report is rebuilt each time."""
     prompt_set, items = benchmark_items(cfg)
     out = Path(cfg.output_dir)
+    if not cfg.images_dir:  # images to generate: the LoRAs will load
+        check_variant_loras(cfg, model_cfg)
     record = None if cfg.images_dir else image_record(cfg, model_cfg, items)
     if record is not None:
         check_images_record(out, record)

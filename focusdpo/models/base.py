@@ -20,6 +20,7 @@ from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from focusdpo.errors import LoraFileError
 from focusdpo.models.families import FAMILIES, Family
 from focusdpo.models.quantize import cast_unquantized, is_quantized
 from focusdpo.atomic import atomic_write
@@ -47,6 +48,58 @@ def sort_safetensors_header(path: Path) -> None:
     header += b" " * (-len(header) % 8)
     atomic_write(path, lambda staging: staging.write_bytes(len(header).to_bytes(8, "little") + header +
                                                             data[8 + length:]))
+
+
+def lora_denoisers(keys) -> set[str]:
+    """The denoisers a LoRA's keys name (diffusers' format prefixes them ``unet.`` / ``transformer.``); empty for
+    other layouts (kohya's ``lora_unet_…``, XLabs, BFL, peft keys without a prefix), which the keys do not place."""
+    return {key.split(".", 1)[0] for key in keys} & {facts.denoiser for facts in FAMILIES.values()}
+
+
+def check_lora_family(keys, family: str, source, fix: str = "it is a LoRA for {fits}: give one made for family "
+                      "{family!r}, or set family to the LoRA's") -> None:
+    """Refuse a LoRA whose keys name another family's denoiser (an SD ``unet.…`` LoRA for FLUX, or the reverse);
+    ``fix`` may name ``{fits}`` (the families it is for) and ``{family}``."""
+    if not keys:
+        raise LoraFileError(f"{source} holds no tensors: it is not a LoRA; download or copy it again")
+    held, wanted = lora_denoisers(keys), FAMILIES[family].denoiser
+    if held and wanted not in held:
+        other = min(held)
+        fits = " or ".join(name for name, facts in FAMILIES.items() if facts.denoiser == other)
+        raise LoraFileError(f"{source} holds {other} LoRA weights, not the {wanted} weights of family {family!r}: "
+                            + fix.format(fits=fits, family=family))
+
+
+def lora_files(path: str | Path, field: str, loader: str = "strict") -> list[Path]:
+    """The files a LoRA path is read from: the file itself, a folder's ``pytorch_lora_weights.safetensors`` or, for
+    the pipeline's loader (which picks a folder's own file name), the folder's .safetensors files."""
+    path = Path(path)
+    if not path.exists():
+        raise LoraFileError(f"{field}: {str(path)!r} does not exist; give a LoRA folder (holding {LORA_WEIGHTS_NAME}) "
+                            "or the .safetensors file")
+    if path.is_file():
+        return [path]
+    if (path / LORA_WEIGHTS_NAME).is_file():
+        return [path / LORA_WEIGHTS_NAME]
+    if loader != "strict":
+        return sorted(path.glob("*.safetensors"))
+    raise LoraFileError(f"{field}: {path} holds no {LORA_WEIGHTS_NAME}; give the run folder of a trained LoRA or its "
+                        ".safetensors file")
+
+
+def check_lora_file(path: str | Path, family: str, field: str, loader: str = "strict") -> None:
+    """A LoRA a command is given exists, its safetensors header reads and its keys are for ``family``: checked before
+    the model loads, since a cut download or another family's LoRA would otherwise fail only after it."""
+    from safetensors import safe_open
+
+    for file in (f for f in lora_files(path, field, loader) if loader == "strict" or f.suffix == ".safetensors"):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as e:  # safetensors raises its own SafetensorError for short or garbled files
+            raise LoraFileError(f"{field}: {file} cannot be read ({e}): it is cut short or not a safetensors file; "
+                                "download or copy it again") from None
+        check_lora_family(keys, family, f"{field}: {file}")
 
 
 class Backbone(ABC):

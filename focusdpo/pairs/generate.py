@@ -35,6 +35,7 @@ from focusdpo.errors import ConfigError, PairGenError
 from focusdpo.evaluation.run import lora_weights
 from focusdpo.images import open_upright
 from focusdpo.models import load_backbone
+from focusdpo.models.base import check_lora_file
 from focusdpo.models.families import FAMILIES
 from focusdpo.models.sampling import apply_loras, sample_images
 from focusdpo.pairs.disrupt import check_inpainter, inpaint_instance, load_inpainter, mask_image, region_mask
@@ -95,6 +96,15 @@ def preflight(cfg: PairGenConfig, family: str, items: list[tuple[int, PromptItem
             raise PairGenError(f"strategy: disrupt inpaints another instance of a subject's class, but entries "
                                f"{classless[:3]} have no classes; add 'classes' (jsonl), or give data_root with "
                                "DreamBench's prompts_and_classes.txt (UNO layout)")
+
+
+def check_generator_loras(model_cfg, pair_cfg: PairGenConfig, family: str) -> None:
+    """The personalization and DPO LoRAs exist, read and are for ``family``, before any model loads."""
+    if model_cfg.personalization_lora:
+        check_lora_file(model_cfg.personalization_lora, family, "personalization_lora",
+                        model_cfg.personalization_lora_loader)
+    if pair_cfg.dpo_lora:
+        check_lora_file(pair_cfg.dpo_lora, family, "dpo_lora")
 
 
 class PairGenerator:
@@ -275,6 +285,7 @@ def generate_locked(state, pair_cfg: PairGenConfig, model_cfg, focus_cfg, backbo
     items = list(enumerate(prompt_set.items))
     items = items[: pair_cfg.max_items] if pair_cfg.max_items else items
     preflight(pair_cfg, backbone.family if backbone is not None else model_cfg.family, items)
+    check_generator_loras(model_cfg, pair_cfg, backbone.family if backbone is not None else model_cfg.family)
     inputs = run_inputs(pair_cfg, model_cfg, [item for _, item in items])
     check_pair_record(pair_cfg.out, {"inputs": inputs})  # before any model loads
     device, dtype = resolve_device_dtype(pair_cfg, state)

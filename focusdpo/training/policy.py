@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from focusdpo.config.training import FocusDPOConfig, ModelConfig
-from focusdpo.models.base import Backbone, DenoiseInputs
+from focusdpo.models.base import Backbone, DenoiseInputs, check_lora_file
 from focusdpo.training.reference import DPO_ADAPTER, PERSONAL_ADAPTER
-from focusdpo.training.run_folder import check_personalization_lora
 
 
 class PolicyModel(torch.nn.Module):
@@ -68,7 +67,7 @@ def add_dpo_lora(backbone: Backbone, cfg: ModelConfig) -> None:
 
 
 def load_personalization_lora(backbone: Backbone, path: str, loader: str = "strict") -> None:
-    check_personalization_lora(path)
+    check_lora_file(path, backbone.family, "personalization_lora", loader)
     backbone.add_lora_adapter(path, PERSONAL_ADAPTER, loader)
 
 

@@ -25,8 +25,7 @@ from focusdpo.config.recipe import config_fields
 from focusdpo.data.load import first_pair_without_references
 from focusdpo.errors import ConfigError, PairDataError, RunFolderError
 from focusdpo.models import resolve_grid
-from focusdpo.models.base import LORA_WEIGHTS_NAME
-from focusdpo.errors import LoraFileError
+from focusdpo.models.base import LORA_WEIGHTS_NAME, check_lora_file
 
 CHECKPOINT_CONFIG = "focusdpo_config.yaml"
 
@@ -241,7 +240,8 @@ def keep_segment_configs(out: Path) -> None:
 def check_inputs(model_cfg, data_cfg, focus_cfg, dataset, loss_cfg=None) -> None:
     """Files and caches the run needs, checked before the model loads."""
     if model_cfg.reference_mode == "frozen_adapter":
-        check_personalization_lora(model_cfg.personalization_lora)
+        check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora",
+                        model_cfg.personalization_lora_loader)
     columns = dataset.column_names
     if model_cfg.drop_text_encoders and "prompt_embeds" not in columns:
         raise ValueError("drop_text_encoders: true needs prompt embeddings cached in the dataset: run "
@@ -261,23 +261,6 @@ def check_objective(loss_cfg, focus_cfg) -> None:
     if loss_cfg.objective == "sft" and focus_cfg.enabled:
         raise ConfigError("objective: sft trains on the winners' plain error; focus weights are for DPO: set "
                           "lambda_structure: 0 and lambda_detail: 0, or objective: dpo")
-
-
-def check_personalization_lora(path: str) -> None:
-    """The LoRA the reference keeps exists and its header reads (a truncated download fails here, not after the
-    model has loaded)."""
-    from safetensors import safe_open
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"personalization_lora={path!r} does not exist; give the folder or "
-                                ".safetensors file of the LoRA the reference should keep")
-    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).glob("*.safetensors"))
-    for file in (f for f in files if f.suffix == ".safetensors"):
-        try:
-            with safe_open(str(file), "pt"):
-                pass
-        except Exception as e:  # safetensors raises its own SafetensorError for short or garbled files
-            raise LoraFileError(f"personalization_lora file {file} cannot be read ({e}): download it again") from None
 
 
 def check_subject_inputs(dataset) -> None:

@@ -4,7 +4,7 @@ import pytest
 
 from focusdpo.commands import main as cli
 
-from conftest import REPO, TINY_RECIPE
+from conftest import QUICK, REPO, TINY_RECIPE, cut, jsonl_folder, lora_file, png, tiny_argv
 
 
 def test_usage_lists_the_commands(capsys):
@@ -55,3 +55,36 @@ def test_every_command_refuses_in_one_line_under_one_prefix(argv, message, capsy
         cli(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("focusdpo: error: ") and message in err
+
+
+def refused_line(capsys, argv) -> str:
+    """``focusdpo ARGV`` must end with exit status 2 and one line under the common prefix, no traceback."""
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    return err.split("focusdpo: error: ", 1)[1]
+
+
+def test_bad_files_given_to_train_end_in_one_line_before_the_model_loads(tmp_path, no_model, capsys):
+    from focusdpo.data.toy import make_toy_pairs
+
+    make_toy_pairs(4, 16).save_to_disk(str(tmp_path / "cached"))
+    cut(next((tmp_path / "cached").glob("*.arrow")))
+    capsys.readouterr()  # the save's progress bar
+    assert "data-00000-of-00001.arrow is cut short" in refused_line(
+        capsys, ["train", *tiny_argv(tmp_path / "a", *QUICK, "--dataset", str(tmp_path / "cached"))])
+    good = {"prompt": "a dog", "chosen": "w.png", "rejected": "l.png"}
+    (tmp_path / "pairs").mkdir()
+    pairs = jsonl_folder(tmp_path / "pairs", [{**good, "id": "p1"}])
+    assert "line 1: unknown key 'id'; did you mean 'pair_id'?" in refused_line(
+        capsys, ["train", *tiny_argv(tmp_path / "b", *QUICK, "--dataset", pairs)])
+    jsonl_folder(tmp_path / "pairs", [{**good, "prior_mask": "m.png"}], {"m.png": png("black", mode="L")})
+    assert "pair line-1: prior_mask image" in refused_line(
+        capsys, ["train", *tiny_argv(tmp_path / "b", *QUICK, "--dataset", pairs)])
+    frozen = ("--reference_mode", "frozen_adapter", "--personalization_lora")
+    flux = lora_file(tmp_path / "flux.safetensors", "transformer")
+    assert "holds transformer LoRA weights, not the unet weights of family 'sd'" in refused_line(
+        capsys, ["train", *tiny_argv(tmp_path / "c", *QUICK, *frozen, str(flux))])
+    assert "cannot be read" in refused_line(capsys, ["train", *tiny_argv(tmp_path / "d", *QUICK, *frozen,
+                                                                        str(cut(flux)))])

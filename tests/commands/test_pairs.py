@@ -8,7 +8,7 @@ import pytest
 from focusdpo.commands import main as cli
 from focusdpo.data.load import load_pairs
 
-from conftest import REPO, SHARED_DATA
+from conftest import REPO, SHARED_DATA, cut, lora_file, png
 
 RECIPE = str(REPO / "recipes" / "pairs_tiny_cpu.yaml")
 
@@ -75,3 +75,37 @@ def test_a_run_that_keeps_no_pair_exits_2_and_names_the_summary(uno, tmp_path, c
     assert exit_.value.code == 2 and last.startswith("focusdpo: error: no pair was kept (dropped_margin 1)")
     assert json.loads((tmp_path / "summary.json").read_text())["counts"]["kept"] == 0
     assert not (tmp_path / "dataset").exists()
+
+
+@pytest.fixture
+def no_generator(monkeypatch):
+    """Loading the generator or the scorer fails the test: a refusal must come before them."""
+    import focusdpo.pairs.generate as generate
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was refused")
+    monkeypatch.setattr(generate, "load_backbone", loaded)
+    monkeypatch.setattr(generate, "CandidateScorer", loaded)
+
+
+def prompt_file(folder, **entry):
+    """A one-entry jsonl prompt set beside its reference r.png."""
+    (folder / "r.png").write_bytes(png("green"))
+    (folder / "p.jsonl").write_text(json.dumps({"prompt": "a dog", "references": ["r.png"], **entry}) + "\n")
+    return str(folder / "p.jsonl")
+
+
+def test_bad_loras_and_prompt_entries_are_refused_before_any_model_loads(tmp_path, no_generator, capsys):
+    def run(prompts, *extra):
+        return refused(capsys, "--config", RECIPE, "--prompts", prompts, "--data_root", str(tmp_path), "--out",
+                       str(tmp_path / "out"), *extra)
+
+    prompts = prompt_file(tmp_path)
+    flux = lora_file(tmp_path / "flux.safetensors", "transformer")
+    for option in ("--personalization_lora", "--dpo_lora"):
+        line = run(prompts, option, str(flux))
+        assert f"{option[2:]}: {flux} holds transformer LoRA weights, not the unet weights of family 'sd'" in line
+    assert f"dpo_lora: {flux} cannot be read" in run(prompts, "--dpo_lora", str(cut(flux)))
+    assert "dpo_lora: 'gone' does not exist" in run(prompts, "--dpo_lora", "gone")
+    line = run(prompt_file(tmp_path, references="r.png"))
+    assert "p.jsonl line 1: references must be a list of image paths, got 'r.png' (write ['r.png'])" in line

@@ -250,3 +250,20 @@ def test_references_are_read_as_displayed(tmp_path):
     exif[0x0112] = 6  # rotate 90° clockwise to display
     Image.new("RGB", (40, 20), "red").save(tmp_path / "photo.jpg", exif=exif.tobytes())
     assert read_image(tmp_path / "photo.jpg").shape == (3, 40, 20)
+
+
+def test_a_missing_cut_or_other_family_lora_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    from conftest import cut, lora_file, png
+
+    refuse_models(monkeypatch)
+    (tmp_path / "r.png").write_bytes(png("green"))
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"prompt": "a dog", "references": ["r.png"]}) + "\n")
+    flux = lora_file(tmp_path / "flux.safetensors", "transformer")
+    for lora, message in ((flux, f"loras: {flux} holds transformer LoRA weights, not the unet weights of family 'sd'"),
+                          (tmp_path / "gone", "loras: '{}' does not exist".format(tmp_path / "gone")),
+                          (cut(lora_file(tmp_path / "sd.safetensors")), "sd.safetensors cannot be read")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--benchmark", str(tmp_path / "bench.jsonl"), "--output_dir", str(tmp_path / "out"),
+                  "--loras", str(lora), *TOY])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and message in err, err

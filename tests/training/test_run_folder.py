@@ -11,7 +11,7 @@ import pytest
 from focusdpo.commands.train import main
 from focusdpo.config.recipe import parse_config
 from focusdpo.data.toy import make_toy_pairs
-from focusdpo.errors import ConfigError, PairDataError, RunFolderError
+from focusdpo.errors import ConfigError, LoraFileError, PairDataError, RunFolderError
 from focusdpo.training.run_folder import LOCK_NAME, numerics_advice
 from focusdpo.training.trainer import build_trainer
 
@@ -19,8 +19,8 @@ from conftest import QUICK, REPO, TINY_RECIPE, tiny_argv
 
 
 @pytest.mark.parametrize("extra, error, message", [
-    (["--reference_mode", "frozen_adapter", "--personalization_lora", "gone/lora"], FileNotFoundError,
-     "personalization_lora='gone/lora' does not exist"),
+    (["--reference_mode", "frozen_adapter", "--personalization_lora", "gone/lora"], LoraFileError,
+     "personalization_lora: 'gone/lora' does not exist"),
     (["--lambda_detail", "1", "--dino_random_weights", "false", "--dino_weights", "gone.pth"], FileNotFoundError,
      "dino_weights file 'gone.pth' does not exist"),
     (["--lambda_detail", "1", "--dino_random_weights", "false"], ConfigError, "set dino_weights"),
@@ -37,7 +37,7 @@ def test_frozen_adapter_needs_an_existing_lora(tmp_path):
         parse_config(["--config", TINY_RECIPE, "--reference_mode", "frozen_adapter"])
     argv = ["--config", TINY_RECIPE, "--output_dir", str(tmp_path), "--reference_mode", "frozen_adapter",
             "--personalization_lora", str(tmp_path / "missing")]
-    with pytest.raises(FileNotFoundError, match="personalization_lora=.*missing.* does not exist"):
+    with pytest.raises(LoraFileError, match="personalization_lora: .*missing.* does not exist"):
         main(argv)
 
 
