@@ -139,6 +139,17 @@ def test_plot_skips_a_half_written_last_line(tmp_path, capsys):
     assert "skipped 1 line(s) that are not JSON (line 4)" in capsys.readouterr().err
 
 
+def test_plot_of_a_log_without_training_lines_is_one_error_line(tmp_path, capsys):
+    from focusdpo.commands import main as cli
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n\x00\x00garbage\n' + json.dumps({"step": 0}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli(["plot", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("focusdpo: error: ")
+    assert "holds no training log lines yet (no 'loss'; skipped 2 line(s) that are not JSON (line 1, ...))" in err
+
+
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
     from focusdpo.data.prompt_sets import load_prompt_set
     from focusdpo.errors import PromptSetError

@@ -22,7 +22,8 @@ SCALAR_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bo
 
 def type_error(name: str, value, annotation: str):
     what = "a list" if isinstance(value, list) else "null" if value is None else f"a {type(value).__name__}"
-    return ConfigError(f"{name}={value!r} is {what}, but {name} takes {annotation}")
+    hint = f" (write [{value}])" if isinstance(value, str) and str(annotation).startswith("list[") else ""
+    return ConfigError(f"{name}={value!r} is {what}, but {name} takes {annotation}{hint}")
 
 
 def is_instance(value, type_name: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from focusdpo.config.checks import check_choice
+from focusdpo.config.checks import check_choice, check_types
 from focusdpo.errors import ConfigError
 
 EVAL_METRICS = ("subject", "backbone_i", "dino", "clip_i", "clip_t")
@@ -56,6 +56,7 @@ class EvalConfig:
     grid_prompts: int = field(default=8, metadata={"help": "Per-prompt grid PNGs (references | base | LoRAs)."})
 
     def __post_init__(self):
+        check_types(self)  # first: a lone string where a list belongs would be walked letter by letter below
         if not self.benchmark:
             raise ConfigError("benchmark is empty: give the benchmark file (e.g. a UNO dreambench_multiip.json)")
         check_choice("benchmark_layout", self.benchmark_layout, EVAL_LAYOUTS)

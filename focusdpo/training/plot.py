@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from focusdpo.atomic import save_png
+from focusdpo.errors import RunFolderError
 
 PANEL = (520, 320)
 
@@ -54,12 +55,14 @@ def read_training_logs(run: Path) -> list[dict]:
             logs.append(json.loads(line)) if line.strip() else None
         except json.JSONDecodeError:
             garbled.append(number)  # e.g. the half-written last line of a killed run
-    if garbled:
-        print(f"[focusdpo] {path}: skipped {len(garbled)} line(s) that are not JSON (line {garbled[0]}"
-              f"{', ...' if len(garbled) > 1 else ''})", file=sys.stderr)
+    skipped = (f"skipped {len(garbled)} line(s) that are not JSON (line {garbled[0]}"
+               f"{', ...' if len(garbled) > 1 else ''})") if garbled else ""
     logs = [entry for entry in logs if isinstance(entry, dict) and "loss" in entry and "step" in entry]
     if not logs:
-        raise ValueError(f"{path} holds no training log lines yet (no 'loss'); plot after the first logging step")
+        raise RunFolderError(f"{path} holds no training log lines yet (no 'loss'{'; ' + skipped if skipped else ''}): "
+                             "plot after the first logging step, or give the output_dir of another run")
+    if skipped:
+        print(f"[focusdpo] {path}: {skipped}", file=sys.stderr)
     return logs
 
 

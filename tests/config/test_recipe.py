@@ -55,7 +55,8 @@ def test_missing_config_file():
     ("dino_image_size: 0\n", "dino_image_size=0 must be an integer >= 14"),
     ("dino_image_size: 50\n", "dino_image_size=50 must be a multiple of 14"),
     ("family: [sd]\n", r"family=\['sd'\] is a list, but family takes str"),
-    ("lora_target_modules: to_q\n", "lora_target_modules='to_q' is a str, but lora_target_modules takes list"),
+    ("lora_target_modules: to_q\n", r"lora_target_modules='to_q' is a str, but lora_target_modules takes list\[str\] "
+                                    r"\(write \[to_q\]\)"),
     ("on_bad_pair: ignore\n", "on_bad_pair='ignore' is not valid; choose one of: error, skip"),
     ("learning_rat: 0.1\n", "unknown config key 'learning_rat' .*did you mean 'learning_rate'"),
 ])

@@ -156,6 +156,10 @@ def test_bad_config_and_benchmark_are_clear_errors(tmp_path, capsys):
         EvalConfig(benchmark="x.json", metrics=["subject", "fid"])
     with pytest.raises(ConfigError, match="dino_v1_weights"):
         EvalConfig(benchmark="x.json", metrics=["dino"])
+    for field in ("loras", "metrics"):  # a lone string, as a YAML recipe may give it: not walked letter by letter
+        with pytest.raises(ConfigError, match=rf"{field}='subject' is a str, but {field} takes list\[str\] "
+                                              r"\(write \[subject\]\)"):
+            EvalConfig(benchmark="x.json", **{field: "subject"})
     odd = tmp_path / "odd.json"
     odd.write_text(json.dumps([{"text": "a dog", "images": ["dog/00.jpg"]}]))
     with pytest.raises(SystemExit):
