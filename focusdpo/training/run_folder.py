@@ -239,6 +239,11 @@ def keep_segment_configs(out: Path) -> None:
 # ---- inputs -----------------------------------------------------------------------------------------
 def check_inputs(model_cfg, data_cfg, focus_cfg, dataset, loss_cfg=None) -> None:
     """Files and caches the run needs, checked before the model loads."""
+    if model_cfg.personalization_lora and model_cfg.reference_mode != "frozen_adapter":
+        raise ConfigError(f"personalization_lora={model_cfg.personalization_lora!r} is trained on only with "
+                          f"reference_mode: frozen_adapter (the policy and the reference both keep it); with "
+                          f"reference_mode: {model_cfg.reference_mode} it would be ignored: set reference_mode: "
+                          "frozen_adapter, or remove personalization_lora")
     if model_cfg.reference_mode == "frozen_adapter":
         check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora",
                         model_cfg.personalization_lora_loader)

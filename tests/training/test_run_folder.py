@@ -26,6 +26,8 @@ from conftest import QUICK, REPO, TINY_RECIPE, tiny_argv
     (["--lambda_detail", "1", "--dino_random_weights", "false"], ConfigError, "set dino_weights"),
     (["--family", "flux2", "--drop_text_encoders", "true"], ValueError, "drop_text_encoders: true needs prompt"),
     (["--max_references", "1"], PairDataError, "references but max_references=1"),
+    (["--personalization_lora", "runs/uno"], ConfigError,
+     "trained on only with reference_mode: frozen_adapter .* it would be ignored"),
 ])
 def test_missing_inputs_are_refused_before_the_model_loads(tmp_path, no_model, extra, error, message):
     with pytest.raises(error, match=message):
