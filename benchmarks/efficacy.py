@@ -161,21 +161,28 @@ def reuse_study(out: Path, earlier: Path, seed: int, shared: tuple[str, ...] = S
             link.symlink_to(source, target_is_directory=True)
 
 
-def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", table: dict | None = None) -> Path | None:
-    """Runs the stages in order up to and including ``until``; returns the report folder (None if not reached)."""
+def shared_stages(out: Path, sizes: dict, seed: int, until: str) -> tuple[Path, Path, Path] | None:
+    """The stages both rounds share: the world, the base model and the judge (None when ``until`` stops there)."""
     import torch
 
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = [seed + i for i in range(sizes["seeds"])]
-    table = table or arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
     world_dir = world_stage(out, sizes, seed)
     base = base_stage(out, sizes, seed)
     if until == "base":
         return None
     judge_dir = judge_stage(out, sizes, seed, base)
-    if until == "judge":
+    return None if until == "judge" else (world_dir, base, judge_dir)
+
+
+def run_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", table: dict | None = None) -> Path | None:
+    """Runs the stages in order up to and including ``until``; returns the report folder (None if not reached)."""
+    seeds = [seed + i for i in range(sizes["seeds"])]
+    table = table or arms.arm_table(sizes["lambda_structure"], sizes["lambda_detail"], sizes["sdpo_mu"])
+    shared = shared_stages(out, sizes, seed, until)
+    if shared is None:
         return None
+    world_dir, base, judge_dir = shared
     pairs = pairs_stage(out, sizes, seed, base)
     if until in ("pairs", "budget"):
         return None
@@ -247,20 +254,14 @@ def report_stage_round2(out: Path, sizes: dict, table: dict, seeds: list[int]) -
 def round2_study(out: Path, sizes: dict, seed: int = 0, until: str = "report", table: dict | None = None,
                  budgets: tuple[dict, ...] = round2.BUDGETS, budget_pairs: str = "oracle") -> Path | None:
     """Round 2 up to and including ``until`` (pairs: the pair sets and their agreement; budget: the DPO budget)."""
-    import torch
     from efficacy_stages import evaluation, onpolicy
 
-    torch.set_num_threads(1)
-    out.mkdir(parents=True, exist_ok=True)
     seeds = [seed + i for i in range(sizes["seeds"])]
     table = table or round2.arm_table(sizes["lambda_structure"], sizes["lambda_detail"])
-    world_dir = world_stage(out, sizes, seed)
-    base = base_stage(out, sizes, seed)
-    if until == "base":
+    shared = shared_stages(out, sizes, seed, until)
+    if shared is None:
         return None
-    judge_dir = judge_stage(out, sizes, seed, base)
-    if until == "judge":
-        return None
+    world_dir, base, judge_dir = shared
     prompts, validation = prompts_stage(out, sizes, seed), validation_stage(out, sizes, seed)
     sets = {name: pair_set_stage(out, name, sizes, seed, prompts, base, judge_dir) for name in round2.PAIR_SETS}
     agreement_stage(out, sets, prompts, judge_dir)
