@@ -314,9 +314,10 @@ def check_focus_inputs(model_cfg, data_cfg, focus_cfg, dataset, loss_cfg=None) -
 
 
 # ---- numerics advice ----------------------------------------------------------------------------------
-def numerics_advice(args, model_cfg, loss_cfg, focus_cfg) -> str:
+def numerics_advice(args, model_cfg, loss_cfg, focus_cfg, current_beta: float | None = None) -> str:
     """What to change after a non-finite loss, naming config fields: a value that cannot work if one is
-    set (e.g. changed after validation), else the two fields that scale the update."""
+    set (e.g. changed after validation), else the two fields that scale the update. With the automatic β,
+    ``current_beta`` is the value the loss used, and the field to lower is its ceiling ``beta_max``."""
     import math
 
     suspects = []
@@ -329,5 +330,8 @@ def numerics_advice(args, model_cfg, loss_cfg, focus_cfg) -> str:
             suspects.append(f"{name}={getattr(focus_cfg, name)} (must be finite)")
     if suspects:
         return f"fix {', '.join(suspects)} (see `focusdpo train --help`)"
-    return (f"lower learning_rate (now {args.learning_rate}) or beta (now {loss_cfg.beta}), "
-            "or set nan_policy: skip")
+    if loss_cfg.beta_target_gradient_factor is None:
+        beta = f"beta (now {loss_cfg.beta})"
+    else:  # the configured beta is only where the automatic β started
+        beta = f"beta_max (now {loss_cfg.beta_range[1]}; the automatic β was {current_beta} at this step)"
+    return f"lower learning_rate (now {args.learning_rate}) or {beta}, or set nan_policy: skip"

@@ -341,7 +341,7 @@ class FocusDPOTrainer(Trainer):
                       if previous else "no earlier checkpoint exists: restart the run"))
         raise NonFiniteLossError(
             f"{what} at step {step} on process {self.args.process_index} (pairs {pair_ids}). {where}, after you "
-            f"{numerics_advice(self.args, self.model_config, self.loss_config, self.focus_config)}")
+            f"{numerics_advice(self.args, self.model_config, self.loss_config, self.focus_config, self.beta)}")
 
     def watch_zero_gradients(self, norm: float | None) -> None:
         """Say loudly when the first ``ZERO_GRADIENT_STEPS`` optimizer steps all had exactly zero gradients: such a

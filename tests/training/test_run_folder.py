@@ -58,6 +58,10 @@ def test_numerics_advice_names_the_config_field():
     train_cfg, model_cfg, _, loss_cfg, focus_cfg = configs
     assert "lower learning_rate (now 0.001) or beta (now 5000.0)" in numerics_advice(train_cfg, model_cfg,
                                                                                      loss_cfg, focus_cfg)
+    loss_cfg.beta_target_gradient_factor = 0.3  # the automatic β: the configured beta is only its start
+    advice = numerics_advice(train_cfg, model_cfg, loss_cfg, focus_cfg, current_beta=12345.0)
+    assert "beta_max (now 500000.0; the automatic β was 12345.0 at this step)" in advice
+    assert "beta (now" not in advice
     model_cfg.lora_alpha, focus_cfg.top_n = float("nan"), 0  # set after validation, e.g. from Python
     advice = numerics_advice(train_cfg, model_cfg, loss_cfg, focus_cfg)
     assert "lora_alpha=nan" in advice and "top_n=0" in advice and "learning_rate" not in advice
