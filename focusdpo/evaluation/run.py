@@ -192,13 +192,14 @@ def load_variants(cfg: EvalConfig, model_cfg: ModelConfig, device):
 
 
 def check_variant_loras(cfg: EvalConfig, model_cfg: ModelConfig) -> None:
-    """Every LoRA to load exists, reads and is for the family, before any model loads (another model of the same
-    family is found only when its keys meet the model, in :func:`load_variants`)."""
+    """Every LoRA to load exists, reads and fits the base model (its family; with ``pretrained_path``, its
+    denoiser's modules and sizes), before any model loads."""
     loader = model_cfg.personalization_lora_loader
     if model_cfg.personalization_lora:
-        check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora", loader)
+        check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora", loader,
+                        model_cfg.pretrained_path)
     for path in cfg.loras:
-        check_lora_file(path, model_cfg.family, "loras", loader)
+        check_lora_file(path, model_cfg.family, "loras", loader, model_cfg.pretrained_path)
 
 
 def select_variant(backbone, name: str, personal: list[str]) -> None:

@@ -9,7 +9,9 @@ weights live: the latent grid for UNets, the packed token grid for transformers.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,19 +89,66 @@ def lora_files(path: str | Path, field: str, loader: str = "strict") -> list[Pat
                         ".safetensors file")
 
 
-def check_lora_file(path: str | Path, family: str, field: str, loader: str = "strict") -> None:
-    """A LoRA a command is given exists, its safetensors header reads and its keys are for ``family``: checked before
-    the model loads, since a cut download or another family's LoRA would otherwise fail only after it."""
+def check_lora_file(path: str | Path, family: str, field: str, loader: str = "strict",
+                    pretrained_path: str | Path | None = None) -> None:
+    """A LoRA a command is given exists, its safetensors header reads, its keys are for ``family`` and, given the
+    base model's folder, its layers fit that model's denoiser: checked before the model loads, since a cut download
+    or another model's LoRA (an SDXL LoRA for SD 1.5, the same family to the keys) would otherwise fail only after."""
     from safetensors import safe_open
 
     for file in (f for f in lora_files(path, field, loader) if loader == "strict" or f.suffix == ".safetensors"):
         try:
             with safe_open(str(file), framework="pt") as f:
-                keys = list(f.keys())
+                shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
         except Exception as e:  # safetensors raises its own SafetensorError for short or garbled files
             raise LoraFileError(f"{field}: {file} cannot be read ({e}): it is cut short or not a safetensors file; "
                                 "download or copy it again") from None
-        check_lora_family(keys, family, f"{field}: {file}")
+        check_lora_family(list(shapes), family, f"{field}: {file}")
+        denoiser = denoiser_on_meta(pretrained_path, FAMILIES[family].denoiser) if pretrained_path else None
+        if denoiser is not None:
+            check_lora_fits(shapes, denoiser, f"{field}: {file}", f"the {FAMILIES[family].denoiser} of "
+                            f"{pretrained_path}")
+
+
+# diffusers' LoRA keys: <denoiser>.<module>.lora_A|lora_B[.<adapter>].weight (older files: lora.down / lora.up)
+LORA_KEY = re.compile(r"^(?:unet|transformer)\.(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora\.down|lora\.up)"
+                      r"(?:\.[^.]+)?\.weight$")
+
+
+@functools.lru_cache(maxsize=2)
+def denoiser_on_meta(pretrained_path: str | Path, denoiser: str):
+    """The denoiser saved under ``pretrained_path``, built from its ``config.json`` on the ``meta`` device: module
+    names and shapes without weights or memory, in seconds even for a 12 B transformer. None when the folder does
+    not say its class (the checks after loading still apply)."""
+    import diffusers
+
+    folder = Path(pretrained_path) / denoiser
+    try:
+        cls = getattr(diffusers, json.loads((folder / "config.json").read_text())["_class_name"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    with torch.device("meta"):
+        return cls.from_config(cls.load_config(str(folder)))
+
+
+def check_lora_fits(shapes: dict[str, tuple], denoiser: torch.nn.Module, source: str, model: str) -> None:
+    """Every LoRA layer in ``shapes`` (key → shape) names a module of ``denoiser`` and matches its sizes: the down
+    matrix ``(r, in, …)`` its input, the up matrix ``(out, r, …)`` its output (Linear and Conv weights alike)."""
+    modules, misfits = dict(denoiser.named_modules()), []
+    for key, shape in shapes.items():
+        match = LORA_KEY.match(key)
+        if match is None:
+            continue
+        weight = getattr(modules.get(match["module"]), "weight", None)
+        side = 1 if match["kind"] in ("lora_A", "lora.down") else 0
+        if weight is None or len(shape) < 2 or shape[side] != weight.shape[side]:
+            misfits.append(f"{key} {list(shape)} vs " + (f"module {list(weight.shape)}" if weight is not None
+                                                          else "no such module"))
+    if misfits:
+        raise LoraFileError(f"{source} does not fit {model}: {len(misfits)} of its LoRA weights name modules it "
+                            f"lacks or have other sizes (first: {misfits[0]}). It is a LoRA for another model of "
+                            "this family (e.g. SDXL vs SD 1.5, or another transformer size): give one trained on "
+                            "this base model")
 
 
 class Backbone(ABC):

@@ -102,9 +102,9 @@ def check_generator_loras(model_cfg, pair_cfg: PairGenConfig, family: str) -> No
     """The personalization and DPO LoRAs exist, read and are for ``family``, before any model loads."""
     if model_cfg.personalization_lora:
         check_lora_file(model_cfg.personalization_lora, family, "personalization_lora",
-                        model_cfg.personalization_lora_loader)
+                        model_cfg.personalization_lora_loader, model_cfg.pretrained_path)
     if pair_cfg.dpo_lora:
-        check_lora_file(pair_cfg.dpo_lora, family, "dpo_lora")
+        check_lora_file(pair_cfg.dpo_lora, family, "dpo_lora", pretrained_path=model_cfg.pretrained_path)
 
 
 class PairGenerator:

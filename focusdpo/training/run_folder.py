@@ -246,7 +246,7 @@ def check_inputs(model_cfg, data_cfg, focus_cfg, dataset, loss_cfg=None) -> None
                           "frozen_adapter, or remove personalization_lora")
     if model_cfg.reference_mode == "frozen_adapter":
         check_lora_file(model_cfg.personalization_lora, model_cfg.family, "personalization_lora",
-                        model_cfg.personalization_lora_loader)
+                        model_cfg.personalization_lora_loader, model_cfg.pretrained_path)
     columns = dataset.column_names
     if model_cfg.drop_text_encoders and "prompt_embeds" not in columns:
         raise ValueError("drop_text_encoders: true needs prompt embeddings cached in the dataset: run "

@@ -39,3 +39,27 @@ def test_a_lora_is_checked_by_its_header_and_keys_before_any_model_loads(tmp_pat
         check_lora_file(tmp_path / "gone", "sd", "loras")
     with pytest.raises(LoraFileError, match=rf"loras: .* holds no {LORA_WEIGHTS_NAME}"):
         check_lora_file(tmp_path, "sd", "loras")
+
+
+def test_a_lora_for_another_model_of_the_family_is_refused_from_the_base_models_config(tmp_path):
+    """SD and SDXL LoRAs share their keys' family (``unet.…``); only the base model's modules tell them apart. The
+    base folder holds nothing but the UNet's config.json: the check builds no weights."""
+    from peft import LoraConfig
+
+    from focusdpo.errors import LoraFileError
+    from focusdpo.models import load_backbone
+    from focusdpo.models.base import check_lora_file
+
+    for family in ("sd", "sdxl"):
+        backbone = load_backbone(family)
+        backbone.denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_k"]))
+        backbone.save_lora(tmp_path / f"{family}_lora")
+        backbone.denoiser.save_config(tmp_path / family / "unet")
+    check_lora_file(tmp_path / "sd_lora", "sd", "personalization_lora", pretrained_path=tmp_path / "sd")
+    check_lora_file(tmp_path / "sdxl_lora", "sdxl", "personalization_lora", pretrained_path=tmp_path / "sdxl")
+    with pytest.raises(LoraFileError, match=r"personalization_lora: .*sdxl_lora.* does not fit the unet of .*sd: \d+ of "
+                                            r"its LoRA weights .*attn2.to_k.lora_A.weight \[2, 64\] vs module \[64, 32\]"
+                                            r".*SDXL vs SD 1.5"):
+        check_lora_file(tmp_path / "sdxl_lora", "sd", "personalization_lora", pretrained_path=tmp_path / "sd")
+    with pytest.raises(LoraFileError, match=r"first: unet.blocks.0.to_q.lora_A.weight \[2, 8\] vs no such module"):
+        check_lora_file(lora_file(tmp_path / "odd.safetensors"), "sd", "loras", pretrained_path=tmp_path / "sd")

@@ -104,3 +104,18 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, no_model):
 def test_resume_latest_without_checkpoints_says_so(tmp_path, no_model):
     with pytest.raises(RunFolderError, match="holds no checkpoint-N folder"):
         main(tiny_argv(tmp_path, *QUICK, "--resume_from_checkpoint", "latest"))
+
+
+def test_an_sdxl_lora_for_an_sd_base_is_refused_before_the_model_loads(tmp_path, no_model):
+    from peft import LoraConfig
+
+    from focusdpo.models import load_backbone
+    from focusdpo.models.tiny import tiny_sd_pipeline
+
+    tiny_sd_pipeline(seed=0).save_pretrained(tmp_path / "sd")
+    sdxl = load_backbone("sdxl")
+    sdxl.denoiser.add_adapter(LoraConfig(r=2, target_modules=["to_k"]))
+    sdxl.save_lora(tmp_path / "sdxl_lora")
+    with pytest.raises(LoraFileError, match="personalization_lora: .*sdxl_lora.* does not fit the unet of .*SDXL"):
+        main(tiny_argv(tmp_path / "run", *QUICK, "--pretrained_path", str(tmp_path / "sd"), "--reference_mode",
+                       "frozen_adapter", "--personalization_lora", str(tmp_path / "sdxl_lora")))
