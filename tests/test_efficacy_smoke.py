@@ -118,6 +118,7 @@ def check_round2(out: Path, earlier: Path) -> None:
     for heading in ("On-policy pairs", "The budget", "Round 1", "Round 2", "Wall time"):
         assert heading in report_text, heading
     assert "| subject_r2 | 1 |" in report_text and "| subject_r2 − subject | 1 |" in report_text
+    assert (out / "report/effects.png").is_file() and "effects.png" in report_text
 
     # an interrupted arm: its staging folder with checkpoints is resumed, not restarted
     arm = out / "arms/dpo/seed0"
@@ -159,6 +160,24 @@ def test_paired_bootstrap_of_a_constant_gain_is_that_gain():
     # gains of 0 or 1 per scene (mean 0.5): the interval lies inside [0, 1], around 0.5, and is not a point
     low, high = report.paired_bootstrap([np.array([1.0, 0.0] * 10)], [np.zeros(20)], draws=500, seed=0)
     assert 0 < low < 0.5 < high < 1
+
+
+def test_a_difference_counts_only_past_3_points_with_an_interval_off_zero_over_enough_seeds():
+    assert report.counts(0.04, 0.01, 0.07, seeds=3, min_seeds=3)
+    assert not report.counts(-0.04, -0.07, 0.01, seeds=3, min_seeds=3)  # the interval holds 0
+    assert not report.counts(0.02, 0.01, 0.03, seeds=3, min_seeds=3)  # under 3 points
+    assert not report.counts(0.04, 0.01, 0.07, seeds=1, min_seeds=3)  # too few seeds
+
+
+def test_the_effects_figure_draws_a_counted_difference_in_red(tmp_path):
+    from PIL import Image
+
+    rows = [("a (3)", {"fidelity": (4.0, 1.0, 7.0, True), "leakage": (0.0, -1.0, 1.0, False)}),
+            ("b (3)", {"fidelity": (0.5, -1.0, 2.0, False), "leakage": (0.0, -1.0, 1.0, False)})]
+    report.effects_figure([("round 1", rows)], tmp_path)
+    pixels = np.asarray(Image.open(tmp_path / "effects.png").convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 80) & (pixels[..., 2] < 80)
+    assert red.any() and np.ptp(np.nonzero(red)[0]) < 10  # one row in red: the counted one
 
 
 def test_split_and_pairs_follow_the_world_rules():

@@ -48,35 +48,116 @@ def finished_seeds(evals: Path, arm: str, seeds: list[int]) -> list[int]:
     return [s for s in wanted if (evals / arm / f"seed{s}" / "scores.jsonl").is_file()]
 
 
-def gain_cell(arm: dict, base: dict, metric: str, draws: int, min_seeds: int = 1) -> tuple[str, bool]:
-    """``[low, high]`` of the paired bootstrap over the seeds both have, and whether it counts (issue rule:
-    |mean gain| ≥ 3 points and the interval excludes zero, over at least ``min_seeds`` seeds)."""
+def gain_interval(arm: dict, base: dict, metric: str, draws: int) -> tuple[float, float, float, int] | None:
+    """(mean gain, 95 % low, high, seeds) of ``arm`` over ``base`` (seed → scores) over the seeds both have."""
     shared = [s for s in arm if s in base]
     if not shared:
-        return "–", False
+        return None
     arm_scores = [arm[s][metric] for s in shared]
     low, high = paired_bootstrap(arm_scores, [base[s][metric] for s in shared], draws, 0)
     gain = float(np.mean([a.mean() - base[s][metric].mean() for a, s in zip(arm_scores, shared)]))
-    counts = abs(gain) >= 0.03 and (low > 0 or high < 0) and len(shared) >= min_seeds
-    return f"[{low * 100:+.1f}, {high * 100:+.1f}]" + (" **" if counts else ""), counts
+    return gain, low, high, len(shared)
+
+
+def counts(gain: float, low: float, high: float, seeds: int, min_seeds: int) -> bool:
+    """The issue's rule: |mean gain| ≥ 3 points and the interval excludes zero, over at least ``min_seeds`` seeds."""
+    return abs(gain) >= 0.03 and (low > 0 or high < 0) and seeds >= min_seeds
+
+
+def gain_cell(arm: dict, base: dict, metric: str, draws: int, min_seeds: int = 1) -> tuple[str, bool]:
+    """``[low, high]`` of the paired bootstrap over the seeds both have, and whether it counts."""
+    interval = gain_interval(arm, base, metric, draws)
+    if interval is None:
+        return "–", False
+    gain, low, high, seeds = interval
+    counted = counts(gain, low, high, seeds, min_seeds)
+    return f"[{low * 100:+.1f}, {high * 100:+.1f}]" + (" **" if counted else ""), counted
+
+
+def arm_scores(evals: Path, arms: list[str], seeds: list[int], baseline: str) -> dict[str, dict]:
+    """arm → seed → scores, for every arm with a finished sample set and the baseline."""
+    scores = {a: {s: read_scores(evals / a / f"seed{s}" / "scores.jsonl") for s in finished_seeds(evals, a, seeds)}
+              for a in {*arms, baseline}}
+    return {a: v for a, v in scores.items() if v or a == baseline}
+
+
+def paired_with(scores: dict, arm: str, baseline: str) -> dict:
+    """The arm's scores by seed; the base model is sampled once, so it is paired with every seed of the baseline."""
+    if arm == "base":
+        return {s: next(iter(scores[arm].values())) for s in scores.get(baseline, {})}
+    return scores[arm]
 
 
 def arm_rows(evals: Path, arms: list[str], seeds: list[int], draws: int, baseline: str = BASELINE,
              min_seeds: int = 1) -> list[str]:
     """One table row per arm with at least one finished sample set; gains against ``baseline``."""
-    scores = {a: {s: read_scores(evals / a / f"seed{s}" / "scores.jsonl") for s in finished_seeds(evals, a, seeds)}
-              for a in {*arms, baseline}}
+    scores = arm_scores(evals, arms, seeds, baseline)
     lines = []
-    for arm in (a for a in arms if scores[a]):
+    for arm in (a for a in arms if a in scores and scores[a]):
         means = {m: [float(v[m].mean()) for v in scores[arm].values()] for m in METRICS}
-        # the base model is sampled once: it is paired with every seed of the baseline
-        paired = {s: next(iter(scores[arm].values())) for s in scores.get(baseline, {})} if arm == "base" \
-            else scores[arm]
+        paired = paired_with(scores, arm, baseline)
         gains = [gain_cell(paired, scores.get(baseline, {}), m, draws, min_seeds)[0] if arm != baseline else "–"
                  for m in ("fidelity", "leakage")]
         lines.append(f"| {arm} | {len(scores[arm])} | {cell(means['fidelity'])} | {cell(means['leakage'])} | "
                      f"{cell(means['missing'])} | {cell(means['extra'], 1.0)} | {gains[0]} | {gains[1]} |")
     return lines
+
+
+def effect_rows(evals: Path, arms: list[str], seeds: list[int], draws: int, baseline: str,
+                min_seeds: int) -> list[tuple]:
+    """(arm, {metric: (gain, low, high, counts)}) per arm but the baseline, gains in points, for the effects figure."""
+    scores, rows = arm_scores(evals, arms, seeds, baseline), []
+    for arm in (a for a in arms if a != baseline and a in scores):
+        found = {m: gain_interval(paired_with(scores, arm, baseline), scores[baseline], m, draws)
+                 for m in ("fidelity", "leakage")}
+        if all(found.values()):
+            seeds_shown = "1 sample set" if arm == "base" else found["fidelity"][3]
+            rows.append((f"{arm} ({seeds_shown})", {m: (*(100 * v for v in g[:3]), counts(*g, min_seeds))
+                                                               for m, g in found.items()}))
+    return rows
+
+
+def effects_figure(blocks: list[tuple[str, list[tuple]]], out: Path, rule: float = 3.0) -> None:
+    """A forest plot: per arm, the paired 95 % interval (line) and mean (dot) of its gain over a baseline, fidelity
+    and leakage side by side on one scale; the grey band is the ±3 points a difference must exceed to count, and a
+    difference that counts is drawn in red. ``blocks``: (title, :func:`effect_rows`) per baseline."""
+    from PIL import Image, ImageDraw
+
+    rows = [row for _, block in blocks for row in block]
+    if not rows:
+        return
+    span = max(5.0, *(max(abs(g[1]), abs(g[2])) for _, gains in rows for g in gains.values()))
+    span = float(np.ceil(span))
+    label_w, panel_w, row_h, top = 190, 300, 20, 34
+    height = top + row_h * (len(rows) + len(blocks)) + 24
+    image = Image.new("RGB", (label_w + 2 * panel_w + 50, height), "white")
+    draw = ImageDraw.Draw(image)
+    titles = ("fidelity gain (points, higher is better)", "leakage gain (points, lower is better)")
+    for k, title in enumerate(titles):
+        x0 = label_w + k * (panel_w + 40)
+        to_x = (lambda v, x0=x0: x0 + (v + span) / (2 * span) * panel_w)
+        draw.text((x0, 2), title, fill="black")
+        draw.rectangle([to_x(-rule), top - 6, to_x(rule), height - 22], fill=(232, 232, 232))
+        draw.line([to_x(0), top - 6, to_x(0), height - 22], fill=(120, 120, 120))
+        for tick in range(-int(span), int(span) + 1):
+            draw.line([to_x(tick), height - 22, to_x(tick), height - 18], fill="black")
+            if tick % max(1, int(span) // 5) == 0:
+                draw.text((to_x(tick) - 6, height - 16), f"{tick:+d}" if tick else "0", fill="black")
+    y = top
+    for title, block in blocks:
+        draw.text((4, y), title, fill=(90, 90, 90))
+        y += row_h
+        for label, gains in block:
+            draw.text((12, y - 6), label, fill="black")
+            for k, metric in enumerate(("fidelity", "leakage")):
+                x0 = label_w + k * (panel_w + 40)
+                gain, low, high, counted = gains[metric]
+                to_x = (lambda v, x0=x0: x0 + (v + span) / (2 * span) * panel_w)
+                colour = (200, 30, 30) if counted else (20, 20, 20)
+                draw.line([to_x(low), y, to_x(high), y], fill=colour, width=2)
+                draw.ellipse([to_x(gain) - 3, y - 3, to_x(gain) + 3, y + 3], fill=colour)
+            y += row_h
+    image.save(out / "effects.png")
 
 
 def focus_rows(runs: Path, arms: list[str], seeds: list[int]) -> list[str]:
@@ -280,6 +361,10 @@ def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int]
         if chain else []
     second = [f"{c}_r2" for c in chains]
     samples_figure(evals, ["base", *arms, *second], seeds[0], out)
+    blocks = [("round 1, vs dpo (seeds)", effect_rows(evals, ["base", *arms], seeds, draws, BASELINE, MIN_SEEDS))]
+    if second:
+        blocks.append(("round 2, vs dpo_r2 (seeds)", effect_rows(evals, second, seeds, draws, "dpo_r2", MIN_SEEDS)))
+    effects_figure(blocks, out)
     accuracy = json.loads((root / "judge" / "accuracy.json").read_text())
     rule = ("A difference counts (marked **) only if it is at least 3 points and its paired bootstrap 95 % interval "
             f"(scenes resampled, the same indices in every seed) excludes zero, over at least {MIN_SEEDS} seeds.")
@@ -299,5 +384,6 @@ def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int]
              "## Wall time of every finished stage (seconds)", "", "| stage | seconds |", "| --- | --- |",
              *stage_times(root), "",
              (f"Samples of every arm on the first held-out scenes (seed {seeds[0]}, the same noise): "
-              "[samples.png](samples.png)."), ""]
+              "[samples.png](samples.png). Every arm's gain over its baseline with its 95 % interval: "
+              "[effects.png](effects.png)."), ""]
     (out / "report.md").write_text("\n".join(lines))
