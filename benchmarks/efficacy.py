@@ -43,12 +43,12 @@ FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 20
         "held_out": 500, "sample_steps": 12, "sample_batch": 50, "png_scenes": 8, "seeds": 3, "bootstrap_draws": 2000,
         "lambda_structure": 1.0, "lambda_detail": 1.0, "sdpo_mu": 0.1,
         # round 2 (--round2): training scenes of the on-policy pairs, candidates per scene, validation scenes
-        "onpolicy_scenes": 1000, "candidates": 4, "validation_scenes": 300,
+        "onpolicy_scenes": 1000, "candidates": 4, "validation_scenes": 300, "split_scenes": 300,
         "pair_margin": 1e-6}  # a scene whose candidates all score alike gives no pair
 SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
          "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
          "held_out": 2, "sample_steps": 1, "sample_batch": 2, "png_scenes": 2, "seeds": 1, "bootstrap_draws": 50,
-         "onpolicy_scenes": 4, "validation_scenes": 2, "pair_margin": 0.0}  # the untrained judge ties everything
+         "onpolicy_scenes": 4, "validation_scenes": 2, "split_scenes": 2, "pair_margin": 0.0}  # the untrained judge ties everything
 
 
 def world_stage(out: Path, sizes: dict, seed: int) -> Path:
@@ -312,6 +312,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--round2", action="store_true", help="Round 2 (issue 25): on-policy pairs scored by the "
                         "project's scorer and by the judge, a DPO budget search, subject-wise arms, a second round "
                         "(docs/efficacy-round2.md).")
+    parser.add_argument("--split_check", action="store_true", help="Round 2, after the arms: sample the base "
+                        "model and seed 0 of dpo, dpo_oracle and subject_oracle on training scenes they trained on and "
+                        "on new ones (does DPO move the scenes it fitted?), then rewrite the report.")
     parser.add_argument("--budgets", default=None, help="Round 2: a JSON list of budget points replacing the search "
                         "(each {arm_lr, arm_steps, lora_rank, beta}), e.g. to hold a budget found elsewhere.")
     parser.add_argument("--budget_pairs", choices=("oracle", "scorer"), default="oracle", help="Round 2: the pairs "
@@ -335,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
             round2.SMOKE_BUDGETS if args.smoke else round2.BUDGETS)
         if args.reuse is not None:
             reuse_study(out, args.reuse, seed, SHARED_ROUND2)
-        if args.report_only:
+        if args.split_check:
+            round2.split_check(out, sizes, seed)
+        if args.report_only or args.split_check:
             folder = report_stage_round2(out, sizes, table, [seed + i for i in range(sizes["seeds"])])
         else:
             folder = round2_study(out, sizes, seed, args.until, table, budgets, args.budget_pairs)

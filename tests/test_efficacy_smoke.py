@@ -136,6 +136,18 @@ def check_round2(out: Path, earlier: Path) -> None:
     resumed = load_file(str(arm / "run/pytorch_lora_weights.safetensors"))
     assert all(torch.equal(lora[key], resumed[key]) for key in lora)
 
+    # the split check: the base model and the finished arms of SPLIT_ARMS, on trained and on new training scenes
+    split = run(out, "--round2", "--arms", ",".join(ROUND2_ARMS), "--split_check")
+    assert split.returncode == 0, split.stderr[-3000:]
+    trained = json.loads((out / "split/trained/held_out.json").read_text())
+    assert trained == json.loads((out / "prompts/scenes.json").read_text())[:2]
+    checked = [a for a in round2.SPLIT_ARMS if a in ROUND2_ARMS]
+    for scenes in ("trained", "unseen"):
+        for arm in ("base", *checked):
+            assert (out / f"split_eval/{scenes}/{arm}/seed0/scores.jsonl").is_file(), (scenes, arm)
+    report_text = (out / "report/report.md").read_text()
+    assert "**trained** scenes:" in report_text and "| dpo | 1 |" in report_text.split("Split check")[1]
+
 
 # ---- pure parts of the study, hand-computed -------------------------------------------------------------------
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -351,6 +351,22 @@ def round2_section(root: Path, chains: list[str], seeds: list[int], draws: int) 
             *round_rows(evals, chains, seeds, draws), ""]
 
 
+def split_section(root: Path, seeds: list[int], draws: int) -> list[str]:
+    """The split check (``--split_check``): seed 0 of some arms against the base model on trained and new scenes."""
+    sets = [name for name in ("trained", "unseen") if (root / "split_eval" / name).is_dir()]
+    if not sets:
+        return ["Not run (`--split_check`).", ""]
+    lines = ["Seed 0 of each arm and the base model, sampled with the evaluation's noise on training-split scenes: "
+             "`trained`, scenes the on-policy pairs were sampled from; `unseen`, new training-split scenes. Δ: the "
+             "paired bootstrap 95 % interval against the base model, points.", ""]
+    for name in sets:
+        evals = root / "split_eval" / name
+        arms = sorted(p.name for p in evals.iterdir() if p.is_dir() and p.name != "base")
+        lines += [f"**{name}** scenes:", "", *head("base"),
+                  *arm_rows(evals, ["base", *arms], seeds[:1], draws, "base"), ""]
+    return lines
+
+
 def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int], settings: dict) -> None:
     """The round-2 report from whatever has finished (every section says when its stage has not)."""
     evals, draws = root / "eval", settings["bootstrap_draws"]
@@ -381,6 +397,8 @@ def write_round2_report(out: Path, root: Path, arms: list[str], seeds: list[int]
              *training_rows(root / "arms", [*arms, *second], seeds), "",
              "## Round 2: pairs re-sampled from each round-1 model, trained again", "",
              *round2_section(root, chains, seeds, draws),
+             "## Split check: does training move the scenes it trained on?", "",
+             *split_section(root, seeds, draws),
              "## Wall time of every finished stage (seconds)", "", "| stage | seconds |", "| --- | --- |",
              *stage_times(root), "",
              (f"Samples of every arm on the first held-out scenes (seed {seeds[0]}, the same noise): "

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arms, recipes, report  # light: evaluation and onpolicy (torch, the package) load when needed
-from .resume import MARKER, run_stage, settings_of
+from .resume import MARKER, run_calls, run_stage, settings_of
 
 AIM = 0.05          # a budget "moves the base clearly": +5 points of fidelity or −5 of leakage (validation scenes)
 DRIFT = {"missing": 0.03, "extra": 0.10}  # ... "without drifting": missing up ≤ 3 points, extra ≤ 0.1 per scene
@@ -255,3 +255,46 @@ def round2_chains(table: dict, chain: str) -> list[str]:
 
 def finished(folder: Path) -> bool:
     return (folder / MARKER).is_file()
+
+
+# ---- the split check: does training move the scenes it trained on? ---------------------------------------------------
+SPLIT_ARMS = ("dpo", "dpo_oracle", "subject_oracle")  # seed 0 of each, against the base model
+
+
+def split_scene_stages(out: Path, sizes: dict, seed: int, prompts: Path) -> dict[str, Path]:
+    """Two scene sets of the training split, ``split_scenes`` each: ``trained``, the first of the scenes the on-policy
+    pairs were sampled from (other noise: the evaluation's seeds), and ``unseen``, new training-split scenes."""
+    from . import world
+
+    count = sizes["split_scenes"]
+
+    def trained(staging: Path) -> None:
+        records = json.loads((prompts / "scenes.json").read_text())[:count]
+        (staging / "held_out.json").write_text(json.dumps(records))
+
+    def unseen(staging: Path) -> None:
+        scenes = world.make_scenes(count, seed + 900, held_out=False)
+        (staging / "held_out.json").write_text(json.dumps([world.scene_record(s) for s in scenes]))
+    folders = {"trained": out / "split" / "trained", "unseen": out / "split" / "unseen"}
+    run_stage(folders["trained"], "split trained scenes", settings_of(sizes, ("split_scenes",), prompts), trained)
+    run_stage(folders["unseen"], "split unseen scenes", {**settings_of(sizes, ("split_scenes",)), "seed": seed},
+              unseen)
+    return folders
+
+
+def split_check(out: Path, sizes: dict, seed: int, arms_checked: tuple[str, ...] = SPLIT_ARMS) -> None:
+    """The base model and seed ``seed`` of each finished arm in ``arms_checked``, sampled and judged on both scene
+    sets (``split_eval/<set>/<arm>/seed<seed>``): if an arm moves the scenes it trained on but not new ones, its
+    pairs were fitted, not learned from."""
+    from . import evaluation
+
+    base, judge_dir = out / "base", out / "judge"
+    calls = []
+    for name, scenes in split_scene_stages(out, sizes, seed, out / "prompts").items():
+        evals = f"split_eval/{name}"
+        calls.append(partial(evaluation.sample_stage, out, "base", seed, None, sizes, base, scenes, judge_dir,
+                             evals=evals))
+        calls += [partial(evaluation.sample_stage, out, arm, seed, out / "arms" / arm / f"seed{seed}", sizes, base,
+                          scenes, judge_dir, evals=evals)
+                  for arm in arms_checked if finished(out / "arms" / arm / f"seed{seed}")]
+    run_calls(calls, sizes["jobs"])
