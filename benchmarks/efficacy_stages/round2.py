@@ -57,6 +57,8 @@ def arm_table(lam_s: float, lam_d: float) -> dict[str, dict]:
         "subject_focus": {**focus(lam_s, lam_d), **subject, "pairs": "scorer", "maps": "subject"},
         "focusdpo": {**focus(lam_s, lam_d), "pairs": "scorer", "maps": "image"},
         "sft": {"objective": "sft", "pairs": "scorer", "maps": "image"},
+        # SFT on the judge-chosen winners: do the oracle pairs' winners carry anything training can pick up at all?
+        "sft_oracle": {"objective": "sft", "pairs": "oracle", "maps": "image"},
         "dpo_half_beta": {**focus(0, 0), "beta_scale": 0.5, "pairs": "scorer", "maps": "image"},
         "dpo_2beta": {**focus(0, 0), "beta_scale": 2.0, "pairs": "scorer", "maps": "image"},
         "disrupted_dpo": {**focus(0, 0), "pairs": "disrupted", "maps": "image"},
