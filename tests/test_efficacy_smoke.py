@@ -147,6 +147,9 @@ def check_round2(out: Path, earlier: Path) -> None:
             assert (out / f"split_eval/{scenes}/{arm}/seed0/scores.jsonl").is_file(), (scenes, arm)
     report_text = (out / "report/report.md").read_text()
     assert "**trained** scenes:" in report_text and "| dpo | 1 |" in report_text.split("Split check")[1]
+    headroom = json.loads((out / "split/headroom/headroom.json").read_text())
+    assert set(headroom) == {"scorer", "oracle"} and set(headroom["oracle"]) == {"chosen", "rejected"}
+    assert "| oracle | chosen |" in report_text
 
 
 # ---- pure parts of the study, hand-computed -------------------------------------------------------------------

@@ -359,6 +359,15 @@ def split_section(root: Path, seeds: list[int], draws: int) -> list[str]:
     lines = ["Seed 0 of each arm and the base model, sampled with the evaluation's noise on training-split scenes: "
              "`trained`, scenes the on-policy pairs were sampled from; `unseen`, new training-split scenes. Δ: the "
              "paired bootstrap 95 % interval against the base model, points.", ""]
+    headroom = root / "split" / "headroom" / "headroom.json"
+    if headroom.is_file():
+        lines += ["The judge on the pair sets' own images (percent; extra: subjects per scene), against the base "
+                  "model on the `trained` scenes below:", "", "| pair set | images | fidelity | leakage | missing | "
+                  "extra |", "| --- | --- | --- | --- | --- | --- |"]
+        for pair_set, sides in json.loads(headroom.read_text()).items():
+            lines += [f"| {pair_set} | {side} | {v['fidelity'] * 100:.1f} | {v['leakage'] * 100:.1f} | "
+                      f"{v['missing'] * 100:.1f} | {v['extra']:.2f} |" for side, v in sides.items()]
+        lines.append("")
     for name in sets:
         evals = root / "split_eval" / name
         arms = sorted(p.name for p in evals.iterdir() if p.is_dir() and p.name != "base")

@@ -284,6 +284,38 @@ def split_scene_stages(out: Path, sizes: dict, seed: int, prompts: Path) -> dict
     return folders
 
 
+def judged_pairs(pair_set: Path, prompts: Path, judge_dir: Path) -> dict[str, dict[str, float]]:
+    """The judge's mean scores of a pair set's chosen and of its rejected images (the headroom the pairs show)."""
+    from datasets import load_from_disk
+
+    from . import evaluation
+    from .base_model import to_pixels
+    from .judge import predict, score_scene
+
+    judge, scenes = evaluation.load_judge(judge_dir), json.loads((prompts / "scenes.json").read_text())
+    pairs, means = load_from_disk(str(pair_set / "generated" / "dataset")), {}
+    for side in ("chosen", "rejected"):
+        scores = []
+        for start in range(0, len(pairs), 200):
+            rows = pairs.select(range(start, min(len(pairs), start + 200)))
+            scores += [score_scene(scenes[i]["identities"], q)
+                       for i, q in zip(rows["item_index"], predict(judge, to_pixels(rows[side])))]
+        means[side] = {m: float(np.mean([s[m] for s in scores])) for m in report.METRICS}
+    return means
+
+
+def headroom_stage(out: Path) -> None:
+    """``split/headroom``: the judge's scores of the chosen and rejected images of both on-policy pair sets."""
+    sets = {name: out / "pairs_r1" / name for name in ("scorer", "oracle")}
+    prompts, judge_dir = out / "prompts", out / "judge"
+
+    def work(staging: Path) -> None:
+        result = {name: judged_pairs(folder, prompts, judge_dir) for name, folder in sets.items()}
+        (staging / "headroom.json").write_text(json.dumps(result, indent=1))
+    run_stage(out / "split" / "headroom", "split headroom", settings_of({}, (), prompts, judge_dir, *sets.values()),
+              work)
+
+
 def split_check(out: Path, sizes: dict, seed: int, arms_checked: tuple[str, ...] = SPLIT_ARMS) -> None:
     """The base model and seed ``seed`` of each finished arm in ``arms_checked``, sampled and judged on both scene
     sets (``split_eval/<set>/<arm>/seed<seed>``): if an arm moves the scenes it trained on but not new ones, its
@@ -300,3 +332,4 @@ def split_check(out: Path, sizes: dict, seed: int, arms_checked: tuple[str, ...]
                           scenes, judge_dir, evals=evals)
                   for arm in arms_checked if finished(out / "arms" / arm / f"seed{seed}")]
     run_calls(calls, sizes["jobs"])
+    headroom_stage(out)
