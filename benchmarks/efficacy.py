@@ -48,7 +48,8 @@ FULL = {"vae_steps": 600, "vae_batch": 32, "base_scenes": 4000, "base_steps": 20
 SMOKE = {**FULL, "vae_steps": 2, "vae_batch": 4, "base_scenes": 4, "base_steps": 2, "base_batch": 2,
          "judge_steps": 2, "judge_batch": 4, "judge_check_scenes": 4, "pairs": 4, "arm_steps": 1, "arm_batch": 2,
          "held_out": 2, "sample_steps": 1, "sample_batch": 2, "png_scenes": 2, "seeds": 1, "bootstrap_draws": 50,
-         "onpolicy_scenes": 4, "validation_scenes": 2, "split_scenes": 2, "pair_margin": 0.0}  # the untrained judge ties everything
+         "onpolicy_scenes": 4, "validation_scenes": 2, "split_scenes": 2,
+         "pair_margin": 0.0}  # the untrained judge ties everything
 
 
 def world_stage(out: Path, sizes: dict, seed: int) -> Path:

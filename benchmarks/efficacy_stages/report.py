@@ -93,7 +93,7 @@ def arm_rows(evals: Path, arms: list[str], seeds: list[int], draws: int, baselin
     """One table row per arm with at least one finished sample set; gains against ``baseline``."""
     scores = arm_scores(evals, arms, seeds, baseline)
     lines = []
-    for arm in (a for a in arms if a in scores and scores[a]):
+    for arm in (a for a in arms if scores.get(a)):
         means = {m: [float(v[m].mean()) for v in scores[arm].values()] for m in METRICS}
         paired = paired_with(scores, arm, baseline)
         gains = [gain_cell(paired, scores.get(baseline, {}), m, draws, min_seeds)[0] if arm != baseline else "–"
@@ -132,17 +132,18 @@ def effects_figure(blocks: list[tuple[str, list[tuple]]], out: Path, rule: float
     height = top + row_h * (len(rows) + len(blocks)) + 24
     image = Image.new("RGB", (label_w + 2 * panel_w + 50, height), "white")
     draw = ImageDraw.Draw(image)
+    def to_x(panel: int, value: float) -> float:  # panel 0: fidelity, 1: leakage
+        return label_w + panel * (panel_w + 40) + (value + span) / (2 * span) * panel_w
+
     titles = ("fidelity gain (points, higher is better)", "leakage gain (points, lower is better)")
     for k, title in enumerate(titles):
-        x0 = label_w + k * (panel_w + 40)
-        to_x = (lambda v, x0=x0: x0 + (v + span) / (2 * span) * panel_w)
-        draw.text((x0, 2), title, fill="black")
-        draw.rectangle([to_x(-rule), top - 6, to_x(rule), height - 22], fill=(232, 232, 232))
-        draw.line([to_x(0), top - 6, to_x(0), height - 22], fill=(120, 120, 120))
+        draw.text((to_x(k, -span), 2), title, fill="black")
+        draw.rectangle([to_x(k, -rule), top - 6, to_x(k, rule), height - 22], fill=(232, 232, 232))
+        draw.line([to_x(k, 0), top - 6, to_x(k, 0), height - 22], fill=(120, 120, 120))
         for tick in range(-int(span), int(span) + 1):
-            draw.line([to_x(tick), height - 22, to_x(tick), height - 18], fill="black")
+            draw.line([to_x(k, tick), height - 22, to_x(k, tick), height - 18], fill="black")
             if tick % max(1, int(span) // 5) == 0:
-                draw.text((to_x(tick) - 6, height - 16), f"{tick:+d}" if tick else "0", fill="black")
+                draw.text((to_x(k, tick) - 6, height - 16), f"{tick:+d}" if tick else "0", fill="black")
     y = top
     for title, block in blocks:
         draw.text((4, y), title, fill=(90, 90, 90))
@@ -150,12 +151,10 @@ def effects_figure(blocks: list[tuple[str, list[tuple]]], out: Path, rule: float
         for label, gains in block:
             draw.text((12, y - 6), label, fill="black")
             for k, metric in enumerate(("fidelity", "leakage")):
-                x0 = label_w + k * (panel_w + 40)
                 gain, low, high, counted = gains[metric]
-                to_x = (lambda v, x0=x0: x0 + (v + span) / (2 * span) * panel_w)
                 colour = (200, 30, 30) if counted else (20, 20, 20)
-                draw.line([to_x(low), y, to_x(high), y], fill=colour, width=2)
-                draw.ellipse([to_x(gain) - 3, y - 3, to_x(gain) + 3, y + 3], fill=colour)
+                draw.line([to_x(k, low), y, to_x(k, high), y], fill=colour, width=2)
+                draw.ellipse([to_x(k, gain) - 3, y - 3, to_x(k, gain) + 3, y + 3], fill=colour)
             y += row_h
     image.save(out / "effects.png")
 

@@ -289,17 +289,14 @@ def judged_pairs(pair_set: Path, prompts: Path, judge_dir: Path) -> dict[str, di
     from datasets import load_from_disk
 
     from . import evaluation
-    from .base_model import to_pixels
-    from .judge import predict, score_scene
 
     judge, scenes = evaluation.load_judge(judge_dir), json.loads((prompts / "scenes.json").read_text())
     pairs, means = load_from_disk(str(pair_set / "generated" / "dataset")), {}
     for side in ("chosen", "rejected"):
         scores = []
-        for start in range(0, len(pairs), 200):
+        for start in range(0, len(pairs), 200):  # 200 images at a time: the judge's batch, bounded memory
             rows = pairs.select(range(start, min(len(pairs), start + 200)))
-            scores += [score_scene(scenes[i]["identities"], q)
-                       for i, q in zip(rows["item_index"], predict(judge, to_pixels(rows[side])))]
+            scores += evaluation.score_images(judge, [scenes[i] for i in rows["item_index"]], rows[side])
         means[side] = {m: float(np.mean([s[m] for s in scores])) for m in report.METRICS}
     return means
 

@@ -96,6 +96,8 @@ def check_lora_file(path: str | Path, family: str, field: str, loader: str = "st
     or another model's LoRA (an SDXL LoRA for SD 1.5, the same family to the keys) would otherwise fail only after."""
     from safetensors import safe_open
 
+    denoiser_name = FAMILIES[family].denoiser
+    denoiser = denoiser_on_meta(pretrained_path, denoiser_name) if pretrained_path else None
     for file in (f for f in lora_files(path, field, loader) if loader == "strict" or f.suffix == ".safetensors"):
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -104,10 +106,8 @@ def check_lora_file(path: str | Path, family: str, field: str, loader: str = "st
             raise LoraFileError(f"{field}: {file} cannot be read ({e}): it is cut short or not a safetensors file; "
                                 "download or copy it again") from None
         check_lora_family(list(shapes), family, f"{field}: {file}")
-        denoiser = denoiser_on_meta(pretrained_path, FAMILIES[family].denoiser) if pretrained_path else None
         if denoiser is not None:
-            check_lora_fits(shapes, denoiser, f"{field}: {file}", f"the {FAMILIES[family].denoiser} of "
-                            f"{pretrained_path}")
+            check_lora_fits(shapes, denoiser, f"{field}: {file}", f"the {denoiser_name} of {pretrained_path}")
 
 
 # diffusers' LoRA keys: <denoiser>.<module>.lora_A|lora_B[.<adapter>].weight (older files: lora.down / lora.up)

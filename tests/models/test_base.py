@@ -57,9 +57,9 @@ def test_a_lora_for_another_model_of_the_family_is_refused_from_the_base_models_
         backbone.denoiser.save_config(tmp_path / family / "unet")
     check_lora_file(tmp_path / "sd_lora", "sd", "personalization_lora", pretrained_path=tmp_path / "sd")
     check_lora_file(tmp_path / "sdxl_lora", "sdxl", "personalization_lora", pretrained_path=tmp_path / "sdxl")
-    with pytest.raises(LoraFileError, match=r"personalization_lora: .*sdxl_lora.* does not fit the unet of .*sd: \d+ of "
-                                            r"its LoRA weights .*attn2.to_k.lora_A.weight \[2, 64\] vs module \[64, 32\]"
-                                            r".*SDXL vs SD 1.5"):
+    misfit = (r"personalization_lora: .*sdxl_lora.* does not fit the unet of .*sd: \d+ of its LoRA weights "
+              r".*attn2.to_k.lora_A.weight \[2, 64\] vs module \[64, 32\].*SDXL vs SD 1.5")
+    with pytest.raises(LoraFileError, match=misfit):
         check_lora_file(tmp_path / "sdxl_lora", "sd", "personalization_lora", pretrained_path=tmp_path / "sd")
     with pytest.raises(LoraFileError, match=r"first: unet.blocks.0.to_q.lora_A.weight \[2, 8\] vs no such module"):
         check_lora_file(lora_file(tmp_path / "odd.safetensors"), "sd", "loras", pretrained_path=tmp_path / "sd")
